@@ -1,0 +1,82 @@
+"""Every Redis key and channel name sessionpool uses, built in one place.
+
+Keys of one pool carry the pool name as a hash tag (`{pool}`) so each Lua script touches a single
+slot and runs unchanged on Redis Cluster. Pool names cannot contain braces, and identifiers come
+after the tag, so a `{` inside an identifier never moves a key to another slot.
+
+| key                          | type   | holds                                               |
+|------------------------------|--------|-----------------------------------------------------|
+| `P:pools`                    | set    | names of defined pools                              |
+| `P:pool:{p}`                 | string | the pool definition (JSON, with secrets)            |
+| `P:sandboxes:{p}`            | hash   | sandbox id -> sandbox record (JSON)                 |
+| `P:ready:{p}`                | zset   | ready sandbox ids, scored by ready time (ms)        |
+| `P:warming:{p}`              | zset   | sandbox ids being started, scored by start (ms)     |
+| `P:sessions:{p}`             | hash   | identifier -> session record (JSON)                 |
+| `P:expiry:{p}`               | zset   | identifier -> expiresAt (ms); its size = allocated  |
+| `P:events:{p}`               | stream | work for the workers (allocated, pool-empty, ...)   |
+| `P:emptyflag:{p}`            | string | rate-limits `pool-empty` events                     |
+| `P:log:{p}`                  | stream | session lifecycle events for operators              |
+| `P:inval` (channel)          | pubsub | "pool\\0identifier": drop cached routes             |
+| `P:readych` (channel)        | pubsub | "pool": a sandbox became ready (wakes waiters)      |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SEP = "\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKeys:
+    """The keys of one pool."""
+
+    pool: str
+    definition: str
+    sandboxes: str
+    ready: str
+    warming: str
+    sessions: str
+    expiry: str
+    events: str
+    empty_flag: str
+    log: str
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key factory for one deployment (`prefix` separates deployments and tests)."""
+
+    prefix: str = "sp"
+
+    @property
+    def pools(self) -> str:
+        return f"{self.prefix}:pools"
+
+    @property
+    def invalidation_channel(self) -> str:
+        return f"{self.prefix}:inval"
+
+    @property
+    def ready_channel(self) -> str:
+        return f"{self.prefix}:readych"
+
+    def pool(self, name: str) -> PoolKeys:
+        tag = f"{{{name}}}"
+        p = self.prefix
+        return PoolKeys(
+            pool=name,
+            definition=f"{p}:pool:{tag}",
+            sandboxes=f"{p}:sandboxes:{tag}",
+            ready=f"{p}:ready:{tag}",
+            warming=f"{p}:warming:{tag}",
+            sessions=f"{p}:sessions:{tag}",
+            expiry=f"{p}:expiry:{tag}",
+            events=f"{p}:events:{tag}",
+            empty_flag=f"{p}:emptyflag:{tag}",
+            log=f"{p}:log:{tag}",
+        )
+
+
+def invalidation_message(pool: str, identifier: str) -> str:
+    return f"{pool}{SEP}{identifier}"

@@ -1,0 +1,122 @@
+"""Session management endpoints (`/.management/*`, and the code interpreter's own)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from router.errors import BadRequestError, SessionNotFoundError
+from router.identifiers import check_identifier
+from router.pools import Pool
+from router.routing import Routing
+from router.store import Session
+
+PAGE_SIZE = 300
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    t = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def session_view(s: Session) -> dict[str, Any]:
+    """Both spellings ACA uses: docs say `expiresAt`, the swagger `expireAt`."""
+    expires = iso(s.expires_ms)
+    return {
+        "identifier": s.identifier,
+        "etag": s.sandbox,
+        "createdAt": iso(s.created_ms),
+        "lastAccessedAt": iso(s.last_accessed_ms),
+        "expiresAt": expires,
+        "expireAt": expires,
+    }
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _skip(request: web.Request) -> int:
+    raw = request.query.get("skip", "0")
+    if not raw.isdigit() or len(raw) > 9:
+        raise BadRequestError("skip: must be a non-negative integer")
+    return int(raw)
+
+
+async def _list(request: web.Request, routing: Routing, pool: Pool, base: str) -> web.Response:
+    skip = _skip(request)
+    sessions, total = await routing.store.list_sessions(pool.name, skip, PAGE_SIZE)
+    views = [session_view(s) for s in sessions]
+    after = skip + PAGE_SIZE
+    next_link = None
+    if after < total:
+        next_link = f"{base}/{request.path.rsplit('/', 1)[1]}?skip={after}"
+    return json_response({"value": views, "sessions": views, "count": total,
+                          "nextLink": next_link})
+
+
+async def _get(request: web.Request, routing: Routing, pool: Pool) -> web.Response:
+    ident = check_identifier(request.query.get("identifier"))
+    session = await routing.store.get_session(pool.name, ident)
+    if session is None:
+        raise SessionNotFoundError(f"Session {ident} was not found in session pool {pool.name}.")
+    return json_response(session_view(session))
+
+
+async def _stop(request: web.Request, routing: Routing, pool: Pool) -> str:
+    ident = check_identifier(request.query.get("identifier"))
+    if not await routing.store.stop(pool.name, ident, "stopped"):
+        raise SessionNotFoundError(f"Session {ident} was not found in session pool {pool.name}.")
+    routing.forget(pool.name, ident)
+    return ident
+
+
+async def management(
+    request: web.Request, routing: Routing, pool: Pool, action: str, base: str
+) -> web.StreamResponse:
+    """`/.management/{stopSession,getSession,listSessions}` on every pool."""
+    method = request.method
+    if action == "stopSession" and method == "POST":
+        ident = await _stop(request, routing, pool)
+        return web.Response(text=f"Session {ident} in session pool {pool.name} stopped.")
+    if action == "getSession" and method in ("GET", "POST"):
+        return await _get(request, routing, pool)
+    if action == "listSessions" and method in ("GET", "POST"):
+        return await _list(request, routing, pool, base + "/.management")
+    if action in ("stopSession", "getSession", "listSessions"):
+        raise web.HTTPMethodNotAllowed(method, ["POST"] if action == "stopSession"
+                                       else ["GET", "POST"])
+    raise web.HTTPNotFound()
+
+
+CODE_INTERPRETER_PATHS = frozenset({"/session", "/listSessions", "/metadata"})
+
+
+async def code_interpreter(
+    request: web.Request, routing: Routing, pool: Pool, path: str, base: str
+) -> web.StreamResponse:
+    """`GET|DELETE /session`, `GET /listSessions`, `GET /metadata` (2025-02-02-preview)."""
+    method = request.method
+    if path == "/session" and method == "GET":
+        return await _get(request, routing, pool)
+    if path == "/session" and method == "DELETE":
+        await _stop(request, routing, pool)
+        return web.Response(status=204)
+    if path == "/listSessions" and method == "GET":
+        return await _list(request, routing, pool, base)
+    if path == "/metadata" and method == "GET":
+        return json_response({
+            "runtimes": [{"name": "python", "version": "3.11"}],
+            "preInstalledPackages": [],
+            "jupyterKernel": {"name": "python3", "version": "3.11",
+                              "projectUrl": "https://ipython.org",
+                              "description": "IPython kernel"},
+            "createdAt": None,
+            "lastUpdatedAt": None,
+        })
+    raise web.HTTPMethodNotAllowed(method, ["DELETE", "GET"] if path == "/session" else ["GET"])

@@ -1,0 +1,251 @@
+"""Streaming HTTP and WebSocket relay from the router to one sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from router.errors import (
+    RequestTooLargeError,
+    SessionTimeoutError,
+    SessionUnreachableError,
+)
+
+log = logging.getLogger("sessionpool.proxy")
+
+# RFC 9110 §7.6.1 plus the legacy ones every proxy strips; headers named in Connection too.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
+})
+# Never forwarded to the session: the pool-wide credential and headers the router sets itself.
+DROPPED_UPSTREAM = HOP_BY_HOP | {
+    "host", "authorization", "x-forwarded-proto", "x-forwarded-host",
+}
+WS_HANDSHAKE = frozenset({
+    "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+    "sec-websocket-protocol", "sec-websocket-accept",
+})
+SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    return {
+        t.strip().lower()
+        for v in headers.getall("Connection", ())
+        for t in v.split(",")
+        if t.strip()
+    }
+
+
+def upstream_headers(request: web.Request, drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
+    """The caller's headers as the sandbox should see them."""
+    named = _connection_tokens(request.headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        low = name.lower()
+        if low in DROPPED_UPSTREAM or low in named or low in drop:
+            continue
+        out.add(name, value)
+    peer = request.remote or ""
+    prior = out.popall("X-Forwarded-For", [])
+    out["X-Forwarded-For"] = ", ".join([*prior, peer]) if prior else peer
+    out["X-Forwarded-Proto"] = request.scheme
+    out["X-Forwarded-Host"] = request.host
+    return out
+
+
+def downstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The sandbox's response headers as the caller should see them."""
+    named = _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low in HOP_BY_HOP or low in named:
+            continue
+        out.add(name, value)
+    if "Transfer-Encoding" in headers:
+        # aiohttp re-frames the body; a stale length would contradict chunking.
+        out.popall("Content-Length", None)
+    return out
+
+
+class _CappedBody:
+    """The request body as a stream that fails once it passes `cap` bytes."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.exceeded = False
+
+    async def stream(self, body: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in body.iter_any():
+            seen += len(chunk)
+            if seen > self.cap:
+                self.exceeded = True
+                raise RequestTooLargeError(f"The request body is larger than {self.cap} bytes.")
+            yield chunk
+
+    def error(self) -> RequestTooLargeError:
+        return RequestTooLargeError(f"The request body is larger than {self.cap} bytes.")
+
+
+def client_timeout(connect_s: float, idle_s: float) -> aiohttp.ClientTimeout:
+    # No total timeout: downloads, SSE and long polls may last as long as data keeps moving.
+    return aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s,
+                                 sock_read=idle_s)
+
+
+async def forward_http(
+    request: web.Request,
+    client: aiohttp.ClientSession,
+    addr: str,
+    target: str,
+    max_body_bytes: int,
+) -> web.StreamResponse:
+    """Stream `request` to `http://{addr}{target}` and the answer back.
+
+    Raises:
+        RequestTooLargeError, SessionUnreachableError, SessionTimeoutError: before the
+        response started; afterwards a failure aborts the client connection instead.
+    """
+    length = request.content_length
+    if length is not None and length > max_body_bytes:
+        raise RequestTooLargeError(f"The request body is larger than {max_body_bytes} bytes.")
+    headers = upstream_headers(request)
+    has_body = request.body_exists
+    url = URL(f"http://{addr}{target}", encoded=True)
+    attempts = 2 if request.method in IDEMPOTENT and not has_body else 1
+    for attempt in range(attempts):
+        body = _CappedBody(max_body_bytes)
+        data = body.stream(request.content) if has_body else None
+        try:
+            up_cm = client.request(request.method, url, headers=headers, data=data,
+                                   allow_redirects=False, skip_auto_headers=SKIP_AUTO)
+            up = await up_cm.__aenter__()
+        except RequestTooLargeError:
+            raise
+        except TimeoutError as exc:  # before ClientError: ServerTimeoutError is both
+            raise SessionTimeoutError("The session did not answer in time.") from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            if body.exceeded:
+                raise body.error() from None
+            # A pooled keep-alive connection the sandbox had closed: try once more.
+            if attempt + 1 < attempts:
+                continue
+            raise SessionUnreachableError(f"The session dropped the connection: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            if body.exceeded:
+                raise body.error() from None
+            raise SessionUnreachableError(f"The session is unreachable: {exc}") from exc
+        break
+    try:
+        return await _relay_response(request, up)
+    finally:
+        await up_cm.__aexit__(None, None, None)
+
+
+async def _relay_response(request: web.Request, up: aiohttp.ClientResponse) -> web.StreamResponse:
+    resp = web.StreamResponse(status=up.status, reason=up.reason,
+                              headers=downstream_headers(up.headers))
+    await resp.prepare(request)
+    try:
+        async for chunk in up.content.iter_any():
+            await resp.write(chunk)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+        # Headers are gone already: the only honest signal left is a cut connection.
+        log.info("upstream failed mid-response: %r", exc)
+        if request.transport is not None:
+            request.transport.abort()
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+def is_websocket(request: web.Request) -> bool:
+    return (request.method == "GET"
+            and request.headers.get("Upgrade", "").lower() == "websocket"
+            and "upgrade" in _connection_tokens(request.headers))
+
+
+async def forward_websocket(
+    request: web.Request,
+    client: aiohttp.ClientSession,
+    addr: str,
+    target: str,
+    max_msg_bytes: int,
+    on_data: Callable[[], None],
+) -> web.WebSocketResponse:
+    """Relay a WebSocket both ways; data frames call `on_data`, pings and pongs do not.
+
+    Raises:
+        SessionUnreachableError, SessionTimeoutError: the sandbox refused the upgrade.
+    """
+    protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ())
+                 for p in v.split(",") if p.strip()]
+    headers = upstream_headers(request, drop=WS_HANDSHAKE)
+    url = URL(f"ws://{addr}{target}", encoded=True)
+    try:
+        up = await client.ws_connect(url, headers=headers, protocols=protocols,
+                                     max_msg_size=max_msg_bytes, autoclose=False,
+                                     autoping=True)
+    except aiohttp.WSServerHandshakeError as exc:
+        raise SessionUnreachableError(
+            f"The session refused the WebSocket upgrade ({exc.status}).") from exc
+    except TimeoutError as exc:
+        raise SessionTimeoutError("The session did not answer in time.") from exc
+    except aiohttp.ClientError as exc:
+        raise SessionUnreachableError(f"The session is unreachable: {exc}") from exc
+    ws = web.WebSocketResponse(protocols=[up.protocol] if up.protocol else [],
+                               max_msg_size=max_msg_bytes, autoclose=False, autoping=True)
+    try:
+        await ws.prepare(request)
+        down_task = asyncio.ensure_future(_pump(ws, up, on_data))
+        up_task = asyncio.ensure_future(_pump(up, ws, on_data))
+        try:
+            await asyncio.wait([down_task, up_task], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (down_task, up_task):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    finally:
+        await up.close()
+        await ws.close()
+    return ws
+
+
+_WSAny = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def _pump(src: _WSAny, dst: _WSAny, on_data: Callable[[], None]) -> None:
+    """Copy frames from src to dst until one side closes; the close code goes across."""
+    while True:
+        msg = await src.receive()
+        if msg.type == WSMsgType.TEXT:
+            on_data()
+            await dst.send_str(msg.data)
+        elif msg.type == WSMsgType.BINARY:
+            on_data()
+            await dst.send_bytes(msg.data)
+        elif msg.type == WSMsgType.CLOSE:
+            code = msg.data if isinstance(msg.data, int) else 1000
+            await dst.close(code=code, message=(msg.extra or "").encode())
+            await src.close(code=code)
+            return
+        elif msg.type == WSMsgType.ERROR:
+            await dst.close(code=1011, message=b"peer error")
+            return
+        else:  # CLOSING / CLOSED
+            if not dst.closed:
+                code = src.close_code or 1000
+                await dst.close(code=code)
+            return

@@ -1,0 +1,218 @@
+"""Identifier → sandbox resolution for one router process: caches, activity and waiting.
+
+The hot path for a warm session makes no Redis round trip: routes and pool definitions are
+cached and dropped on the invalidation channel (published by every script that ends a session
+or changes a pool). Activity is batched: one TOUCH per pool per flush interval carries every
+session that saw a request start or end, and every session with a request still in flight, so
+a long download keeps its session alive while a dead router's sessions expire on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from router.errors import (
+    ForbiddenError,
+    NoReadySessionError,
+    PoolNotFoundError,
+    SessionLimitError,
+)
+from router.keys import SEP
+from router.pools import Pool
+from router.settings import Settings
+from router.store import Session, Store, iter_pubsub
+
+log = logging.getLogger("sessionpool.router")
+POOL_CACHE_TTL_S = 5.0
+
+
+@dataclass(slots=True)
+class Route:
+    """A cached session route; valid while `valid_until` (monotonic) is in the future."""
+
+    session: Session
+    valid_until: float
+
+
+class Routing:
+    """Resolves identifiers to sandboxes and records their activity."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self._routes: dict[tuple[str, str], Route] = {}
+        self._pools: dict[str, tuple[Pool, float]] = {}
+        # Caching is only safe while the invalidation subscription is live.
+        self.cache_enabled = False
+        self._pending: dict[str, dict[str, int]] = defaultdict(dict)
+        self._inflight: dict[tuple[str, str], list[int]] = {}
+        self._ready_events: dict[str, asyncio.Event] = {}
+
+    # Pools ---------------------------------------------------------------------------------
+
+    async def get_pool(self, name: str) -> Pool:
+        """Raises: PoolNotFoundError."""
+        now = time.monotonic()
+        hit = self._pools.get(name)
+        if hit is not None and hit[1] > now and self.cache_enabled:
+            return hit[0]
+        pool = await self.store.get_pool(name)
+        if pool is None:
+            self._pools.pop(name, None)
+            raise PoolNotFoundError(f"Session pool '{name}' was not found.")
+        self._pools[name] = (pool, now + POOL_CACHE_TTL_S)
+        return pool
+
+    # Routes --------------------------------------------------------------------------------
+
+    async def resolve(self, pool: Pool, identifier: str, principal: str = "") -> Session:
+        """The session of `identifier`, allocating a ready sandbox on first use.
+
+        Raises:
+            SessionLimitError: the pool is at maxConcurrentSessions.
+            NoReadySessionError: no sandbox became ready within the allocation wait.
+            ForbiddenError: tenant binding is on and the session belongs to someone else.
+        """
+        key = (pool.name, identifier)
+        route = self._routes.get(key)
+        if route is not None and route.valid_until > time.monotonic() and self.cache_enabled:
+            session = route.session
+        else:
+            session = await self._claim(pool, identifier, principal)
+            # A cached route must not outlive half a cooldown: CLAIM touched the session,
+            # so until then the session cannot expire between flushes.
+            ttl = min(self.settings.route_cache_ttl_s, session.cooldown_ms / 2000)
+            self._routes[key] = Route(session, time.monotonic() + ttl)
+        if pool.tenant_binding and session.owner != principal:
+            raise ForbiddenError("This session belongs to another principal.")
+        return session
+
+    async def _claim(self, pool: Pool, identifier: str, principal: str) -> Session:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.allocation_wait_s
+        event = self._ready_events.setdefault(pool.name, asyncio.Event())
+        while True:
+            event.clear()
+            result = await self.store.claim(pool, identifier, principal)
+            if result.session is not None:
+                return result.session
+            if result.at_limit:
+                raise SessionLimitError(
+                    f"Session pool '{pool.name}' has reached its maximum of "
+                    f"{pool.max_sessions} concurrent sessions."
+                )
+            left = deadline - loop.time()
+            if left <= 0:
+                raise NoReadySessionError(
+                    f"No ready session in pool '{pool.name}' within "
+                    f"{self.settings.allocation_wait_s:g} s."
+                )
+            # Woken by the ready channel; the 1 s cap only covers a lost message.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), min(left, 1.0))
+
+    def forget(self, pool: str, identifier: str) -> None:
+        self._routes.pop((pool, identifier), None)
+
+    # Activity ------------------------------------------------------------------------------
+
+    def begin(self, session: Session, pool: str) -> None:
+        """A request for `session` started."""
+        key = (pool, session.identifier)
+        entry = self._inflight.get(key)
+        if entry is None:
+            self._inflight[key] = [1, session.cooldown_ms if session.lifecycle == "Timed" else 0]
+        else:
+            entry[0] += 1
+        self.activity(session, pool)
+
+    def end(self, session: Session, pool: str) -> None:
+        """A request for `session` ended (however it ended)."""
+        key = (pool, session.identifier)
+        entry = self._inflight.get(key)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] <= 0:
+                del self._inflight[key]
+        self.activity(session, pool)
+
+    def activity(self, session: Session, pool: str) -> None:
+        """Data moved for `session` (a request edge or a WebSocket message)."""
+        if session.lifecycle == "Timed":
+            self._pending[pool][session.identifier] = session.cooldown_ms
+
+    def _take_batch(self) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+        batch = self._pending
+        self._pending = defaultdict(dict)
+        for (pool, ident), (_, cooldown_ms) in self._inflight.items():
+            if cooldown_ms:
+                batch[pool][ident] = cooldown_ms
+        for pool, items in batch.items():
+            yield pool, list(items.items())
+
+    async def flush(self) -> None:
+        """Write pending activity; on a Redis error it is kept for the next try."""
+        for pool, items in self._take_batch():
+            try:
+                await self.store.touch(pool, items)
+            except (RedisConnectionError, RedisTimeoutError):
+                for ident, cooldown_ms in items:
+                    self._pending[pool].setdefault(ident, cooldown_ms)
+                raise
+
+    async def run_flusher(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.activity_flush_s)
+            try:
+                await self.flush()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning("activity flush failed: %s", exc)
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+            await self.flush()
+
+    # Invalidation --------------------------------------------------------------------------
+
+    def _on_message(self, channel: str, data: str) -> None:
+        if channel == self.store.keys.ready_channel:
+            event = self._ready_events.get(data)
+            if event is not None:
+                event.set()
+            return
+        pool, _, ident = data.partition(SEP)
+        if ident:
+            self._routes.pop((pool, ident), None)
+        else:  # the pool itself changed
+            self._pools.pop(pool, None)
+            for key in [k for k in self._routes if k[0] == pool]:
+                del self._routes[key]
+
+    async def run_subscriber(self, stop: asyncio.Event) -> None:
+        """Follow invalidations and ready notices; caching is off whenever this is not live."""
+        keys = self.store.keys
+        while not stop.is_set():
+            try:
+                async for channel, data in iter_pubsub(
+                    self.store.redis, stop, keys.invalidation_channel, keys.ready_channel
+                ):
+                    if not channel:  # subscribed: from now on no invalidation is missed
+                        self.cache_enabled = True
+                        continue
+                    self._on_message(channel, data)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("invalidation subscription lost: %s", exc)
+            finally:
+                self.cache_enabled = False
+                self._routes.clear()
+                self._pools.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)

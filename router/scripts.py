@@ -1,0 +1,234 @@
+"""Lua scripts: every state change of a session or sandbox is one atomic script.
+
+All keys of a script belong to one pool (one hash-tag slot). Time comes from Redis `TIME`, so
+routers and workers on different hosts agree on `expiresAt`. Records are JSON (cjson); the
+sandbox states are `warming` → `ready` → `allocated` → `stopping` (or `warming`/`ready` →
+`stopping` when retired), and the record is deleted once its container is gone.
+
+Events written to the pool's stream (field `data`, JSON with `kind`):
+`allocated`, `pool-empty`, `teardown` (a sandbox must be destroyed; has `sandbox`, `container`,
+`reason`, maybe `identifier`). Lifecycle events for operators go to the pool's log stream.
+"""
+
+from __future__ import annotations
+
+_NOW = """
+local _t = redis.call('TIME')
+local now = tonumber(_t[1]) * 1000 + math.floor(tonumber(_t[2]) / 1000)
+"""
+
+# Ends one session: removes its records, marks its sandbox `stopping`, queues a teardown,
+# logs and tells routers to drop the cached route. Shared by STOP and EXPIRE.
+_END_SESSION = """
+local function end_session(ident, raw, reason, maxlen, channel, pool)
+  local sess = cjson.decode(raw)
+  redis.call('HDEL', KEYS[1], ident)
+  redis.call('ZREM', KEYS[2], ident)
+  local container = sess.container or ''
+  local sbraw = redis.call('HGET', KEYS[3], sess.sandbox)
+  if sbraw then
+    local sb = cjson.decode(sbraw)
+    sb.state = 'stopping'
+    sb.reason = reason
+    sb.stoppingAt = now
+    redis.call('HSET', KEYS[3], sess.sandbox, cjson.encode(sb))
+    container = sb.container or container
+  end
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', 'data', cjson.encode({
+    kind = 'teardown', sandbox = sess.sandbox, container = container,
+    identifier = ident, reason = reason}))
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', 'data', cjson.encode({
+    event = reason, identifier = ident, sandbox = sess.sandbox, at = now}))
+  redis.call('PUBLISH', channel, pool .. '\\0' .. ident)
+end
+"""
+
+CLAIM = _NOW + """
+-- Look up the session of an identifier, or allocate a ready sandbox to it.
+-- KEYS[1] sessions hash   KEYS[2] expiry zset   KEYS[3] ready zset   KEYS[4] sandboxes hash
+-- KEYS[5] events stream   KEYS[6] empty flag    KEYS[7] log stream
+-- ARGV[1] identifier  ARGV[2] maxConcurrentSessions  ARGV[3] cooldown ms  ARGV[4] owner
+-- ARGV[5] lifecycle (Timed|OnContainerExit)  ARGV[6] max alive ms  ARGV[7] stream maxlen
+-- ARGV[8] current template version
+-- Returns {1, session} existing, {2, session} allocated now, {-1, ''} at the session limit,
+-- {-2, ''} no ready sandbox (a pool-empty event was queued).
+local ident = ARGV[1]
+local raw = redis.call('HGET', KEYS[1], ident)
+if raw then return {1, raw} end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return {-1, ''} end
+while true do
+  local popped = redis.call('ZPOPMIN', KEYS[3])
+  if #popped == 0 then
+    if redis.call('SET', KEYS[6], '1', 'NX', 'PX', 250) then
+      redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'data',
+        cjson.encode({kind = 'pool-empty'}))
+    end
+    return {-2, ''}
+  end
+  local sid = popped[1]
+  local sbraw = redis.call('HGET', KEYS[4], sid)
+  if sbraw then
+    local sb = cjson.decode(sbraw)
+    if sb.state == 'ready' and sb.version == ARGV[8] then
+      sb.state = 'allocated'
+      sb.identifier = ident
+      sb.allocatedAt = now
+      redis.call('HSET', KEYS[4], sid, cjson.encode(sb))
+      local cooldown = tonumber(ARGV[3])
+      local expires = now + cooldown
+      if ARGV[5] == 'OnContainerExit' then expires = now + tonumber(ARGV[6]) end
+      local sess = cjson.encode({sandbox = sid, container = sb.container, addr = sb.addr,
+        createdAt = now, cooldownMs = cooldown, owner = ARGV[4], lifecycle = ARGV[5]})
+      redis.call('HSET', KEYS[1], ident, sess)
+      redis.call('ZADD', KEYS[2], expires, ident)
+      redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode({
+        kind = 'allocated', sandbox = sid, identifier = ident}))
+      redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode({
+        event = 'allocated', identifier = ident, sandbox = sid, at = now}))
+      return {2, sess}
+    elseif sb.state == 'ready' then
+      -- Made from an older template: retire it instead of handing it out.
+      sb.state = 'stopping'
+      sb.reason = 'replaced'
+      redis.call('HSET', KEYS[4], sid, cjson.encode(sb))
+      redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode({
+        kind = 'teardown', sandbox = sid, container = sb.container, reason = 'replaced'}))
+    end
+  end
+end
+"""
+
+TOUCH = _NOW + """
+-- Record activity: expiresAt = now + cooldown, never moved backwards, only for live sessions.
+-- KEYS[1] expiry zset
+-- ARGV pairs: identifier, cooldown ms
+-- Returns the number of sessions that were still live.
+local n = 0
+for i = 1, #ARGV, 2 do
+  n = n + redis.call('ZADD', KEYS[1], 'XX', 'GT', 'CH', now + tonumber(ARGV[i + 1]), ARGV[i])
+end
+return n
+"""
+
+STOP = _NOW + _END_SESSION + """
+-- End one session (stopSession, DELETE /session, container exit, liveness failure).
+-- KEYS[1] sessions hash  KEYS[2] expiry zset  KEYS[3] sandboxes hash  KEYS[4] events stream
+-- KEYS[5] log stream
+-- ARGV[1] identifier  ARGV[2] reason  ARGV[3] sandbox id that must still hold it, or ''
+-- ARGV[4] stream maxlen  ARGV[5] invalidation channel  ARGV[6] pool name
+-- Returns 1 when the session was ended, 0 when there was none (or it moved on).
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+if ARGV[3] ~= '' and cjson.decode(raw).sandbox ~= ARGV[3] then return 0 end
+end_session(ARGV[1], raw, ARGV[2], ARGV[4], ARGV[5], ARGV[6])
+return 1
+"""
+
+EXPIRE = _NOW + _END_SESSION + """
+-- End sessions whose expiresAt has passed; cost is proportional to what expires.
+-- KEYS as STOP.
+-- ARGV[1] batch limit  ARGV[2] stream maxlen  ARGV[3] invalidation channel  ARGV[4] pool name
+-- Returns the identifiers ended.
+local due = redis.call('ZRANGE', KEYS[2], '-inf', now, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[1]))
+local ended = {}
+for _, ident in ipairs(due) do
+  local raw = redis.call('HGET', KEYS[1], ident)
+  if raw then
+    local reason = 'idle'
+    if cjson.decode(raw).lifecycle == 'OnContainerExit' then reason = 'maxAlive' end
+    end_session(ident, raw, reason, ARGV[2], ARGV[3], ARGV[4])
+    ended[#ended + 1] = ident
+  else
+    redis.call('ZREM', KEYS[2], ident)
+  end
+end
+return ended
+"""
+
+RESERVE = _NOW + """
+-- Reserve warming slots so that ready + warming reaches the target and never passes it,
+-- however many replenishers run.
+-- KEYS[1] ready zset  KEYS[2] warming zset  KEYS[3] sandboxes hash
+-- ARGV[1] target  ARGV[2] template version  ARGV[3] worker id  ARGV[4..] candidate sandbox ids
+-- Returns the sandbox ids reserved (records written in state `warming`).
+local have = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+local need = tonumber(ARGV[1]) - have
+local out = {}
+for i = 4, #ARGV do
+  if #out >= need then break end
+  local sid = ARGV[i]
+  redis.call('HSET', KEYS[3], sid, cjson.encode({id = sid, state = 'warming',
+    version = ARGV[2], createdAt = now, worker = ARGV[3]}))
+  redis.call('ZADD', KEYS[2], now, sid)
+  out[#out + 1] = sid
+end
+return out
+"""
+
+SET_CONTAINER = """
+-- Remember the container of a warming sandbox as soon as it exists.
+-- KEYS[1] sandboxes hash   ARGV[1] sandbox id  ARGV[2] container id
+-- Returns 1, or 0 when the record is gone (the sandbox was cancelled meanwhile).
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local sb = cjson.decode(raw)
+sb.container = ARGV[2]
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(sb))
+return 1
+"""
+
+MARK_READY = _NOW + """
+-- A warming sandbox passed its startup probe: put it in the ready set.
+-- KEYS[1] sandboxes hash  KEYS[2] warming zset  KEYS[3] ready zset  KEYS[4] pool definition
+-- ARGV[1] sandbox id  ARGV[2] container id  ARGV[3] address host:port
+-- ARGV[4] ready channel  ARGV[5] pool name
+-- Returns 1 when ready, 0 when the record is gone or not warming, -1 when the pool was
+-- deleted or its template changed (the caller destroys the container and forgets it).
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local sb = cjson.decode(raw)
+if sb.state ~= 'warming' then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+sb.container = ARGV[2]
+sb.addr = ARGV[3]
+local def = redis.call('GET', KEYS[4])
+if not def or cjson.decode(def).version ~= sb.version then
+  sb.state = 'stopping'
+  sb.reason = 'replaced'
+  redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(sb))
+  return -1
+end
+sb.state = 'ready'
+sb.readyAt = now
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(sb))
+redis.call('ZADD', KEYS[3], now, ARGV[1])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+
+RETIRE = """
+-- Take a ready or warming sandbox out of service (template changed, probe failed, pool shrunk).
+-- KEYS[1] sandboxes hash  KEYS[2] warming zset  KEYS[3] ready zset
+-- ARGV[1] sandbox id  ARGV[2] reason
+-- Returns 1 when retired, 0 when it was not ready/warming (allocated ones end via STOP).
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local sb = cjson.decode(raw)
+if sb.state ~= 'ready' and sb.state ~= 'warming' then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+sb.state = 'stopping'
+sb.reason = ARGV[2]
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(sb))
+return 1
+"""
+
+FORGET = """
+-- The sandbox's container is gone: drop its record from every index.
+-- KEYS[1] sandboxes hash  KEYS[2] warming zset  KEYS[3] ready zset
+-- ARGV[1] sandbox id
+-- Returns 1 when a record was removed.
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return redis.call('HDEL', KEYS[1], ARGV[1])
+"""

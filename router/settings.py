@@ -1,0 +1,116 @@
+"""One frozen `Settings` object for every process, from defaults, `SESSIONPOOL_*` and flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "SESSIONPOOL_"
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Configuration shared by routers and workers; nothing else reads the environment."""
+
+    # Where state lives.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "sp"
+    redis_timeout_s: float = 2.0
+
+    # Router.
+    host: str = "127.0.0.1"
+    port: int = 8080
+    processes: int = 1
+    host_suffix: str = ""
+    allocation_wait_s: float = 30.0
+    upstream_connect_timeout_s: float = 5.0
+    upstream_idle_timeout_s: float = 240.0
+    max_body_bytes: int = 2 * GiB
+    ws_max_msg_bytes: int = 16 * MiB
+    route_cache_ttl_s: float = 2.0
+    activity_flush_s: float = 0.5
+    shutdown_timeout_s: float = 30.0
+    auth: str = "none"
+
+    # Workers.
+    runtime: str = "docker"
+    role: str = "all"
+    worker_id: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
+    reconcile_interval_s: float = 10.0
+    orphan_grace_s: float = 30.0
+    warm_timeout_s: float = 120.0
+    create_concurrency: int = 4
+    network_prefix: str = "sessionpool"
+    claim_idle_ms: int = 30_000
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.key_prefix):
+            raise ValueError(f"key_prefix: {self.key_prefix!r} is not 1-64 of [A-Za-z0-9_.-]")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: {self.port} is out of range")
+        if self.processes < 1:
+            raise ValueError("processes: must be at least 1")
+        for name in (
+            "redis_timeout_s",
+            "upstream_connect_timeout_s",
+            "upstream_idle_timeout_s",
+            "route_cache_ttl_s",
+            "activity_flush_s",
+            "reconcile_interval_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive")
+        if self.allocation_wait_s < 0:
+            raise ValueError("allocation_wait_s: must not be negative")
+        if self.activity_flush_s > 1.0:
+            raise ValueError("activity_flush_s: must be at most 1 s to keep expiry exact")
+        if self.max_body_bytes < 0 or self.ws_max_msg_bytes <= 0:
+            raise ValueError("max_body_bytes / ws_max_msg_bytes: must be positive")
+        if self.runtime not in ("docker", "process"):
+            raise ValueError(f"runtime: {self.runtime!r} is not docker or process")
+        if self.role not in ("all", "replenisher", "reaper"):
+            raise ValueError(f"role: {self.role!r} is not all, replenisher or reaper")
+        if self.auth not in ("none", "required"):
+            raise ValueError(f"auth: {self.auth!r} is not none or required")
+        if self.create_concurrency < 1:
+            raise ValueError("create_concurrency: must be at least 1")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Build settings from `SESSIONPOOL_<FIELD>` variables, then explicit overrides.
+
+        Raises:
+            ValueError: a variable does not parse or a value is out of range.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f.name, str(f.type), raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(name: str, type_name: str, raw: str) -> Any:
+    try:
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        if type_name == "bool":
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}: {raw!r} is not a {type_name}") from None
+    return raw

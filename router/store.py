@@ -1,0 +1,322 @@
+"""Redis access: connecting (plain, Sentinel, Cluster) and the typed operations on pool state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import ResponseError
+
+from router import scripts
+from router.keys import Keys, PoolKeys
+from router.pools import Pool
+
+STREAM_MAXLEN = 10_000
+Redis = aioredis.Redis
+
+
+def open_redis(url: str, *, timeout_s: float | None = 2.0, max_connections: int = 200) -> Redis:
+    """A Redis client for `url`.
+
+    Accepts `redis://`, `rediss://`, `unix://`, `redis+sentinel://h1:p1,h2:p2/<master>[/<db>]`
+    and `redis+cluster://host:port`. `timeout_s=None` is for blocking stream reads.
+    """
+    common: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": 2.0 if timeout_s is None else timeout_s,
+        "health_check_interval": 15,
+    }
+    parts = urlsplit(url)
+    if parts.scheme == "redis+sentinel":
+        hosts = []
+        for hp in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = hp.partition(":")
+            hosts.append((host, int(port or 26379)))
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError("redis+sentinel URL needs a master name: .../<master>[/<db>]")
+        db = int(path[1]) if len(path) > 1 else 0
+        password = parts.password or parse_qs(parts.query).get("password", [None])[0]
+        sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": 1.0},
+                            password=password, db=db, **common)
+        return cast(Redis, sentinel.master_for(path[0], max_connections=max_connections))
+    if parts.scheme == "redis+cluster":
+        host, _, port = parts.netloc.rsplit("@", 1)[-1].partition(":")
+        return cast(Redis, RedisCluster(host=host, port=int(port or 6379),
+                                        password=parts.password, **common))
+    return aioredis.Redis.from_url(url, max_connections=max_connections, **common)
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A session record as stored, with its current expiry."""
+
+    identifier: str
+    sandbox: str
+    container: str
+    addr: str
+    created_ms: int
+    cooldown_ms: int
+    owner: str
+    lifecycle: str
+    expires_ms: int | None = None
+
+    @property
+    def last_accessed_ms(self) -> int | None:
+        if self.expires_ms is None:
+            return None
+        if self.lifecycle != "Timed":
+            return self.created_ms
+        return self.expires_ms - self.cooldown_ms
+
+    @classmethod
+    def from_json(cls, identifier: str, raw: bytes | str, expires: float | None) -> Session:
+        d = orjson.loads(raw)
+        return cls(
+            identifier=identifier, sandbox=d["sandbox"], container=d.get("container") or "",
+            addr=d.get("addr") or "", created_ms=int(d["createdAt"]),
+            cooldown_ms=int(d["cooldownMs"]), owner=d.get("owner") or "",
+            lifecycle=d.get("lifecycle") or "Timed",
+            expires_ms=None if expires is None else int(expires),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """What CLAIM answered: a session (new or existing) or why there is none."""
+
+    session: Session | None
+    created: bool = False
+    at_limit: bool = False
+    empty: bool = False
+
+
+class Store:
+    """Typed operations over one deployment's keys; every multi-key change is one Lua script."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        reg = redis.register_script
+        self._claim = reg(scripts.CLAIM)
+        self._touch = reg(scripts.TOUCH)
+        self._stop = reg(scripts.STOP)
+        self._expire = reg(scripts.EXPIRE)
+        self._reserve = reg(scripts.RESERVE)
+        self._set_container = reg(scripts.SET_CONTAINER)
+        self._mark_ready = reg(scripts.MARK_READY)
+        self._retire = reg(scripts.RETIRE)
+        self._forget = reg(scripts.FORGET)
+
+    def pk(self, pool: str) -> PoolKeys:
+        return self.keys.pool(pool)
+
+    # Pools ---------------------------------------------------------------------------------
+
+    async def get_pool(self, name: str) -> Pool | None:
+        raw = await self.redis.get(self.pk(name).definition)
+        return None if raw is None else Pool.loads(raw)
+
+    async def pool_names(self) -> list[str]:
+        names = await self.redis.smembers(self.keys.pools)
+        return sorted(n.decode() if isinstance(n, bytes) else n for n in names)
+
+    async def put_pool(self, pool: Pool) -> None:
+        await self.redis.set(self.pk(pool.name).definition, pool.dumps())
+        await self.redis.sadd(self.keys.pools, pool.name)
+        await self.redis.publish(self.keys.invalidation_channel, f"{pool.name}\x00")
+        await self.add_event(pool.name, {"kind": "pool-changed"})
+
+    async def delete_pool(self, name: str) -> bool:
+        """Remove the definition, end every session and retire every sandbox.
+
+        Workers destroy the containers (and remove any the records no longer name).
+        """
+        k = self.pk(name)
+        existed = bool(await self.redis.delete(k.definition))
+        await self.redis.srem(self.keys.pools, name)
+        await self.redis.publish(self.keys.invalidation_channel, f"{name}\x00")
+        for ident in await self.redis.hkeys(k.sessions):
+            await self.stop(name, ident.decode(), "stopped")
+        for sid in await self.redis.hkeys(k.sandboxes):
+            if await self.retire(name, sid.decode(), "deleted"):
+                await self.add_event(name, {"kind": "teardown", "sandbox": sid.decode(),
+                                            "reason": "deleted"})
+        await self.add_event(name, {"kind": "pool-deleted"})
+        return existed
+
+    # Sessions ------------------------------------------------------------------------------
+
+    async def claim(self, pool: Pool, identifier: str, owner: str = "") -> ClaimResult:
+        k = self.pk(pool.name)
+        code, raw = await self._claim(
+            keys=[k.sessions, k.expiry, k.ready, k.sandboxes, k.events, k.empty_flag, k.log],
+            args=[identifier, pool.max_sessions, pool.cooldown_s * 1000, owner, pool.lifecycle,
+                  pool.max_alive_s * 1000, STREAM_MAXLEN, pool.version],
+        )
+        code = int(code)
+        if code == -1:
+            return ClaimResult(None, at_limit=True)
+        if code == -2:
+            return ClaimResult(None, empty=True)
+        return ClaimResult(Session.from_json(identifier, raw, None), created=code == 2)
+
+    async def touch(self, pool: str, items: Sequence[tuple[str, int]]) -> int:
+        """Record activity for (identifier, cooldown ms) pairs of Timed sessions."""
+        if not items:
+            return 0
+        args: list[Any] = []
+        for ident, cooldown_ms in items:
+            args += [ident, cooldown_ms]
+        return int(await self._touch(keys=[self.pk(pool).expiry], args=args))
+
+    def _stop_keys(self, pool: str) -> list[str]:
+        k = self.pk(pool)
+        return [k.sessions, k.expiry, k.sandboxes, k.events, k.log]
+
+    async def stop(self, pool: str, identifier: str, reason: str, sandbox: str = "") -> bool:
+        """End a session; with `sandbox`, only if that sandbox still holds it."""
+        ended = await self._stop(
+            keys=self._stop_keys(pool),
+            args=[identifier, reason, sandbox, STREAM_MAXLEN, self.keys.invalidation_channel,
+                  pool],
+        )
+        return bool(int(ended))
+
+    async def expire(self, pool: str, limit: int = 500) -> list[str]:
+        ended = await self._expire(
+            keys=self._stop_keys(pool),
+            args=[limit, STREAM_MAXLEN, self.keys.invalidation_channel, pool],
+        )
+        return [e.decode() if isinstance(e, bytes) else e for e in ended]
+
+    async def get_session(self, pool: str, identifier: str) -> Session | None:
+        k = self.pk(pool)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(k.sessions, identifier)
+            pipe.zscore(k.expiry, identifier)
+            raw, expires = await pipe.execute()
+        return None if raw is None else Session.from_json(identifier, raw, expires)
+
+    async def list_sessions(self, pool: str, skip: int, limit: int) -> tuple[list[Session], int]:
+        """A page of sessions ordered by expiry, and the total count."""
+        k = self.pk(pool)
+        total = int(await self.redis.zcard(k.expiry))
+        page = await self.redis.zrange(k.expiry, skip, skip + limit - 1, withscores=True)
+        if not page:
+            return [], total
+        raws = await self.redis.hmget(k.sessions, [m for m, _ in page])
+        out = [
+            Session.from_json(m.decode(), raw, score)
+            for (m, score), raw in zip(page, raws, strict=True)
+            if raw is not None
+        ]
+        return out, total
+
+    async def counts(self, pool: str) -> dict[str, int]:
+        k = self.pk(pool)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(k.ready)
+            pipe.zcard(k.expiry)
+            pipe.zcard(k.warming)
+            ready, allocated, warming = await pipe.execute()
+        return {"ready": int(ready), "allocated": int(allocated), "warming": int(warming)}
+
+    # Sandboxes (workers) -------------------------------------------------------------------
+
+    async def reserve(self, pool: Pool, worker: str, candidates: Sequence[str]) -> list[str]:
+        k = self.pk(pool.name)
+        out = await self._reserve(
+            keys=[k.ready, k.warming, k.sandboxes],
+            args=[pool.ready_instances, pool.version, worker, *candidates],
+        )
+        return [s.decode() if isinstance(s, bytes) else s for s in out]
+
+    async def set_container(self, pool: str, sandbox: str, container: str) -> bool:
+        return bool(int(await self._set_container(
+            keys=[self.pk(pool).sandboxes], args=[sandbox, container])))
+
+    async def mark_ready(self, pool: str, sandbox: str, container: str, addr: str) -> int:
+        k = self.pk(pool)
+        return int(await self._mark_ready(
+            keys=[k.sandboxes, k.warming, k.ready, k.definition],
+            args=[sandbox, container, addr, self.keys.ready_channel, pool],
+        ))
+
+    async def retire(self, pool: str, sandbox: str, reason: str) -> bool:
+        k = self.pk(pool)
+        return bool(int(await self._retire(
+            keys=[k.sandboxes, k.warming, k.ready], args=[sandbox, reason])))
+
+    async def forget(self, pool: str, sandbox: str) -> bool:
+        k = self.pk(pool)
+        return bool(int(await self._forget(keys=[k.sandboxes, k.warming, k.ready],
+                                           args=[sandbox])))
+
+    async def sandboxes(self, pool: str) -> dict[str, dict[str, Any]]:
+        raw = await self.redis.hgetall(self.pk(pool).sandboxes)
+        return {s.decode(): orjson.loads(v) for s, v in raw.items()}
+
+    # Streams -------------------------------------------------------------------------------
+
+    async def add_event(self, pool: str, event: dict[str, Any]) -> None:
+        await self.redis.xadd(self.pk(pool).events, {"data": orjson.dumps(event)},
+                              maxlen=STREAM_MAXLEN, approximate=True)
+
+    async def ensure_group(self, stream: str, group: str) -> None:
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+            await self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+
+
+async def wait_redis(redis: Redis, deadline_s: float) -> None:
+    """Wait until Redis answers PING, or raise the last error at the deadline."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while True:
+        try:
+            await redis.ping()
+            return
+        except (aioredis.ConnectionError, aioredis.TimeoutError):
+            if loop.time() > end:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def iter_pubsub(
+    redis: Redis, stop: asyncio.Event, *channels: str
+) -> AsyncIterator[tuple[str, str]]:
+    """Yield (channel, message) from a subscription, and ("", "") once it is live.
+
+    Ends when `stop` is set (checked twice a second: redis-py may swallow a cancellation
+    that races its read timeout, so cancelling alone is not a reliable way out).
+    Connection errors propagate to the caller, who decides how to resubscribe.
+    """
+    pubsub = redis.pubsub()
+    try:
+        await pubsub.subscribe(*channels)
+        confirmed = 0
+        while not stop.is_set():
+            msg = await pubsub.get_message(timeout=0.5)
+            if msg is None:
+                continue
+            if msg["type"] == "subscribe":
+                confirmed += 1
+                if confirmed == len(channels):
+                    yield "", ""
+                continue
+            if msg["type"] != "message":
+                continue
+            ch, data = msg["channel"], msg["data"]
+            yield (ch.decode() if isinstance(ch, bytes) else ch,
+                   data.decode() if isinstance(data, bytes) else str(data))
+    finally:
+        with contextlib.suppress(aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+            await pubsub.aclose()

@@ -1,0 +1,166 @@
+"""Test helpers: polling with a deadline, fake sandboxes on loopback, seeding ready sandboxes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestServer
+
+from router.pools import Pool, parse_pool
+from router.store import Store
+
+CHUNK = bytes(range(256)) * 256  # 64 KiB of a known pattern
+
+
+async def wait_until(
+    predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02
+) -> Any:
+    """Poll `predicate` until it returns something truthy; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+def pattern_sha(size: int) -> str:
+    h = hashlib.sha256()
+    left = size
+    while left > 0:
+        h.update(CHUNK[: min(left, len(CHUNK))])
+        left -= len(CHUNK)
+    return h.hexdigest()
+
+
+class FakeSandbox:
+    """An HTTP server on loopback that plays a session container (like deploy/images/echo)."""
+
+    def __init__(self) -> None:
+        self.name = f"sbx-{uuid.uuid4().hex[:8]}"
+        self.requests: list[dict[str, Any]] = []
+        self.sse_release = asyncio.Queue[None]()
+        self.slow_started = asyncio.Event()
+        self.slow_release = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        app = web.Application(client_max_size=1 << 40)
+        app.router.add_route("GET", "/download", self.download)
+        app.router.add_route("GET", "/sse", self.sse)
+        app.router.add_route("GET", "/ws", self.ws)
+        app.router.add_route("GET", "/hang", self.hang)
+        app.router.add_route("GET", "/drop", self.drop)
+        app.router.add_route("*", "/{tail:.*}", self.echo)
+        self.server = TestServer(app, host="127.0.0.1")
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    async def start(self) -> FakeSandbox:
+        await self.server.start_server()
+        return self
+
+    async def close(self) -> None:
+        await self.server.close()
+
+    async def echo(self, request: web.Request) -> web.Response:
+        h = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_any():
+            h.update(chunk)
+            size += len(chunk)
+        info = {
+            "sandbox": self.name, "method": request.method, "raw_path": request.raw_path,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body_sha256": h.hexdigest(), "body_bytes": size,
+        }
+        self.requests.append(info)
+        return web.json_response(info)
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        size = int(request.query["size"])
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        if request.query.get("chunked") != "1":
+            resp.content_length = size
+        await resp.prepare(request)
+        left = size
+        while left > 0:
+            piece = CHUNK[: min(left, len(CHUNK))]
+            await resp.write(piece)
+            left -= len(piece)
+        await resp.write_eof()
+        return resp
+
+    async def sse(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        for i in range(int(request.query.get("n", "3"))):
+            await resp.write(f"id: {i}\ndata: event {i}\n\n".encode())
+            await self.sse_release.get()  # the next event only after the client saw this one
+        await resp.write_eof()
+        return resp
+
+    async def ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=["chat"])
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                if msg.data.startswith("close:"):
+                    await ws.close(code=int(msg.data[6:]), message=b"bye")
+                    break
+                await ws.send_str(f"{self.name}:{msg.data}")
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(msg.data[::-1])
+        self.requests.append({"ws_close_code": ws.close_code})
+        return ws
+
+    async def hang(self, request: web.Request) -> web.StreamResponse:
+        self.slow_started.set()
+        try:
+            await self.slow_release.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return web.Response(text="released")
+
+    async def drop(self, request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()
+        await asyncio.sleep(0)
+        return web.Response(text="unreachable")
+
+
+def make_pool(name: str = "demo", *, ready: int = 5, max_sessions: int = 10,
+              cooldown_s: int = 300, **props: Any) -> Pool:
+    body: dict[str, Any] = {"properties": {
+        "scaleConfiguration": {"maxConcurrentSessions": max_sessions,
+                               "readySessionInstances": ready},
+        "dynamicPoolConfiguration": {"lifecycleConfiguration": {
+            "lifecycleType": "Timed", "cooldownPeriodInSeconds": cooldown_s}},
+        "customContainerTemplate": {
+            "containers": [{"name": "main", "image": "sessionpool/echo:dev"}],
+            "ingress": {"targetPort": 8080}},
+        **props,
+    }}
+    return parse_pool(name, body)
+
+
+async def add_ready(store: Store, pool: Pool, sandbox: FakeSandbox) -> str:
+    """Put a running fake sandbox in the ready set exactly as the replenisher does."""
+    sid = uuid.uuid4().hex
+    assert await store.reserve(pool, "test", [sid]) == [sid], "reserve refused: raise `ready`"
+    assert await store.set_container(pool.name, sid, f"fake-{sandbox.name}")
+    assert await store.mark_ready(pool.name, sid, f"fake-{sandbox.name}", sandbox.addr) == 1
+    return sid

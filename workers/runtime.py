@@ -1,0 +1,88 @@
+"""The small interface every runtime (docker, process) implements for the workers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from router.pools import Pool
+
+# Labels every sandbox container carries; `scope` is the deployment's key prefix, so two
+# deployments (or two tests) sharing one engine never touch each other's sandboxes.
+LABEL_SCOPE = "io.sessionpool.scope"
+LABEL_POOL = "io.sessionpool.pool"
+LABEL_SANDBOX = "io.sessionpool.sandbox"
+LABEL_VERSION = "io.sessionpool.version"
+
+
+class RuntimeError_(Exception):
+    """A sandbox could not be created or inspected; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSpec:
+    """What to start: the pool's template, resolved secrets, and identity labels."""
+
+    scope: str
+    pool: Pool
+    sandbox_id: str
+    env: dict[str, str] = field(default_factory=dict)  # secretRefs already resolved
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """A started sandbox: its container id and the host:port the router dials."""
+
+    container: str
+    addr: str
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """A sandbox as the runtime sees it (for reconciliation)."""
+
+    container: str
+    pool: str
+    sandbox_id: str
+    version: str
+    running: bool
+    created_s: float  # unix time
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """A sandbox container stopped on its own (or was killed from outside)."""
+
+    container: str
+    pool: str
+    sandbox_id: str
+
+
+class Runtime(Protocol):
+    """Where sandboxes run. Every method is safe to call concurrently and idempotent."""
+
+    name: str
+
+    async def create(self, spec: SandboxSpec) -> Handle:
+        """Create and start a sandbox; return once it is started (not yet probed).
+
+        Raises:
+            RuntimeError_: the image is missing, the engine refused, ...
+        """
+        ...
+
+    async def destroy(self, container: str) -> None:
+        """Stop and remove a sandbox; a sandbox that is already gone is not an error."""
+        ...
+
+    async def list(self, scope: str) -> list[Observed]:
+        """Every sandbox of this scope, running or not."""
+        ...
+
+    def exits(self, scope: str) -> AsyncIterator[Exit]:
+        """Sandboxes of this scope that stop, as they stop (ends when the runtime closes)."""
+        ...
+
+    async def close(self) -> None:
+        ...
