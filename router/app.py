@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import orjson
 from aiohttp import web
+from yarl import URL
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -79,7 +80,10 @@ def _split_target(raw_path: str, depth: int) -> str:
     return rest + sep + query
 
 
-async def _serve(request: web.Request, pool_name: str, target: str, base: str) -> web.StreamResponse:
+async def _serve(
+    request: web.Request, pool_name: str, target: str, base: str
+) -> web.StreamResponse:
+    """Serve one request for a pool; `base` is the pool endpoint's absolute URL."""
     app = request.app
     routing = app[ROUTING]
     settings = app[SETTINGS]
@@ -101,13 +105,14 @@ async def _serve(request: web.Request, pool_name: str, target: str, base: str) -
     if path == "/session" and pool.container_type == "PythonLTS":
         return await management.code_interpreter(request, routing, pool, path, base)
     session = await routing.resolve(pool, ident)
+    prefix = URL(base).raw_path.rstrip("/")
     routing.begin(session, pool_name)
     try:
         if proxy.is_websocket(request):
             return await proxy.forward_websocket(
-                request, app[CLIENT], session.addr, target, settings.ws_max_msg_bytes,
+                request, app[CLIENT], session.addr, target, prefix, settings.ws_max_msg_bytes,
                 lambda: routing.activity(session, pool_name))
-        return await proxy.forward_http(request, app[CLIENT], session.addr, target,
+        return await proxy.forward_http(request, app[CLIENT], session.addr, target, prefix,
                                         settings.max_body_bytes)
     except SessionUnreachableError:
         routing.forget(pool_name, ident)  # the route may be stale; look it up next time

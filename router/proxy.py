@@ -46,8 +46,14 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     }
 
 
-def upstream_headers(request: web.Request, drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
-    """The caller's headers as the sandbox should see them."""
+def upstream_headers(
+    request: web.Request, prefix: str, drop: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
+    """The caller's headers as the sandbox should see them.
+
+    `prefix` is the path the router stripped (`/pools/demo`), sent as X-Forwarded-Prefix so a
+    session can build links (e.g. Operation-Location) that work through the router.
+    """
     named = _connection_tokens(request.headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
@@ -60,6 +66,7 @@ def upstream_headers(request: web.Request, drop: frozenset[str] = frozenset()) -
     out["X-Forwarded-For"] = ", ".join([*prior, peer]) if prior else peer
     out["X-Forwarded-Proto"] = request.scheme
     out["X-Forwarded-Host"] = request.host
+    out["X-Forwarded-Prefix"] = prefix
     return out
 
 
@@ -109,6 +116,7 @@ async def forward_http(
     client: aiohttp.ClientSession,
     addr: str,
     target: str,
+    prefix: str,
     max_body_bytes: int,
 ) -> web.StreamResponse:
     """Stream `request` to `http://{addr}{target}` and the answer back.
@@ -120,7 +128,7 @@ async def forward_http(
     length = request.content_length
     if length is not None and length > max_body_bytes:
         raise RequestTooLargeError(f"The request body is larger than {max_body_bytes} bytes.")
-    headers = upstream_headers(request)
+    headers = upstream_headers(request, prefix)
     has_body = request.body_exists
     url = URL(f"http://{addr}{target}", encoded=True)
     attempts = 2 if request.method in IDEMPOTENT and not has_body else 1
@@ -181,6 +189,7 @@ async def forward_websocket(
     client: aiohttp.ClientSession,
     addr: str,
     target: str,
+    prefix: str,
     max_msg_bytes: int,
     on_data: Callable[[], None],
 ) -> web.WebSocketResponse:
@@ -191,7 +200,7 @@ async def forward_websocket(
     """
     protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ())
                  for p in v.split(",") if p.strip()]
-    headers = upstream_headers(request, drop=WS_HANDSHAKE)
+    headers = upstream_headers(request, prefix, drop=WS_HANDSHAKE)
     url = URL(f"ws://{addr}{target}", encoded=True)
     try:
         up = await client.ws_connect(url, headers=headers, protocols=protocols,

@@ -103,6 +103,7 @@ async def test_forwards_method_path_query_and_headers_on_the_wire(
     assert headers["x-forwarded-for"] == "127.0.0.1"
     assert headers["x-forwarded-proto"] == "http"
     assert headers["x-forwarded-host"] == base.removeprefix("http://")
+    assert headers["x-forwarded-prefix"] == "/pools/demo"
     assert headers["host"] == sb.addr
     assert "user-agent" in headers  # the caller's own, passed through
     assert seen["body_sha256"] == hashlib.sha256(b"hello").hexdigest()
