@@ -1,0 +1,61 @@
+"""Startup and liveness probes with ACA's fields (httpGet or tcpSocket)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+
+from router.pools import Pool, Probe
+
+# Startup probes are polled this often whatever their periodSeconds: a ready sandbox should
+# enter the pool as soon as it answers. The failure budget stays threshold × period.
+STARTUP_POLL_S = 0.05
+
+
+def probe_target(addr: str, pool: Pool, probe: Probe | None) -> tuple[str, int]:
+    """Host and port to probe; the target port maps to wherever the runtime put it."""
+    host, _, port = addr.rpartition(":")
+    if probe is None or probe.port == pool.target_port:
+        return host, int(port)
+    return host, probe.port
+
+
+async def probe_once(
+    client: aiohttp.ClientSession, addr: str, pool: Pool, probe: Probe | None
+) -> bool:
+    """One probe attempt: True when it passed."""
+    host, port = probe_target(addr, pool, probe)
+    timeout = probe.timeout_s if probe is not None else 1.0
+    try:
+        if probe is None or probe.path is None:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return True
+        url = f"{probe.scheme}://{host}:{port}{probe.path}"
+        async with client.get(url, headers=dict(probe.headers), allow_redirects=False,
+                              timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            return 200 <= resp.status < 400
+    except (OSError, TimeoutError, aiohttp.ClientError):
+        return False
+
+
+async def wait_started(client: aiohttp.ClientSession, addr: str, pool: Pool) -> bool:
+    """Poll the Startup probe (or the target port) until it passes or its budget runs out."""
+    probe = pool.probe("Startup")
+    loop = asyncio.get_running_loop()
+    if probe is not None:
+        await asyncio.sleep(probe.initial_delay_s)
+        budget = max(probe.period_s * probe.failure_threshold, 5.0)
+    else:
+        budget = 60.0
+    deadline = loop.time() + budget
+    while True:
+        if await probe_once(client, addr, pool, probe):
+            return True
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(STARTUP_POLL_S)

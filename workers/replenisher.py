@@ -1,0 +1,135 @@
+"""The replenisher: keeps each pool's ready sandboxes at `readySessionInstances`.
+
+Level-triggered: every wake-up (an `allocated`/`pool-empty`/`pool-changed` event on the pool's
+stream, or the periodic safety net) recomputes what is missing. RESERVE writes `warming`
+records atomically before any container exists, so replicas never create beyond the target,
+and a worker that dies mid-creation leaves records the reaper's reconciliation resolves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from router.pools import Pool
+from workers.context import REDIS_ERRORS, Context, Event, consume
+from workers.probes import wait_started
+from workers.runtime import RuntimeError_, SandboxSpec
+
+log = logging.getLogger("sessionpool.replenisher")
+GROUP = "replenisher"
+MAX_BACKOFF_S = 30.0
+
+
+class Replenisher:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._sem = asyncio.Semaphore(ctx.settings.create_concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._backoff: dict[str, tuple[float, float]] = {}  # pool -> (until, current delay)
+
+    async def fill(self, pool_name: str) -> int:
+        """Start creating what the pool lacks; returns how many sandboxes were reserved."""
+        ctx = self.ctx
+        loop = asyncio.get_running_loop()
+        until, _ = self._backoff.get(pool_name, (0.0, 0.0))
+        if loop.time() < until:
+            return 0
+        pool = await ctx.store.get_pool(pool_name)
+        if pool is None:
+            return 0
+        await self._retire_stale(pool)
+        ids = [uuid.uuid4().hex for _ in range(min(pool.ready_instances, 1000))]
+        reserved = await ctx.store.reserve(pool, ctx.settings.worker_id, ids)
+        for sid in reserved:
+            task = asyncio.create_task(self._create(pool, sid), name=f"create-{sid[:8]}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return len(reserved)
+
+    async def _retire_stale(self, pool: Pool) -> None:
+        """Ready sandboxes of an older template are replaced (allocated ones run on)."""
+        store = self.ctx.store
+        ready = await store.redis.zrange(store.pk(pool.name).ready, 0, -1)
+        if not ready:
+            return
+        records = await store.sandboxes(pool.name)
+        for raw in ready:
+            sid = raw.decode()
+            rec = records.get(sid)
+            if rec is not None and rec.get("version") != pool.version and \
+                    await store.retire(pool.name, sid, "replaced"):
+                await store.add_event(pool.name, {"kind": "teardown", "sandbox": sid,
+                                                  "container": rec.get("container", ""),
+                                                  "reason": "replaced"})
+
+    async def _create(self, pool: Pool, sid: str) -> None:
+        ctx = self.ctx
+        store = ctx.store
+        async with self._sem:
+            if ctx.stop.is_set():
+                await store.forget(pool.name, sid)
+                return
+            spec = SandboxSpec(scope=ctx.scope, pool=pool, sandbox_id=sid,
+                               env={e.name: pool.secrets[e.secret_ref]
+                                    for e in pool.env if e.secret_ref})
+            try:
+                handle = await ctx.runtime.create(spec)
+            except RuntimeError_ as exc:
+                log.error("pool %s: cannot create a sandbox: %s", pool.name, exc)
+                self._fail(pool.name)
+                await store.forget(pool.name, sid)
+                return
+        try:
+            if not await store.set_container(pool.name, sid, handle.container):
+                await ctx.runtime.destroy(handle.container)  # reservation withdrawn meanwhile
+                return
+            if not await wait_started(ctx.http, handle.addr, pool):
+                log.error("pool %s: sandbox %s failed its startup probe", pool.name, sid)
+                self._fail(pool.name)
+                await store.retire(pool.name, sid, "unhealthy")
+                await ctx.runtime.destroy(handle.container)
+                await store.forget(pool.name, sid)
+                return
+            state = await store.mark_ready(pool.name, sid, handle.container, handle.addr)
+            if state != 1:  # pool deleted or template changed while it started
+                await ctx.runtime.destroy(handle.container)
+                await store.forget(pool.name, sid)
+                return
+            self._backoff.pop(pool.name, None)
+        except REDIS_ERRORS as exc:
+            # Redis is away: the container stays labelled, reconciliation settles it later.
+            log.warning("pool %s: sandbox %s left to reconciliation: %s", pool.name, sid, exc)
+
+    def _fail(self, pool: str) -> None:
+        loop = asyncio.get_running_loop()
+        _, delay = self._backoff.get(pool, (0.0, 0.5))
+        delay = min(delay * 2, MAX_BACKOFF_S)
+        self._backoff[pool] = (loop.time() + delay, delay)
+
+    async def run_pool(self, pool_name: str) -> None:
+        """Wake on the pool's events; the reconcile loop covers anything missed."""
+        stream = self.ctx.store.pk(pool_name).events
+
+        async def handle(batch: list[Event]) -> None:
+            await self.fill(pool_name)
+
+        await consume(self.ctx, stream, GROUP, handle)
+
+    async def run_periodic(self) -> None:
+        """Safety net: refill every pool now and then even without events."""
+        ctx = self.ctx
+        while await ctx.pause(min(ctx.settings.reconcile_interval_s, 2.0)):
+            try:
+                for name in await ctx.store.pool_names():
+                    await self.fill(name)
+            except REDIS_ERRORS as exc:
+                log.warning("periodic fill: %s", exc)
+
+    async def drain(self) -> None:
+        """Let sandboxes being created finish (or be cancelled) before exit."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10)
+        for task in list(self._tasks):
+            task.cancel()
