@@ -158,6 +158,8 @@ class DockerRuntime:
                 f"`docker pull {pool.image}`"
             ) from exc
         except DockerException as exc:
+            if isinstance(exc, NotFound):
+                self._networks.pop(pool.egress_enabled, None)  # removed behind our back?
             raise RuntimeError_(
                 f"pool {pool.name}: docker refused the sandbox: {_explain(exc)}"
             ) from exc

@@ -83,8 +83,10 @@ async def run(settings: Settings, runtime: Runtime | None = None,
         stop.set()
         if replenisher is not None:
             await replenisher.drain()
-        # Loops see `stop` within about a second; what is still blocked is cancelled.
-        await asyncio.wait(tasks, timeout=3.0) if tasks else None
+        # Loops between steps see `stop` at once; a blocked stream read is cancelled, which
+        # is safe: an unacknowledged message stays pending for another replica to claim.
+        if tasks:
+            await asyncio.wait(tasks, timeout=0.2)
         for task in tasks:
             task.cancel()
         for task in tasks:

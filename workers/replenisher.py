@@ -9,6 +9,7 @@ and a worker that dies mid-creation leaves records the reaper's reconciliation r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -101,6 +102,18 @@ class Replenisher:
         except REDIS_ERRORS as exc:
             # Redis is away: the container stays labelled, reconciliation settles it later.
             log.warning("pool %s: sandbox %s left to reconciliation: %s", pool.name, sid, exc)
+        except asyncio.CancelledError:
+            # Shutting down mid-start: hand the step back cleanly instead of leaking it.
+            await asyncio.shield(self._abandon(pool.name, sid, handle.container))
+            raise
+
+    async def _abandon(self, pool: str, sid: str, container: str) -> None:
+        try:
+            if await self.ctx.store.retire(pool, sid, "cancelled"):
+                await self.ctx.runtime.destroy(container)
+                await self.ctx.store.forget(pool, sid)
+        except REDIS_ERRORS as exc:
+            log.warning("pool %s: sandbox %s left to reconciliation: %s", pool, sid, exc)
 
     def _fail(self, pool: str) -> None:
         loop = asyncio.get_running_loop()
@@ -129,7 +142,11 @@ class Replenisher:
 
     async def drain(self) -> None:
         """Let sandboxes being created finish (or be cancelled) before exit."""
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=10)
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+        for task in tasks:
             task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

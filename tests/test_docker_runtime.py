@@ -1,0 +1,438 @@
+"""The docker runtime against the real engine: hardening, lifecycle, exit events, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from router.pools import Pool
+from tests.helpers import make_pool, wait_until
+from workers.docker import DockerRuntime, bridge_name, firewall_rules
+from workers.runtime import (
+    LABEL_POOL,
+    LABEL_SANDBOX,
+    LABEL_SCOPE,
+    LABEL_VERSION,
+    Exit,
+    Handle,
+    RuntimeError_,
+    SandboxSpec,
+)
+
+pytestmark = pytest.mark.docker
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = "sessionpool/echo:dev"
+SCOPE = f"t{uuid.uuid4().hex[:8]}"
+PREFIX = f"sptest{uuid.uuid4().hex[:6]}"
+READY_S = 30.0
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, check=check, timeout=300)
+
+
+def inspect(container: str) -> dict[str, Any]:
+    return dict(json.loads(sh("docker", "inspect", container).stdout)[0])
+
+
+def scope_containers() -> list[str]:
+    out = sh("docker", "ps", "-aq", "--no-trunc", "--filter", f"label={LABEL_SCOPE}={SCOPE}")
+    return out.stdout.split()
+
+
+def iptables_has(rule: tuple[str, ...]) -> bool:
+    return sh("iptables", "-w", "5", "-C", *rule, check=False).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[None]:
+    """The engine must answer (fail, never skip); the echo image is built when missing."""
+    info = sh("docker", "info", "--format", "{{.ServerVersion}}", check=False)
+    assert info.returncode == 0, f"Docker engine unreachable: {info.stderr.strip()}"
+    if sh("docker", "image", "inspect", IMAGE, check=False).returncode != 0:
+        sh("bash", str(ROOT / "deploy/images/build.sh"), "echo")
+    yield
+    left = scope_containers()
+    if left:
+        sh("docker", "rm", "-f", *left, check=False)
+    asyncio.run(_remove_networks(PREFIX))
+
+
+async def _remove_networks(prefix: str) -> None:
+    runtime = DockerRuntime(network_prefix=prefix)
+    try:
+        await runtime.remove_networks()
+    finally:
+        await runtime.close()
+
+
+@pytest.fixture
+async def runtime(engine: None) -> AsyncIterator[DockerRuntime]:
+    rt = DockerRuntime(network_prefix=PREFIX)
+    yield rt
+    await rt.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+def echo_pool(name: str = "echo", *, egress: bool = False, port: int = 8080,
+              **container: Any) -> Pool:
+    return make_pool(
+        name,
+        customContainerTemplate={
+            "containers": [{"name": "main", "image": IMAGE, **container}],
+            "ingress": {"targetPort": port},
+        },
+        sessionNetworkConfiguration={"status": "EgressEnabled" if egress else "EgressDisabled"},
+        sandboxConfiguration={"pidsLimit": 64},
+    )
+
+
+def spec(pool: Pool, **env: str) -> SandboxSpec:
+    return SandboxSpec(scope=SCOPE, pool=pool, sandbox_id=uuid.uuid4().hex, env=env)
+
+
+async def get_json(http: aiohttp.ClientSession, handle: Handle, path: str) -> Any:
+    async with http.get(f"http://{handle.addr}{path}") as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def wait_ready(http: aiohttp.ClientSession, handle: Handle) -> None:
+    async def healthy() -> bool:
+        try:
+            async with http.get(f"http://{handle.addr}/health",
+                                timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+
+    await wait_until(healthy, timeout=READY_S)
+
+
+async def test_create_is_hardened_listed_and_destroyed(
+    runtime: DockerRuntime, http: aiohttp.ClientSession
+) -> None:
+    pool = echo_pool(
+        "hardened", resources={"cpu": 0.5, "memory": "256Mi"},
+        env=[{"name": "FROM_POOL", "value": "plain"}, {"name": "OVERRIDDEN", "value": "pool"}],
+    )
+    s = spec(pool, SECRET_TOKEN="s3cret", OVERRIDDEN="spec")
+    started = time.monotonic()
+    handle = await runtime.create(s)
+    created_s = time.monotonic() - started
+    await wait_ready(http, handle)
+    ready_s = time.monotonic() - started
+    print(f"create {created_s * 1000:.0f} ms, ready {ready_s * 1000:.0f} ms", file=sys.stderr)
+
+    info = inspect(handle.container)
+    host = info["HostConfig"]
+    assert host["CapDrop"] == ["ALL"]
+    assert not host["CapAdd"]
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["PidsLimit"] == 64
+    assert host["Memory"] == 256 << 20
+    assert host["MemorySwap"] == 256 << 20
+    assert host["NanoCpus"] == 500_000_000
+    assert host["Init"] is True
+    assert host["RestartPolicy"]["Name"] == "no"
+    assert not host["Privileged"]
+    assert not host["Binds"]
+    assert "/tmp" in host["Tmpfs"]
+    assert all(m.get("Type") == "tmpfs" or "docker.sock" not in json.dumps(m)
+               for m in info["Mounts"])
+    assert "docker.sock" not in json.dumps(info)
+    assert info["Config"]["User"] == "1000:1000"
+    assert info["Name"] == f"/sp-{SCOPE}-hardened-{s.sandbox_id[:12]}"
+    assert info["Config"]["Labels"] | {} >= {
+        LABEL_SCOPE: SCOPE, LABEL_POOL: "hardened", LABEL_SANDBOX: s.sandbox_id,
+        LABEL_VERSION: pool.version,
+    }
+    env = info["Config"]["Env"]
+    assert {"FROM_POOL=plain", "SECRET_TOKEN=s3cret", "OVERRIDDEN=spec"} <= set(env)
+    assert list(info["NetworkSettings"]["Networks"]) == [f"{PREFIX}-egress-disabled"]
+    ip = info["NetworkSettings"]["Networks"][f"{PREFIX}-egress-disabled"]["IPAddress"]
+    assert handle.addr == f"{ip}:8080"
+
+    echoed = await get_json(http, handle, "/some/path?a=1&b=2")
+    assert echoed["hostname"] == handle.container[:12]
+    assert (echoed["path"], echoed["query"]) == ("/some/path", "a=1&b=2")
+
+    [observed] = [o for o in await runtime.list(SCOPE) if o.container == handle.container]
+    assert (observed.pool, observed.sandbox_id, observed.version) == (
+        "hardened", s.sandbox_id, pool.version)
+    assert observed.running
+    assert abs(observed.created_s - time.time()) < 120
+
+    started = time.monotonic()
+    await runtime.destroy(handle.container)
+    destroy_s = time.monotonic() - started
+    print(f"destroy {destroy_s * 1000:.0f} ms", file=sys.stderr)
+    assert destroy_s < 5, "destroy must not wait for a stop grace period"
+    assert sh("docker", "inspect", handle.container, check=False).returncode != 0
+    await runtime.destroy(handle.container)  # already gone: fine
+    assert handle.container not in {o.container for o in await runtime.list(SCOPE)}
+
+
+async def test_command_replaces_entrypoint_and_args_the_cmd(
+    runtime: DockerRuntime, http: aiohttp.ClientSession
+) -> None:
+    pool = echo_pool("cmdargs", port=9090, command=["/usr/bin/env", "PORT=9090"],
+                     args=["python3", "/opt/echo/echo.py"])
+    handle = await runtime.create(spec(pool))
+    assert handle.addr.endswith(":9090")
+    await wait_ready(http, handle)
+    config = inspect(handle.container)["Config"]
+    assert config["Entrypoint"] == ["/usr/bin/env", "PORT=9090"]
+    assert config["Cmd"] == ["python3", "/opt/echo/echo.py"]
+    await runtime.destroy(handle.container)
+
+
+async def test_exits_reports_own_exits_and_outside_kills(
+    runtime: DockerRuntime, http: aiohttp.ClientSession
+) -> None:
+    pool = echo_pool("exits")
+    exiting, killed = await asyncio.gather(runtime.create(spec(pool)), runtime.create(spec(pool)))
+    await asyncio.gather(wait_ready(http, exiting), wait_ready(http, killed))
+    seen: list[Exit] = []
+
+    async def collect() -> None:
+        async for ex in runtime.exits(SCOPE):
+            seen.append(ex)
+
+    task = asyncio.create_task(collect())
+    # Only once a canary's death shows up do we know the event stream is live.
+    canary = await runtime.create(spec(pool))
+    await runtime.destroy(canary.container)
+    await wait_until(lambda: any(e.container == canary.container for e in seen), timeout=15)
+
+    async with http.get(f"http://{exiting.addr}/exit?code=3") as resp:
+        assert resp.status == 200
+    sh("docker", "kill", killed.container)
+    await wait_until(lambda: {exiting.container, killed.container}
+                     <= {e.container for e in seen}, timeout=15)
+    by_id = {e.container: e for e in seen}
+    assert by_id[exiting.container].pool == "exits"
+    assert by_id[killed.container].sandbox_id == inspect(killed.container)["Config"]["Labels"][
+        LABEL_SANDBOX]
+    assert inspect(exiting.container)["State"]["ExitCode"] == 3
+    observed = {o.container: o for o in await runtime.list(SCOPE)}
+    assert not observed[exiting.container].running  # exited, still listed for reconciliation
+
+    started = time.monotonic()
+    await runtime.close()
+    await asyncio.wait_for(task, 5)
+    assert time.monotonic() - started < 5
+    # A fresh runtime for cleanup: this one is closed.
+    rt = DockerRuntime(network_prefix=PREFIX)
+    try:
+        await asyncio.gather(rt.destroy(exiting.container), rt.destroy(killed.container))
+    finally:
+        await rt.close()
+
+
+async def test_exits_iterator_can_be_abandoned(runtime: DockerRuntime) -> None:
+    events = runtime.exits(SCOPE)
+    waiting = asyncio.create_task(anext(events))
+    await asyncio.sleep(0)  # let the iterator subscribe
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    started = time.monotonic()
+    await asyncio.wait_for(events.aclose(), 5)
+    assert time.monotonic() - started < 5
+
+
+async def test_missing_image_is_a_clear_error_leaving_nothing(runtime: DockerRuntime) -> None:
+    image = f"sessionpool/missing-{uuid.uuid4().hex[:8]}:dev"
+    pool = make_pool("missing", customContainerTemplate={
+        "containers": [{"name": "main", "image": image}], "ingress": {"targetPort": 8080}})
+    before = set(scope_containers())
+    s = spec(pool)
+    with pytest.raises(RuntimeError_, match="not on the Docker engine") as err:
+        await runtime.create(s)
+    assert image in str(err.value)
+    assert "build.sh" in str(err.value)
+    assert set(scope_containers()) == before
+    name = f"sp-{SCOPE}-missing-{s.sandbox_id[:12]}"
+    assert sh("docker", "inspect", name, check=False).returncode != 0
+
+
+async def test_networks_are_created_once_under_concurrency(engine: None) -> None:
+    prefix = f"sptest{uuid.uuid4().hex[:6]}"
+    runtimes = [DockerRuntime(network_prefix=prefix) for _ in range(3)]
+    try:
+        names = await asyncio.gather(*(rt._ensure_network(e) for rt in runtimes
+                                       for e in (True, False)))
+        assert set(names) == {f"{prefix}-egress-enabled", f"{prefix}-egress-disabled"}
+        for egress in (True, False):
+            rows = json.loads(sh("docker", "network", "inspect",
+                                 f"{prefix}-egress-{'enabled' if egress else 'disabled'}").stdout)
+            assert len(rows) == 1
+            [net] = rows
+            assert net["Internal"] is (not egress)
+            assert net["Options"]["com.docker.network.bridge.enable_icc"] == "false"
+            assert net["Options"]["com.docker.network.bridge.name"] == bridge_name(prefix, egress)
+        if os.geteuid() == 0:
+            for egress in (True, False):
+                for rule in firewall_rules(bridge_name(prefix, egress), egress):
+                    assert iptables_has(rule), rule
+    finally:
+        for rt in runtimes:
+            await rt.close()
+        await _remove_networks(prefix)
+    assert sh("docker", "network", "inspect", f"{prefix}-egress-enabled",
+              check=False).returncode != 0
+    for egress in (True, False):
+        for rule in firewall_rules(bridge_name(prefix, egress), egress):
+            assert not iptables_has(rule), rule
+
+
+# Network isolation -------------------------------------------------------------------------
+
+
+def host_addresses() -> list[str]:
+    out = sh("ip", "-4", "-o", "addr", "show").stdout
+    addrs = [line.split()[3].split("/")[0] for line in out.splitlines()]
+    return [a for a in addrs if not a.startswith("127.")]
+
+
+@pytest.fixture
+def fake_remote() -> Iterator[tuple[str, str, int]]:
+    """A TCP server in its own network namespace at a link-local and a private address.
+
+    It stands in for a cloud metadata service and a machine on the operator's private network,
+    both reached *through* the host (FORWARD chain), so that the runtime's DOCKER-USER rules
+    are what keeps sandboxes away. No traffic leaves this machine.
+    """
+    tag = uuid.uuid4().hex[:6]
+    ns, host_end, ns_end = f"spt{tag}", f"spt{tag}a", f"spt{tag}b"
+    a, b = random.randint(1, 250), random.randint(1, 250)
+    link_local, private = f"169.254.{a}.{b}", f"10.255.{a}.{b}"
+    port = 8080
+    in_ns = ("ip", "netns", "exec", ns)
+    server = None
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", ns_end)
+        sh("ip", "link", "set", ns_end, "netns", ns)
+        sh("ip", "link", "set", host_end, "up")
+        Path(f"/proc/sys/net/ipv4/conf/{host_end}/proxy_arp").write_text("1")
+        for addr in (link_local, private):
+            sh("ip", "route", "add", f"{addr}/32", "dev", host_end)
+            sh(*in_ns, "ip", "addr", "add", f"{addr}/32", "dev", ns_end)
+        sh(*in_ns, "ip", "link", "set", "lo", "up")
+        sh(*in_ns, "ip", "link", "set", ns_end, "up")
+        sh(*in_ns, "ip", "route", "add", "default", "dev", ns_end)
+        code = ("import socket\ns = socket.create_server(('0.0.0.0', %d))\n"
+                "while True:\n    s.accept()[0].close()\n" % port)
+        server = subprocess.Popen([*in_ns, sys.executable, "-c", code])
+        yield link_local, private, port
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "link", "del", host_end, check=False)
+
+
+async def tcp_connects(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def test_sandboxes_reach_neither_each_other_nor_the_host_nor_metadata(
+    runtime: DockerRuntime, http: aiohttp.ClientSession,
+    fake_remote: tuple[str, str, int],
+) -> None:
+    link_local, private, remote_port = fake_remote
+    # "The host's services" (Redis, the router's admin API): a server on all host addresses.
+    served: list[str] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served.append(writer.get_extra_info("peername")[0])
+        writer.close()
+
+    host_service = await asyncio.start_server(on_connect, "0.0.0.0", 0)
+    host_port = host_service.sockets[0].getsockname()[1]
+    try:
+        closed_pool, open_pool = echo_pool("closed"), echo_pool("open", egress=True)
+        a, b, c, d = await asyncio.gather(
+            runtime.create(spec(closed_pool)), runtime.create(spec(closed_pool)),
+            runtime.create(spec(open_pool)), runtime.create(spec(open_pool)))
+        # The host (this test process) reaches every sandbox.
+        await asyncio.gather(*(wait_ready(http, h) for h in (a, b, c, d)))
+        addrs = host_addresses()
+        gateways = {h.container: inspect(h.container)["NetworkSettings"]["Networks"]
+                    for h in (a, c)}
+        gateway_a = gateways[a.container][f"{PREFIX}-egress-disabled"]["Gateway"]
+        gateway_c = gateways[c.container][f"{PREFIX}-egress-enabled"]["Gateway"]
+        assert {gateway_a, gateway_c} <= set(addrs)
+        # Controls: every target is really listening (seen from the host) ...
+        for addr in addrs:
+            assert await tcp_connects(addr, host_port), addr
+        await wait_until(lambda: tcp_connects(link_local, remote_port), timeout=10)
+        assert await tcp_connects(private, remote_port)
+        # ... and /connect from inside a sandbox does connect where nothing is in the way.
+        for h in (a, c):
+            ok = await get_json(http, h, "/connect?host=127.0.0.1&port=8080&timeout_ms=2000")
+            assert ok == {"connected": True, "error": None}
+        served.clear()
+
+        def ip(h: Handle) -> str:
+            return h.addr.split(":")[0]
+
+        targets: dict[str, list[tuple[str, int]]] = {}
+        for h, peers in ((a, (b, c)), (c, (d, a))):
+            targets[h.container] = [
+                *((ip(p), 8080) for p in peers),
+                *((addr, host_port) for addr in addrs),
+                ("169.254.169.254", 80),
+                (link_local, remote_port),
+                (private, remote_port),
+            ]
+
+        async def attempt(h: Handle, host: str, port: int) -> tuple[str, int, Any]:
+            got = await get_json(http, h, f"/connect?host={host}&port={port}&timeout_ms=1500")
+            return host, port, got
+
+        results = await asyncio.gather(*(attempt(h, host, port) for h in (a, c)
+                                         for host, port in targets[h.container]))
+        reached = [(host, port) for host, port, got in results if got["connected"]]
+        assert reached == [], f"sandboxes reached {reached}"
+        assert served == [], "the host service saw a connection from a sandbox"
+
+        # EgressDisabled: no route out at all; EgressEnabled: a default route exists (a UDP
+        # connect picks a route and sends nothing).
+        closed_route = await get_json(http, a, "/route?host=198.51.100.7")
+        assert closed_route["routable"] is False, closed_route
+        open_route = await get_json(http, c, "/route?host=198.51.100.7")
+        assert open_route == {"routable": True, "source": ip(c)}
+        await asyncio.gather(*(runtime.destroy(h.container) for h in (a, b, c, d)))
+    finally:
+        host_service.close()
+        await host_service.wait_closed()
