@@ -1,0 +1,95 @@
+"""Serving the router: uvloop, the C parser checked, no access log, N processes on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+
+import aiohttp.http_parser
+from aiohttp import web
+
+from router.app import create_app
+from router.settings import Settings
+
+log = logging.getLogger("sessionpool.router")
+
+
+def c_parser_loaded() -> bool:
+    """The pure-Python HTTP parser is slower and the subject of most smuggling advisories."""
+    return aiohttp.http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser"
+
+
+def install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def start_site(settings: Settings, app: web.Application | None = None,
+                     reuse_port: bool = False) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner and the bound port (useful with port 0)."""
+    if not c_parser_loaded():
+        log.warning("aiohttp's C HTTP parser is not loaded: slower, and less strict")
+    runner = web.AppRunner(app or create_app(settings), access_log=None,
+                           handler_cancellation=True,
+                           shutdown_timeout=settings.shutdown_timeout_s)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None,
+                       backlog=1024)
+    await site.start()
+    server = site._server
+    assert isinstance(server, asyncio.base_events.Server)
+    port = int(server.sockets[0].getsockname()[1])
+    return runner, port
+
+
+async def serve(settings: Settings, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight requests (bounded) and exit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner, port = await start_site(settings, reuse_port=reuse_port)
+    print(f"sessionpool router listening on http://{settings.host}:{port}", flush=True)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def _child(settings: Settings) -> None:
+    install_uvloop()
+    asyncio.run(serve(settings, reuse_port=True))
+
+
+def run_router(settings: Settings) -> None:
+    """`sessionpool router`: one process, or N sharing the port through SO_REUSEPORT."""
+    install_uvloop()
+    if settings.processes == 1:
+        asyncio.run(serve(settings))
+        return
+    if settings.port == 0:
+        sys.exit("--processes > 1 needs a fixed --port")
+    if not hasattr(socket, "SO_REUSEPORT"):
+        sys.exit("--processes > 1 needs SO_REUSEPORT")
+    ctx = multiprocessing.get_context("spawn")
+    children = [ctx.Process(target=_child, args=(settings,), daemon=True)
+                for _ in range(settings.processes)]
+    for child in children:
+        child.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for child in children:
+        child.join()

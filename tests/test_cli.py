@@ -1,0 +1,132 @@
+"""The command line: `sessionpool up` end to end, `apply`, `pools`, `sessions`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from router.settings import Settings
+from router.store import Store
+from tests.helpers import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+async def run_up(runtime: str, key_prefix: str) -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "workers.cli", "up", "--runtime", runtime, "--port", str(port),
+        "--key-prefix", key_prefix, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        curl = None
+        while curl is None:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+            assert line, "sessionpool up exited early:\n" + "".join(lines)
+            lines.append(line)
+            if line.startswith("try:"):
+                curl = line.split("'")[1]
+        assert curl == f"http://127.0.0.1:{port}/pools/demo/hello?identifier=me-1"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(curl) as r:  # the printed line works as printed
+                assert r.status == 200, await r.text()
+                body = await r.json()
+        assert body["path"] == "/hello" and body["query"] == "identifier=me-1"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = (await asyncio.wait_for(proc.stdout.read(), 60)).decode()
+        assert await proc.wait() == 0, "".join(lines) + rest
+    assert "no sandbox left behind" in rest
+
+
+async def test_up_with_the_process_runtime(key_prefix: str) -> None:
+    await run_up("process", key_prefix)
+    out = subprocess.run(["pgrep", "-f", str(ROOT / "deploy/images/echo/echo.py")],
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "", "an echo process was left behind"
+
+
+@pytest.mark.docker
+async def test_up_with_docker(key_prefix: str) -> None:
+    import docker
+
+    await run_up("docker", key_prefix)
+    client = docker.from_env()
+    try:
+        left = client.containers.list(all=True,
+                                      filters={"label": f"io.sessionpool.scope={key_prefix}"})
+        assert left == []
+    finally:
+        client.close()
+
+
+async def test_apply_pools_sessions(settings: Settings, store: Store, tmp_path: Path) -> None:
+    env = {"SESSIONPOOL_REDIS_URL": settings.redis_url,
+           "SESSIONPOOL_KEY_PREFIX": settings.key_prefix}
+    f = tmp_path / "pools.yaml"
+    f.write_text("""
+pools:
+  - name: alpha
+    properties:
+      scaleConfiguration: {maxConcurrentSessions: 4, readySessionInstances: 0}
+      customContainerTemplate:
+        containers: [{name: main, image: sessionpool/echo:dev}]
+        ingress: {targetPort: 8080}
+  - name: beta
+    properties:
+      customContainerTemplate:
+        containers: [{name: main, image: sessionpool/echo:dev}]
+        ingress: {targetPort: 8080}
+""")
+    first = cli("apply", "-f", str(f), env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == ["pool alpha: created", "pool beta: created"]
+    again = cli("apply", "-f", str(f), env=env)
+    assert again.stdout.splitlines() == ["pool alpha: unchanged", "pool beta: unchanged"]
+    f.write_text(f.read_text().replace("readySessionInstances: 0", "readySessionInstances: 1"))
+    third = cli("apply", "-f", str(f), env=env)
+    assert third.stdout.splitlines() == ["pool alpha: updated", "pool beta: unchanged"]
+    pool = await store.get_pool("alpha")
+    assert pool is not None and pool.ready_instances == 1
+    table = cli("pools", env=env)
+    assert table.returncode == 0
+    rows = [line.split() for line in table.stdout.splitlines()]
+    assert rows[0][:2] == ["POOL", "IMAGE"] and [r[0] for r in rows[1:]] == ["alpha", "beta"]
+    sessions = cli("sessions", "alpha", env=env)
+    assert sessions.stdout.split() == ["IDENTIFIER", "SANDBOX", "CREATED", "LAST", "ACCESS",
+                                       "EXPIRES"]
+    bad = tmp_path / "bad.json"
+    good = ('{"customContainerTemplate": {"containers": [{"name": "main", "image": "x"}], '
+            '"ingress": {"targetPort": 80}}}')
+    bad.write_text(f'{{"pools": [{{"name": "ok-pool", "properties": {good}}}, '
+                   f'{{"name": "Bad", "properties": {good}}}]}}')
+    refused = cli("apply", "-f", str(bad), env=env)
+    assert refused.returncode == 2
+    assert "pool Bad: name" in refused.stderr
+    assert await store.get_pool("ok-pool") is None  # nothing half-applied
+
+
+async def test_wait_until_helper_fails_at_deadline() -> None:
+    with pytest.raises(AssertionError):
+        await wait_until(lambda: False, timeout=0.1)

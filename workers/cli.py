@@ -1,0 +1,181 @@
+"""The `sessionpool` command line. Every flag also reads a `SESSIONPOOL_*` variable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from router.errors import InvalidPoolError
+from router.keys import Keys
+from router.pools import parse_pool
+from router.settings import Settings
+from router.store import Store, open_redis
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", help="Redis URL (SESSIONPOOL_REDIS_URL)")
+    p.add_argument("--key-prefix", help="key prefix of this deployment (SESSIONPOOL_KEY_PREFIX)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sessionpool", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="the whole stack on this machine, in the foreground")
+    _common(up)
+    up.add_argument("-f", "--file", type=Path, help="pools to apply (YAML or JSON)")
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
+    up.add_argument("--runtime", choices=["docker", "process"])
+
+    router = sub.add_parser("router", help="an edge (data plane, management, admin API)")
+    _common(router)
+    router.add_argument("--host")
+    router.add_argument("--port", type=int)
+    router.add_argument("--processes", type=int, help="processes sharing the port")
+    router.add_argument("--host-suffix", help="serve http://{pool}.{suffix}/… too")
+    router.add_argument("--auth", choices=["none", "required"])
+
+    worker = sub.add_parser("worker", help="replenisher and/or reaper")
+    _common(worker)
+    worker.add_argument("--runtime", choices=["docker", "process"])
+    worker.add_argument("--role", choices=["all", "replenisher", "reaper"])
+
+    apply = sub.add_parser("apply", help="create or update pools from a file")
+    _common(apply)
+    apply.add_argument("-f", "--file", type=Path, required=True)
+
+    pools = sub.add_parser("pools", help="table of pools with live counts")
+    _common(pools)
+    sessions = sub.add_parser("sessions", help="table of a pool's sessions")
+    _common(sessions)
+    sessions.add_argument("pool")
+    return parser
+
+
+def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
+    fields = {"redis_url", "key_prefix", "host", "port", "processes", "host_suffix", "auth",
+              "runtime", "role"}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    overrides.update(extra)
+    return Settings.from_env(**overrides)
+
+
+def load_pool_file(path: Path) -> dict[str, Any]:
+    """`{name: definition}` from `pools:` (a list of {name, properties} or a mapping).
+
+    Raises:
+        InvalidPoolError: the file is not a pool file.
+    """
+    text = path.read_text()
+    doc = orjson.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    pools = doc.get("pools", doc) if isinstance(doc, dict) else doc
+    if isinstance(pools, dict):
+        return {str(k): v for k, v in pools.items()}
+    if isinstance(pools, list):
+        out = {}
+        for i, item in enumerate(pools):
+            if not isinstance(item, dict) or "name" not in item:
+                raise InvalidPoolError(f"pools[{i}]: needs a name")
+            out[str(item["name"])] = {k: v for k, v in item.items() if k != "name"}
+        return out
+    raise InvalidPoolError(f"{path}: expected `pools:` as a list or a mapping")
+
+
+async def apply_file(store: Store, path: Path) -> list[tuple[str, str]]:
+    """Validate every pool first (nothing half-applied), then write; returns (name, change)."""
+    parsed = []
+    for name, body in load_pool_file(path).items():
+        try:
+            parsed.append(parse_pool(name, body))
+        except InvalidPoolError as exc:
+            raise InvalidPoolError(f"pool {name}: {exc.message}") from None
+    changes = []
+    for pool in parsed:
+        old = await store.get_pool(pool.name)
+        if old is None:
+            change = "created"
+        elif old.dumps() == pool.dumps():
+            changes.append((pool.name, "unchanged"))
+            continue
+        else:
+            change = "updated" if old.version == pool.version else "updated (new template)"
+        await store.put_pool(pool)
+        changes.append((pool.name, change))
+    return changes
+
+
+def print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+
+
+async def _with_store(settings: Settings, action: str, args: argparse.Namespace) -> int:
+    redis = open_redis(settings.redis_url)
+    store = Store(redis, Keys(settings.key_prefix))
+    try:
+        if action == "apply":
+            for name, change in await apply_file(store, args.file):
+                print(f"pool {name}: {change}")
+        elif action == "pools":
+            rows = []
+            for name in await store.pool_names():
+                pool = await store.get_pool(name)
+                c = await store.counts(name)
+                if pool is not None:
+                    rows.append([name, pool.image, str(pool.ready_instances),
+                                 str(pool.max_sessions), str(c["ready"]), str(c["warming"]),
+                                 str(c["allocated"])])
+            print_table(rows, ["POOL", "IMAGE", "TARGET", "MAX", "READY", "WARMING",
+                               "ALLOCATED"])
+        elif action == "sessions":
+            from router.management import iso
+
+            sessions, _ = await store.list_sessions(args.pool, 0, 10_000)
+            print_table([[s.identifier, s.sandbox[:12], iso(s.created_ms) or "",
+                          iso(s.last_accessed_ms) or "", iso(s.expires_ms) or ""]
+                         for s in sessions],
+                        ["IDENTIFIER", "SANDBOX", "CREATED", "LAST ACCESS", "EXPIRES"])
+    finally:
+        await redis.aclose()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        if args.command == "router":
+            from router.server import run_router
+
+            run_router(settings_from(args))
+        elif args.command == "worker":
+            from router.server import install_uvloop
+            from workers.main import run
+
+            install_uvloop()
+            asyncio.run(run(settings_from(args)))
+        elif args.command == "up":
+            from workers.up import up
+
+            return asyncio.run(up(args))
+        else:
+            return asyncio.run(_with_store(settings_from(args), args.command, args))
+    except (InvalidPoolError, ValueError) as exc:
+        print(f"sessionpool: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

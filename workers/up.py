@@ -1,0 +1,157 @@
+"""`sessionpool up`: Redis, a router and a worker on this machine, in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from router.keys import Keys
+from router.pools import parse_pool
+from router.server import start_site
+from router.settings import Settings
+from router.store import Store, open_redis, wait_redis
+from workers.cli import apply_file, settings_from
+from workers.context import REDIS_ERRORS
+from workers.main import run as run_worker
+from workers.runtime import Runtime
+
+log = logging.getLogger("sessionpool.up")
+ECHO = Path(__file__).resolve().parent.parent / "deploy" / "images" / "echo" / "echo.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A private redis-server on a free loopback port, nothing persisted."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("sessionpool up: redis-server not found (apt-get install "
+                         "redis-server), or pass --redis-url")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)  # Ctrl-C must not stop Redis before sandboxes are removed
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def docker_reachable() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=3)
+        client.ping()
+        client.close()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "no engine": we fall back
+        return False
+
+
+def demo_pool(runtime: str) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": "main", "image": "sessionpool/echo:dev",
+                                 "probes": [{"type": "Startup",
+                                             "httpGet": {"path": "/health", "port": 8080}}]}
+    if runtime == "process":
+        container.update(image="local", command=[sys.executable], args=[str(ECHO)],
+                         env=[{"name": "HOST", "value": "127.0.0.1"}])
+    return {"properties": {
+        "scaleConfiguration": {"maxConcurrentSessions": 10, "readySessionInstances": 2},
+        "dynamicPoolConfiguration": {"lifecycleConfiguration": {
+            "lifecycleType": "Timed", "cooldownPeriodInSeconds": 300}},
+        "customContainerTemplate": {"containers": [container],
+                                    "ingress": {"targetPort": 8080}},
+    }}
+
+
+async def clean_up(store: Store, runtime: Runtime, scope: str) -> None:
+    """End every session and destroy every sandbox of this scope; pool definitions stay."""
+    for name in await store.pool_names():
+        for ident in await store.redis.hkeys(store.pk(name).sessions):
+            await store.stop(name, ident.decode(), "stopped")
+        for sid in await store.sandboxes(name):
+            await store.retire(name, sid, "shutdown")
+            await store.forget(name, sid)
+    for obs in await runtime.list(scope):
+        await runtime.destroy(obs.container)
+
+
+async def up(args: argparse.Namespace) -> int:
+    tmp = tempfile.TemporaryDirectory(prefix="sessionpool-")
+    redis_proc = None
+    extra: dict[str, Any] = {}
+    if args.redis_url is None:
+        redis_proc, extra["redis_url"] = start_redis(Path(tmp.name))
+    runtime_name = args.runtime or ("docker" if docker_reachable() else "process")
+    if runtime_name == "process" and args.runtime is None:
+        log.warning("no Docker engine reachable: using the process runtime (NOT a security "
+                    "boundary; for development only)")
+    log.warning("auth is off (--auth none): anyone who reaches this port can run sessions")
+    settings: Settings = settings_from(args, runtime=runtime_name, auth="none", **extra)
+    if args.port is None:
+        settings = settings.replace(port=8080)
+    redis = open_redis(settings.redis_url)
+    store = Store(redis, Keys(settings.key_prefix))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    from workers.main import open_runtime
+
+    runtime = open_runtime(settings)
+    worker = None
+    runner = None
+    try:
+        await wait_redis(redis, 10.0)
+        if args.file:
+            for name, change in await apply_file(store, args.file):
+                print(f"pool {name}: {change}", flush=True)
+        elif await store.get_pool("demo") is None or redis_proc is not None:
+            await store.put_pool(parse_pool("demo", demo_pool(runtime_name)))
+        runner, port = await start_site(settings)
+        worker = asyncio.create_task(run_worker(settings, runtime, stop))
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        pools = await store.pool_names()
+        print(f"sessionpool is up: router http://{host}:{port} (runtime {runtime_name}, "
+              f"redis {settings.redis_url})", flush=True)
+        for name in pools:
+            print(f"  pool {name}: http://{host}:{port}/pools/{name}", flush=True)
+        if pools:
+            print(f"try:  curl 'http://{host}:{port}/pools/{pools[0]}/hello?identifier=me-1'",
+                  flush=True)
+        print("Ctrl-C stops everything and removes every sandbox.", flush=True)
+        done, _ = await asyncio.wait({worker, asyncio.ensure_future(stop.wait())},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if worker in done:
+            worker.result()  # a crashed worker is an error, not a quiet exit
+    finally:
+        stop.set()
+        if runner is not None:
+            await runner.cleanup()
+        if worker is not None and not worker.done():
+            await worker  # closes its runtime; sandboxes are removed below through a new one
+        cleanup_runtime = open_runtime(settings) if runtime_name == "docker" else runtime
+        with contextlib.suppress(*REDIS_ERRORS):
+            await clean_up(store, cleanup_runtime, settings.key_prefix)
+        if cleanup_runtime is not runtime:
+            await cleanup_runtime.close()
+        await redis.aclose()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait()
+        tmp.cleanup()
+        print("sessionpool stopped; no sandbox left behind.", flush=True)
+    return 0
