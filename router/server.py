@@ -43,11 +43,12 @@ async def start_site(settings: Settings, app: web.Application | None = None,
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None,
                        backlog=1024)
-    await site.start()
-    server = site._server
-    assert isinstance(server, asyncio.base_events.Server)
-    port = int(server.sockets[0].getsockname()[1])
-    return runner, port
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, int(runner.addresses[0][1])
 
 
 async def serve(settings: Settings, reuse_port: bool = False) -> None:
@@ -57,9 +58,11 @@ async def serve(settings: Settings, reuse_port: bool = False) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner, port = await start_site(settings, reuse_port=reuse_port)
-    print(f"sessionpool router listening on http://{settings.host}:{port}", flush=True)
-    await stop.wait()
-    await runner.cleanup()
+    try:
+        print(f"sessionpool router listening on http://{settings.host}:{port}", flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def _child(settings: Settings) -> None:

@@ -93,8 +93,9 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def echo_pool(name: str = "echo", *, egress: bool = False, port: int = 8080,
-              **container: Any) -> Pool:
+def echo_pool(
+    name: str = "echo", *, egress: bool = False, port: int = 8080, **container: Any
+) -> Pool:
     return make_pool(
         name,
         customContainerTemplate={
@@ -119,10 +120,11 @@ async def get_json(http: aiohttp.ClientSession, handle: Handle, path: str) -> An
 async def wait_ready(http: aiohttp.ClientSession, handle: Handle) -> None:
     async def healthy() -> bool:
         try:
-            async with http.get(f"http://{handle.addr}/health",
-                                timeout=aiohttp.ClientTimeout(total=1)) as resp:
+            async with http.get(
+                f"http://{handle.addr}/health", timeout=aiohttp.ClientTimeout(total=1)
+            ) as resp:
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return False
 
     await wait_until(healthy, timeout=READY_S)
@@ -132,7 +134,8 @@ async def test_create_is_hardened_listed_and_destroyed(
     runtime: DockerRuntime, http: aiohttp.ClientSession
 ) -> None:
     pool = echo_pool(
-        "hardened", resources={"cpu": 0.5, "memory": "256Mi"},
+        "hardened",
+        resources={"cpu": 0.5, "memory": "256Mi"},
         env=[{"name": "FROM_POOL", "value": "plain"}, {"name": "OVERRIDDEN", "value": "pool"}],
     )
     s = spec(pool, SECRET_TOKEN="s3cret", OVERRIDDEN="spec")
@@ -157,15 +160,19 @@ async def test_create_is_hardened_listed_and_destroyed(
     assert not host["Privileged"]
     assert not host["Binds"]
     assert "/tmp" in host["Tmpfs"]
-    assert all(m.get("Type") == "tmpfs" or "docker.sock" not in json.dumps(m)
-               for m in info["Mounts"])
+    assert not info["Mounts"]  # no volumes, no host paths (the /tmp tmpfs is not a mount)
     assert "docker.sock" not in json.dumps(info)
     assert info["Config"]["User"] == "1000:1000"
     assert info["Name"] == f"/sp-{SCOPE}-hardened-{s.sandbox_id[:12]}"
-    assert info["Config"]["Labels"] | {} >= {
-        LABEL_SCOPE: SCOPE, LABEL_POOL: "hardened", LABEL_SANDBOX: s.sandbox_id,
-        LABEL_VERSION: pool.version,
-    }
+    assert (
+        info["Config"]["Labels"].items()
+        >= {
+            LABEL_SCOPE: SCOPE,
+            LABEL_POOL: "hardened",
+            LABEL_SANDBOX: s.sandbox_id,
+            LABEL_VERSION: pool.version,
+        }.items()
+    )
     env = info["Config"]["Env"]
     assert {"FROM_POOL=plain", "SECRET_TOKEN=s3cret", "OVERRIDDEN=spec"} <= set(env)
     assert list(info["NetworkSettings"]["Networks"]) == [f"{PREFIX}-egress-disabled"]
@@ -178,7 +185,10 @@ async def test_create_is_hardened_listed_and_destroyed(
 
     [observed] = [o for o in await runtime.list(SCOPE) if o.container == handle.container]
     assert (observed.pool, observed.sandbox_id, observed.version) == (
-        "hardened", s.sandbox_id, pool.version)
+        "hardened",
+        s.sandbox_id,
+        pool.version,
+    )
     assert observed.running
     assert abs(observed.created_s - time.time()) < 120
 
@@ -192,11 +202,28 @@ async def test_create_is_hardened_listed_and_destroyed(
     assert handle.container not in {o.container for o in await runtime.list(SCOPE)}
 
 
+async def test_create_again_returns_the_same_sandbox(
+    runtime: DockerRuntime, http: aiohttp.ClientSession
+) -> None:
+    s = spec(echo_pool("retried"))
+    first = await runtime.create(s)
+    assert await runtime.create(s) == first  # a retried create adopts its running container
+    other = SandboxSpec(scope=SCOPE, pool=s.pool, sandbox_id=s.sandbox_id[:12] + "f" * 20)
+    with pytest.raises(RuntimeError_, match="is taken"):
+        await runtime.create(other)  # same name, another sandbox: refused, not adopted
+    await wait_ready(http, first)
+    await runtime.destroy(first.container)
+
+
 async def test_command_replaces_entrypoint_and_args_the_cmd(
     runtime: DockerRuntime, http: aiohttp.ClientSession
 ) -> None:
-    pool = echo_pool("cmdargs", port=9090, command=["/usr/bin/env", "PORT=9090"],
-                     args=["python3", "/opt/echo/echo.py"])
+    pool = echo_pool(
+        "cmdargs",
+        port=9090,
+        command=["/usr/bin/env", "PORT=9090"],
+        args=["python3", "/opt/echo/echo.py"],
+    )
     handle = await runtime.create(spec(pool))
     assert handle.addr.endswith(":9090")
     await wait_ready(http, handle)
@@ -227,12 +254,15 @@ async def test_exits_reports_own_exits_and_outside_kills(
     async with http.get(f"http://{exiting.addr}/exit?code=3") as resp:
         assert resp.status == 200
     sh("docker", "kill", killed.container)
-    await wait_until(lambda: {exiting.container, killed.container}
-                     <= {e.container for e in seen}, timeout=15)
+    await wait_until(
+        lambda: {exiting.container, killed.container} <= {e.container for e in seen}, timeout=15
+    )
     by_id = {e.container: e for e in seen}
     assert by_id[exiting.container].pool == "exits"
-    assert by_id[killed.container].sandbox_id == inspect(killed.container)["Config"]["Labels"][
-        LABEL_SANDBOX]
+    assert (
+        by_id[killed.container].sandbox_id
+        == inspect(killed.container)["Config"]["Labels"][LABEL_SANDBOX]
+    )
     assert inspect(exiting.container)["State"]["ExitCode"] == 3
     observed = {o.container: o for o in await runtime.list(SCOPE)}
     assert not observed[exiting.container].running  # exited, still listed for reconciliation
@@ -263,8 +293,13 @@ async def test_exits_iterator_can_be_abandoned(runtime: DockerRuntime) -> None:
 
 async def test_missing_image_is_a_clear_error_leaving_nothing(runtime: DockerRuntime) -> None:
     image = f"sessionpool/missing-{uuid.uuid4().hex[:8]}:dev"
-    pool = make_pool("missing", customContainerTemplate={
-        "containers": [{"name": "main", "image": image}], "ingress": {"targetPort": 8080}})
+    pool = make_pool(
+        "missing",
+        customContainerTemplate={
+            "containers": [{"name": "main", "image": image}],
+            "ingress": {"targetPort": 8080},
+        },
+    )
     before = set(scope_containers())
     s = spec(pool)
     with pytest.raises(RuntimeError_, match="not on the Docker engine") as err:
@@ -276,16 +311,55 @@ async def test_missing_image_is_a_clear_error_leaving_nothing(runtime: DockerRun
     assert sh("docker", "inspect", name, check=False).returncode != 0
 
 
+async def test_cancelled_create_leaves_no_container(runtime: DockerRuntime) -> None:
+    await runtime._ensure_network(False)
+    s = spec(echo_pool("cancelled"))
+    since = f"{time.time() - 1:.3f}"
+    task = asyncio.create_task(runtime.create(s))
+    await asyncio.sleep(0)  # into the engine call, which a cancel cannot stop
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    def destroyed() -> bool:
+        events = sh(
+            "docker",
+            "events",
+            "--since",
+            since,
+            "--until",
+            f"{time.time():.3f}",
+            "--filter",
+            f"label={LABEL_SANDBOX}={s.sandbox_id}",
+            "--filter",
+            "event=destroy",
+            "--format",
+            "{{.ID}}",
+        )
+        return bool(events.stdout.strip())
+
+    await wait_until(destroyed, timeout=15)
+    labelled = sh("docker", "ps", "-aq", "--filter", f"label={LABEL_SANDBOX}={s.sandbox_id}")
+    assert labelled.stdout.strip() == ""
+
+
 async def test_networks_are_created_once_under_concurrency(engine: None) -> None:
     prefix = f"sptest{uuid.uuid4().hex[:6]}"
     runtimes = [DockerRuntime(network_prefix=prefix) for _ in range(3)]
     try:
-        names = await asyncio.gather(*(rt._ensure_network(e) for rt in runtimes
-                                       for e in (True, False)))
+        names = await asyncio.gather(
+            *(rt._ensure_network(e) for rt in runtimes for e in (True, False))
+        )
         assert set(names) == {f"{prefix}-egress-enabled", f"{prefix}-egress-disabled"}
         for egress in (True, False):
-            rows = json.loads(sh("docker", "network", "inspect",
-                                 f"{prefix}-egress-{'enabled' if egress else 'disabled'}").stdout)
+            rows = json.loads(
+                sh(
+                    "docker",
+                    "network",
+                    "inspect",
+                    f"{prefix}-egress-{'enabled' if egress else 'disabled'}",
+                ).stdout
+            )
             assert len(rows) == 1
             [net] = rows
             assert net["Internal"] is (not egress)
@@ -299,8 +373,9 @@ async def test_networks_are_created_once_under_concurrency(engine: None) -> None
         for rt in runtimes:
             await rt.close()
         await _remove_networks(prefix)
-    assert sh("docker", "network", "inspect", f"{prefix}-egress-enabled",
-              check=False).returncode != 0
+    assert (
+        sh("docker", "network", "inspect", f"{prefix}-egress-enabled", check=False).returncode != 0
+    )
     for egress in (True, False):
         for rule in firewall_rules(bridge_name(prefix, egress), egress):
             assert not iptables_has(rule), rule
@@ -316,17 +391,17 @@ def host_addresses() -> list[str]:
 
 
 @pytest.fixture
-def fake_remote() -> Iterator[tuple[str, str, int]]:
-    """A TCP server in its own network namespace at a link-local and a private address.
+def fake_remote() -> Iterator[tuple[str, str, str, int]]:
+    """A TCP server in its own network namespace at a link-local, a private and a public address.
 
-    It stands in for a cloud metadata service and a machine on the operator's private network,
-    both reached *through* the host (FORWARD chain), so that the runtime's DOCKER-USER rules
-    are what keeps sandboxes away. No traffic leaves this machine.
+    They stand in for a cloud metadata service, a machine on the operator's private network and
+    the internet, all reached *through* the host (FORWARD chain) as real ones would be, so the
+    engine's and the runtime's firewall rules decide. No traffic leaves this machine.
     """
     tag = uuid.uuid4().hex[:6]
     ns, host_end, ns_end = f"spt{tag}", f"spt{tag}a", f"spt{tag}b"
     a, b = random.randint(1, 250), random.randint(1, 250)
-    link_local, private = f"169.254.{a}.{b}", f"10.255.{a}.{b}"
+    link_local, private, public = f"169.254.{a}.{b}", f"10.255.{a}.{b}", f"198.51.100.{b}"
     port = 8080
     in_ns = ("ip", "netns", "exec", ns)
     server = None
@@ -336,16 +411,18 @@ def fake_remote() -> Iterator[tuple[str, str, int]]:
         sh("ip", "link", "set", ns_end, "netns", ns)
         sh("ip", "link", "set", host_end, "up")
         Path(f"/proc/sys/net/ipv4/conf/{host_end}/proxy_arp").write_text("1")
-        for addr in (link_local, private):
+        for addr in (link_local, private, public):
             sh("ip", "route", "add", f"{addr}/32", "dev", host_end)
             sh(*in_ns, "ip", "addr", "add", f"{addr}/32", "dev", ns_end)
         sh(*in_ns, "ip", "link", "set", "lo", "up")
         sh(*in_ns, "ip", "link", "set", ns_end, "up")
         sh(*in_ns, "ip", "route", "add", "default", "dev", ns_end)
-        code = ("import socket\ns = socket.create_server(('0.0.0.0', %d))\n"
-                "while True:\n    s.accept()[0].close()\n" % port)
+        code = (
+            f"import socket\ns = socket.create_server(('0.0.0.0', {port}))\n"
+            "while True:\n    s.accept()[0].close()\n"
+        )
         server = subprocess.Popen([*in_ns, sys.executable, "-c", code])
-        yield link_local, private, port
+        yield link_local, private, public, port
     finally:
         if server is not None:
             server.kill()
@@ -357,7 +434,7 @@ def fake_remote() -> Iterator[tuple[str, str, int]]:
 async def tcp_connects(host: str, port: int, timeout_s: float = 1.0) -> bool:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     writer.close()
     with contextlib.suppress(OSError):
@@ -366,10 +443,11 @@ async def tcp_connects(host: str, port: int, timeout_s: float = 1.0) -> bool:
 
 
 async def test_sandboxes_reach_neither_each_other_nor_the_host_nor_metadata(
-    runtime: DockerRuntime, http: aiohttp.ClientSession,
-    fake_remote: tuple[str, str, int],
+    runtime: DockerRuntime,
+    http: aiohttp.ClientSession,
+    fake_remote: tuple[str, str, str, int],
 ) -> None:
-    link_local, private, remote_port = fake_remote
+    link_local, private, public, remote_port = fake_remote
     # "The host's services" (Redis, the router's admin API): a server on all host addresses.
     served: list[str] = []
 
@@ -382,13 +460,17 @@ async def test_sandboxes_reach_neither_each_other_nor_the_host_nor_metadata(
     try:
         closed_pool, open_pool = echo_pool("closed"), echo_pool("open", egress=True)
         a, b, c, d = await asyncio.gather(
-            runtime.create(spec(closed_pool)), runtime.create(spec(closed_pool)),
-            runtime.create(spec(open_pool)), runtime.create(spec(open_pool)))
+            runtime.create(spec(closed_pool)),
+            runtime.create(spec(closed_pool)),
+            runtime.create(spec(open_pool)),
+            runtime.create(spec(open_pool)),
+        )
         # The host (this test process) reaches every sandbox.
         await asyncio.gather(*(wait_ready(http, h) for h in (a, b, c, d)))
         addrs = host_addresses()
-        gateways = {h.container: inspect(h.container)["NetworkSettings"]["Networks"]
-                    for h in (a, c)}
+        gateways = {
+            h.container: inspect(h.container)["NetworkSettings"]["Networks"] for h in (a, c)
+        }
         gateway_a = gateways[a.container][f"{PREFIX}-egress-disabled"]["Gateway"]
         gateway_c = gateways[c.container][f"{PREFIX}-egress-enabled"]["Gateway"]
         assert {gateway_a, gateway_c} <= set(addrs)
@@ -397,6 +479,7 @@ async def test_sandboxes_reach_neither_each_other_nor_the_host_nor_metadata(
             assert await tcp_connects(addr, host_port), addr
         await wait_until(lambda: tcp_connects(link_local, remote_port), timeout=10)
         assert await tcp_connects(private, remote_port)
+        assert await tcp_connects(public, remote_port)
         # ... and /connect from inside a sandbox does connect where nothing is in the way.
         for h in (a, c):
             ok = await get_json(http, h, "/connect?host=127.0.0.1&port=8080&timeout_ms=2000")
@@ -410,6 +493,7 @@ async def test_sandboxes_reach_neither_each_other_nor_the_host_nor_metadata(
         for h, peers in ((a, (b, c)), (c, (d, a))):
             targets[h.container] = [
                 *((ip(p), 8080) for p in peers),
+                *([(public, remote_port)] if h is a else []),  # EgressDisabled: no way out
                 *((addr, host_port) for addr in addrs),
                 ("169.254.169.254", 80),
                 (link_local, remote_port),
@@ -420,18 +504,16 @@ async def test_sandboxes_reach_neither_each_other_nor_the_host_nor_metadata(
             got = await get_json(http, h, f"/connect?host={host}&port={port}&timeout_ms=1500")
             return host, port, got
 
-        results = await asyncio.gather(*(attempt(h, host, port) for h in (a, c)
-                                         for host, port in targets[h.container]))
+        results = await asyncio.gather(
+            *(attempt(h, host, port) for h in (a, c) for host, port in targets[h.container])
+        )
         reached = [(host, port) for host, port, got in results if got["connected"]]
         assert reached == [], f"sandboxes reached {reached}"
         assert served == [], "the host service saw a connection from a sandbox"
 
-        # EgressDisabled: no route out at all; EgressEnabled: a default route exists (a UDP
-        # connect picks a route and sends nothing).
-        closed_route = await get_json(http, a, "/route?host=198.51.100.7")
-        assert closed_route["routable"] is False, closed_route
-        open_route = await get_json(http, c, "/route?host=198.51.100.7")
-        assert open_route == {"routable": True, "source": ip(c)}
+        # EgressEnabled: the "internet" (a public address, here on this machine) is reachable.
+        out = await get_json(http, c, f"/connect?host={public}&port={remote_port}&timeout_ms=3000")
+        assert out == {"connected": True, "error": None}
         await asyncio.gather(*(runtime.destroy(h.container) for h in (a, b, c, d)))
     finally:
         host_service.close()

@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -58,6 +59,8 @@ T = TypeVar("T")
 LINK_LOCAL = "169.254.0.0/16"
 PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
 NOT_REPLY = ("-m", "conntrack", "!", "--ctstate", "ESTABLISHED,RELATED", "-j", "DROP")
+# requests' connection errors (engine down) are OSErrors, not DockerExceptions.
+ENGINE_ERRORS = (DockerException, OSError)
 TMP_MAX_BYTES = 256 << 20
 EVENT_RETRY_MAX_S = 2.0
 
@@ -93,8 +96,10 @@ class DockerRuntime:
         self._client_lock = asyncio.Lock()
         self._networks: dict[bool, str] = {}  # egress enabled → network id
         self._network_locks = {True: asyncio.Lock(), False: asyncio.Lock()}
-        self._streams: set[Any] = set()
-        self._closed = threading.Event()
+        self._streams: set[Any] = set()  # open event streams, closed by close()
+        self._stops: set[threading.Event] = set()  # one per exits() iterator
+        self._closed = False
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     def network_name(self, egress: bool) -> str:
         return f"{self.network_prefix}-egress-{'enabled' if egress else 'disabled'}"
@@ -147,9 +152,16 @@ class DockerRuntime:
         if pool.oci_runtime is not None:
             kwargs["runtime"] = pool.oci_runtime
         client = await self._docker()
+        creating = asyncio.ensure_future(
+            asyncio.to_thread(self._create_sync, client, kwargs, network, spec)
+        )
         try:
-            ip = await asyncio.to_thread(self._create_sync, client, kwargs, network, spec)
-        except (RuntimeError_, asyncio.CancelledError):
+            ip = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            # The thread cannot be stopped: remove the container it makes once it is done.
+            creating.add_done_callback(self._remove_abandoned)
+            raise
+        except RuntimeError_:
             raise
         except ImageNotFound as exc:
             raise RuntimeError_(
@@ -157,13 +169,20 @@ class DockerRuntime:
                 f"(deploy/images/build.sh <name> for sessionpool/<name>:dev) or "
                 f"`docker pull {pool.image}`"
             ) from exc
-        except DockerException as exc:
+        except ENGINE_ERRORS as exc:
             if isinstance(exc, NotFound):
                 self._networks.pop(pool.egress_enabled, None)  # removed behind our back?
             raise RuntimeError_(
                 f"pool {pool.name}: docker refused the sandbox: {_explain(exc)}"
             ) from exc
         return Handle(ip[0], f"{ip[1]}:{pool.target_port}")
+
+    def _remove_abandoned(self, done: asyncio.Future[tuple[str, str]]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        task = asyncio.get_running_loop().create_task(self.destroy(done.result()[0]))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     def _create_sync(
         self, client: Any, kwargs: dict[str, Any], network: str, spec: SandboxSpec
@@ -185,7 +204,7 @@ class DockerRuntime:
                     f"has no address on {network}"
                 )
         except BaseException:
-            with contextlib.suppress(DockerException):
+            with contextlib.suppress(*ENGINE_ERRORS):
                 client.api.remove_container(container.id, force=True)
             raise
         return container.id, ip
@@ -223,7 +242,7 @@ class DockerRuntime:
             if exc.status_code == 409 and "already in progress" in str(exc):
                 return
             raise RuntimeError_(f"destroy {container[:12]}: {_explain(exc)}") from exc
-        except DockerException as exc:
+        except ENGINE_ERRORS as exc:
             raise RuntimeError_(f"destroy {container[:12]}: {_explain(exc)}") from exc
 
     async def list(self, scope: str) -> list[Observed]:
@@ -233,7 +252,7 @@ class DockerRuntime:
             rows = await asyncio.to_thread(
                 client.api.containers, all=True, filters={"label": f"{LABEL_SCOPE}={scope}"}
             )
-        except DockerException as exc:
+        except ENGINE_ERRORS as exc:
             raise RuntimeError_(f"list: {_explain(exc)}") from exc
         out = []
         for row in rows:
@@ -261,6 +280,9 @@ class DockerRuntime:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Exit | None] = asyncio.Queue()
         stop = threading.Event()
+        self._stops.add(stop)
+        if self._closed:
+            stop.set()
         opened = threading.Event()
         current: list[Any] = []  # the follower's open stream, for closing it from outside
         filters = {"type": "container", "event": "die", "label": f"{LABEL_SCOPE}={scope}"}
@@ -269,29 +291,28 @@ class DockerRuntime:
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def stopped() -> bool:
-            return stop.is_set() or self._closed.is_set()
-
         def follow() -> None:
             since: str | None = None
             delay_s = 0.1
             try:
-                while not stopped():
+                while not stop.is_set():
                     try:
                         stream = client.api.events(decode=True, filters=filters, since=since)
-                    except DockerException as exc:
+                    except ENGINE_ERRORS as exc:
                         log.warning("docker events (scope %s): %s", scope, _explain(exc))
                         opened.set()
                         stop.wait(delay_s)
                         delay_s = min(EVENT_RETRY_MAX_S, delay_s * 2)
                         continue
+                    if since is None:  # resume point should the stream break before an event
+                        since = f"{time.time() - 1:.9f}"
                     # Register, then check: close() and the iterator's end either see the
                     # stream here or this thread sees their flag.
                     current.append(stream)
                     self._streams.add(stream)
                     opened.set()
                     try:
-                        if stopped():
+                        if stop.is_set():
                             break
                         for event in stream:
                             delay_s = 0.1
@@ -324,13 +345,16 @@ class DockerRuntime:
                 yield item
         finally:
             stop.set()
+            self._stops.discard(stop)
             for stream in list(current):
                 _close_stream(stream)
             await asyncio.to_thread(thread.join, 5.0)
 
     async def close(self) -> None:
         """End every `exits()` iterator and release the engine connection."""
-        self._closed.set()
+        self._closed = True
+        for stop in list(self._stops):
+            stop.set()
         for stream in list(self._streams):
             await asyncio.to_thread(_close_stream, stream)
         if self._client is not None:
@@ -351,7 +375,7 @@ class DockerRuntime:
                 await asyncio.to_thread(client.api.remove_network, name)
             except NotFound:
                 pass
-            except DockerException as exc:
+            except ENGINE_ERRORS as exc:
                 raise RuntimeError_(f"remove network {name}: {_explain(exc)}") from exc
             self._networks.pop(egress, None)
             if self._can_firewall(client):
@@ -372,7 +396,7 @@ class DockerRuntime:
             bridge = bridge_name(self.network_prefix, egress)
             try:
                 net_id = await asyncio.to_thread(self._network_sync, client, name, bridge, egress)
-            except DockerException as exc:
+            except ENGINE_ERRORS as exc:
                 raise RuntimeError_(f"network {name}: {_explain(exc)}") from exc
             await self._install_firewall(client, bridge, egress)
             self._networks[egress] = net_id
@@ -443,7 +467,7 @@ class DockerRuntime:
                 )
                 try:
                     self._client = await asyncio.to_thread(make)
-                except DockerException as exc:
+                except ENGINE_ERRORS as exc:
                     raise RuntimeError_(f"docker engine unreachable: {_explain(exc)}") from exc
             return self._client
 
@@ -456,7 +480,7 @@ def _find_network(client: Any, name: str) -> str | None:
 
 
 def _close_stream(stream: Any) -> None:
-    with contextlib.suppress(OSError, DockerException, AttributeError):
+    with contextlib.suppress(*ENGINE_ERRORS, AttributeError):
         stream.close()
 
 

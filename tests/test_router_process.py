@@ -1,0 +1,156 @@
+"""The router as a real process: bounded memory while streaming, and what dying leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from router.settings import Settings
+from router.store import Store
+from tests.helpers import CHUNK, FakeSandbox, add_ready, make_pool, pattern_sha, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+SIZE = 200 * MiB
+
+RouterProc = tuple[asyncio.subprocess.Process, str]
+
+
+@pytest.fixture
+async def router_proc(settings: Settings) -> AsyncIterator[Callable[[], Awaitable[RouterProc]]]:
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start() -> RouterProc:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "workers.cli", "router", "--port", "0",
+            "--redis-url", settings.redis_url, "--key-prefix", settings.key_prefix,
+            "--auth", "none", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL)
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert "listening on" in line, line
+        return proc, line.rsplit(" ", 1)[1].strip()
+
+    yield start
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+async def test_200_mib_both_ways_in_bounded_memory(
+    store: Store, router_proc: Callable[[], Awaitable[RouterProc]]
+) -> None:
+    pool = make_pool()
+    await store.put_pool(pool)
+    sb = await FakeSandbox().start()
+    try:
+        await add_ready(store, pool, sb)
+        proc, base = await router_proc()
+        async with aiohttp.ClientSession(auto_decompress=False) as http:
+            ep = f"{base}/pools/demo"
+            async with http.get(f"{ep}/warm?identifier=streamer") as r:
+                assert r.status == 200
+            baseline = rss_kib(proc.pid, "VmRSS")
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # reset the peak (VmHWM)
+
+            async def upload() -> AsyncIterator[bytes]:
+                for _ in range(SIZE // len(CHUNK)):
+                    yield CHUNK
+
+            async with http.post(f"{ep}/up?identifier=streamer", data=upload()) as r:
+                seen = await r.json()
+            assert seen["body_bytes"] == SIZE
+            assert seen["body_sha256"] == pattern_sha(SIZE)
+            for chunked in ("0", "1"):
+                digest, size = hashlib.sha256(), 0
+                url = f"{ep}/download?size={SIZE}&chunked={chunked}&identifier=streamer"
+                async with http.get(url) as r:
+                    assert r.status == 200
+                    if chunked == "0":
+                        assert r.headers["Content-Length"] == str(SIZE)
+                    else:
+                        assert "Content-Length" not in r.headers
+                        assert r.headers["Transfer-Encoding"] == "chunked"
+                    async for chunk in r.content.iter_any():
+                        digest.update(chunk)
+                        size += len(chunk)
+                assert size == SIZE
+                assert digest.hexdigest() == pattern_sha(SIZE)
+            growth_mib = (rss_kib(proc.pid, "VmHWM") - baseline) / 1024
+        assert growth_mib < 16, f"router peak RSS grew by {growth_mib:.1f} MiB"
+    finally:
+        await sb.close()
+
+
+async def test_killed_router_does_not_keep_sessions_alive(
+    store: Store, router_proc: Callable[[], Awaitable[RouterProc]]
+) -> None:
+    pool = make_pool(cooldown_s=1)
+    await store.put_pool(pool)
+    sb = await FakeSandbox().start()
+    try:
+        await add_ready(store, pool, sb)
+        proc, base = await router_proc()
+        async with aiohttp.ClientSession() as http:
+            task = asyncio.ensure_future(http.get(f"{base}/pools/demo/hang?identifier=orphan"))
+            await asyncio.wait_for(sb.slow_started.wait(), 10)
+            k = store.pk("demo")
+            first = await store.redis.zscore(k.expiry, "orphan")
+
+            async def refreshed() -> bool:  # the in-flight request keeps it alive...
+                return (await store.redis.zscore(k.expiry, "orphan") or 0) > (first or 0) + 500
+            await wait_until(refreshed, timeout=5)
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            last = await store.redis.zscore(k.expiry, "orphan")
+            t = await store.redis.time()
+            now_ms = t[0] * 1000 + t[1] // 1000
+            # ...until the router dies: then it expires one cooldown after its last touch.
+            assert last is not None and last - now_ms <= 1000 + 50
+            task.cancel()
+    finally:
+        sb.slow_release.set()
+        await sb.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+async def test_sigterm_drains_in_flight_then_exits(
+    store: Store, router_proc: Callable[[], Awaitable[RouterProc]]
+) -> None:
+    pool = make_pool()
+    await store.put_pool(pool)
+    sb = await FakeSandbox().start()
+    try:
+        await add_ready(store, pool, sb)
+        proc, base = await router_proc()
+        async with aiohttp.ClientSession() as http:
+            task = asyncio.ensure_future(http.get(f"{base}/pools/demo/hang?identifier=drainer"))
+            await asyncio.wait_for(sb.slow_started.wait(), 10)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            assert proc.returncode is None  # still finishing the request in flight
+            sb.slow_release.set()
+            async with await asyncio.wait_for(task, 10) as r:
+                assert r.status == 200
+                assert await r.text() == "released"
+            assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        sb.slow_release.set()
+        await sb.close()
