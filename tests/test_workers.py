@@ -116,8 +116,7 @@ async def test_idle_session_is_destroyed_but_not_while_in_flight(
         ended = await store.get_session("proc", "idle-one")
         assert ended is None  # the idle one went meanwhile (cooldown 2 s)
         t_end = time.monotonic()
-        await wait_until(lambda: store.get_session("proc", "busy-one") is None
-                         if False else _gone(store, "busy-one"), timeout=5)
+        await wait_until(lambda: _gone(store, "busy-one"), timeout=5)
         assert time.monotonic() - t_end <= 2 + 2  # within cooldown + 2 s of the last activity
     live = {o.sandbox_id for o in await runtime.list(store.keys.prefix)}
     await wait_until(lambda: _only_ready(store, runtime), timeout=5)
@@ -175,21 +174,6 @@ async def _host_gone(runtime: ProcessRuntime, host: str) -> bool:
 
 def runtime_scope(runtime: ProcessRuntime) -> str:
     return next(iter({p.spec.scope for p in runtime._procs.values()}), "")
-
-
-async def test_two_replicas_keep_exactly_the_target(
-    store: Store, worker: Any
-) -> None:
-    r1 = await worker()
-    r2 = await worker()
-    await store.put_pool(process_pool(ready=4))
-    await wait_until(lambda: counts_are(store, "proc", ready=4, warming=0), timeout=15)
-    for _ in range(10):  # several periodic fills later, still exactly 4
-        await asyncio.sleep(0.2)
-        assert (await store.counts("proc"))["ready"] + (await store.counts("proc"))[
-            "warming"] == 4
-    scope = store.keys.prefix
-    assert len(await r1.list(scope)) + len(await r2.list(scope)) == 4
 
 
 async def test_template_change_replaces_ready_keeps_allocated(

@@ -1,0 +1,266 @@
+"""Workers on a real Docker engine: warm pools, teardown, exits, liveness, crashes, replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import docker
+import pytest
+from aiohttp.test_utils import TestServer
+
+from router.app import create_app
+from router.pools import Pool, parse_pool
+from router.settings import Settings
+from router.store import Store
+from tests.helpers import wait_until
+from workers.runtime import LABEL_POOL, LABEL_SANDBOX, LABEL_SCOPE, LABEL_VERSION
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(180)]
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = "sessionpool/echo:dev"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    client = docker.from_env()
+    client.ping()  # no engine: the tests fail here, they never skip
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        subprocess.run(["bash", str(ROOT / "deploy/images/build.sh"), "echo"], check=True)
+    yield client
+    client.close()
+
+
+def echo_pool(name: str = "dock", *, ready: int = 2, max_sessions: int = 10,
+              cooldown_s: int = 300, lifecycle: str = "Timed",
+              probes: list[dict[str, Any]] | None = None) -> Pool:
+    life: dict[str, Any] = {"lifecycleType": lifecycle}
+    if lifecycle == "Timed":
+        life["cooldownPeriodInSeconds"] = cooldown_s
+    return parse_pool(name, {"properties": {
+        "scaleConfiguration": {"maxConcurrentSessions": max_sessions,
+                               "readySessionInstances": ready},
+        "dynamicPoolConfiguration": {"lifecycleConfiguration": life},
+        "customContainerTemplate": {
+            "containers": [{"name": "main", "image": IMAGE,
+                            "resources": {"cpu": 0.5, "memory": "256Mi"},
+                            "probes": probes or [{"type": "Startup", "httpGet": {
+                                "path": "/health", "port": 8080}}]}],
+            "ingress": {"targetPort": 8080}},
+    }})
+
+
+class Seen:
+    """A container as one list call saw it (no follow-up inspect that could race a removal)."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.id: str = raw["Id"]
+        self.labels: dict[str, str] = raw.get("Labels") or {}
+        self.status: str = raw.get("State", "")
+
+
+def containers(engine: Any, scope: str) -> list[Seen]:
+    raw = engine.api.containers(all=True, filters={"label": f"{LABEL_SCOPE}={scope}"})
+    return [Seen(r) for r in raw]
+
+
+@pytest.fixture
+def worker_env(settings: Settings) -> dict[str, str]:
+    return {**os.environ, "SESSIONPOOL_REDIS_URL": settings.redis_url,
+            "SESSIONPOOL_KEY_PREFIX": settings.key_prefix,
+            "SESSIONPOOL_RECONCILE_INTERVAL_S": "1", "SESSIONPOOL_ORPHAN_GRACE_S": "2",
+            "SESSIONPOOL_WARM_TIMEOUT_S": "20", "SESSIONPOOL_CLAIM_IDLE_MS": "2000"}
+
+
+@pytest.fixture
+async def workers(
+    engine: Any, worker_env: dict[str, str], settings: Settings
+) -> AsyncIterator[Callable[..., Awaitable[asyncio.subprocess.Process]]]:
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start(*extra: str) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "workers.cli", "worker", "--runtime", "docker", *extra,
+            cwd=ROOT, env={**worker_env, "SESSIONPOOL_WORKER_ID": f"w{len(procs)}"},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        await asyncio.wait_for(proc.wait(), 30)
+    for c in containers(engine, settings.key_prefix):  # whatever a failed test left
+        engine.api.remove_container(c.id, force=True)
+
+
+@pytest.fixture
+async def router_url(settings: Settings) -> AsyncIterator[str]:
+    server = TestServer(create_app(settings.replace(allocation_wait_s=20.0)),
+                        host="127.0.0.1", handler_cancellation=True)
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}"
+    await server.close()
+
+
+async def counts_are(store: Store, pool: str, **want: int) -> bool:
+    got = await store.counts(pool)
+    return all(got[k] == v for k, v in want.items())
+
+
+async def hostname(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(url) as r:
+        assert r.status == 200, await r.text()
+        return str((await r.json())["hostname"])
+
+
+async def consistent(engine: Any, store: Store, pool: str) -> bool:
+    """Every record has a running container and every container a record."""
+    recs = await store.sandboxes(pool)
+    live = {c.labels[LABEL_SANDBOX] for c in containers(engine, store.keys.prefix)
+            if c.status == "running"}
+    return set(recs) == live and all(r["state"] in ("ready", "allocated")
+                                     for r in recs.values())
+
+
+async def test_warm_pool_serves_and_refills(
+    engine: Any, store: Store, workers: Any, router_url: str
+) -> None:
+    await workers()
+    await store.put_pool(echo_pool(ready=3))
+    await wait_until(lambda: counts_are(store, "dock", ready=3, warming=0), timeout=60)
+    assert len(containers(engine, store.keys.prefix)) == 3
+    async with aiohttp.ClientSession() as http:
+        host = await hostname(http, f"{router_url}/pools/dock/x?identifier=first-user")
+        assert host in {c.id[:12] for c in containers(engine, store.keys.prefix)}
+        assert await hostname(http, f"{router_url}/pools/dock/y?identifier=first-user") == host
+    await wait_until(lambda: counts_are(store, "dock", ready=3, allocated=1), timeout=10)
+    await wait_until(lambda: consistent(engine, store, "dock"), timeout=10)
+
+
+async def test_idle_destroyed_in_flight_kept(
+    engine: Any, store: Store, workers: Any, router_url: str
+) -> None:
+    await workers()
+    await store.put_pool(echo_pool(ready=2, cooldown_s=2))
+    await wait_until(lambda: counts_are(store, "dock", ready=2), timeout=60)
+    async with aiohttp.ClientSession() as http:
+        idle_host = await hostname(http, f"{router_url}/pools/dock/?identifier=idle-user")
+        t_idle = time.monotonic()
+        # 10 events 500 ms apart: a 4.5 s stream in flight, over twice the cooldown.
+        async with http.get(f"{router_url}/pools/dock/sse?n=10&interval_ms=500"
+                            "&identifier=stream-user") as r:
+            events = (await r.read()).count(b"data: event")
+        assert events == 10
+        t_end = time.monotonic()
+        assert t_end - t_idle > 4
+        alive = {c.id[:12] for c in containers(engine, store.keys.prefix)}
+        assert idle_host not in alive  # idle: gone within the stream's 4.5 s (cooldown 2)
+        assert await store.get_session("dock", "stream-user") is not None
+
+        async def stream_session_gone() -> bool:
+            return await store.get_session("dock", "stream-user") is None
+        await wait_until(stream_session_gone, timeout=6, interval=0.05)
+        assert time.monotonic() - t_end <= 2 + 2
+    await wait_until(lambda: consistent(engine, store, "dock"), timeout=10)
+
+
+async def test_stop_exit_kill_and_liveness_end_sessions(
+    engine: Any, store: Store, workers: Any, router_url: str
+) -> None:
+    await workers()
+    await store.put_pool(echo_pool(ready=2))
+    await store.put_pool(echo_pool("exits", ready=1, lifecycle="OnContainerExit"))
+    await store.put_pool(echo_pool("sick", ready=1, probes=[
+        {"type": "Startup", "httpGet": {"path": "/health", "port": 8080}},
+        {"type": "Liveness", "tcpSocket": {"port": 9}, "periodSeconds": 1,
+         "failureThreshold": 2}]))
+    for name, ready in (("dock", 2), ("exits", 1), ("sick", 1)):
+        await wait_until(lambda n=name, r=ready: counts_are(store, n, ready=r), timeout=60)
+    scope = store.keys.prefix
+
+    def alive(host: str) -> bool:
+        return host in {c.id[:12] for c in containers(engine, scope)}
+
+    async with aiohttp.ClientSession() as http:
+        ep = f"{router_url}/pools"
+        first = await hostname(http, f"{ep}/dock/?identifier=stopper")
+        async with http.post(f"{ep}/dock/.management/stopSession?identifier=stopper") as r:
+            assert r.status == 200
+        await wait_until(lambda: not alive(first), timeout=5)
+        assert await hostname(http, f"{ep}/dock/?identifier=stopper") != first
+
+        second = await hostname(http, f"{ep}/exits/?identifier=exiter")
+        async with http.get(f"{ep}/exits/exit?code=0&identifier=exiter") as r:
+            assert r.status == 200
+        await wait_until(lambda: not alive(second), timeout=10)
+        assert await store.get_session("exits", "exiter") is None
+        assert await hostname(http, f"{ep}/exits/?identifier=exiter") != second
+
+        third = await hostname(http, f"{ep}/dock/?identifier=victim")
+        engine.containers.get(third).kill()
+        await wait_until(lambda: _gone(store, "dock", "victim"), timeout=10)
+        await wait_until(lambda: not alive(third), timeout=10)
+        assert await hostname(http, f"{ep}/dock/?identifier=victim") != third
+
+        fourth = await hostname(http, f"{ep}/sick/?identifier=patient")
+        await wait_until(lambda: _gone(store, "sick", "patient"), timeout=15)
+        await wait_until(lambda: not alive(fourth), timeout=10)
+    log = await store.redis.xrange(store.pk("sick").log)
+    assert any(b'"unhealthy"' in e[1][b"data"] for e in log)
+
+
+async def _gone(store: Store, pool: str, ident: str) -> bool:
+    return await store.get_session(pool, ident) is None
+
+
+async def test_killed_worker_leaks_nothing_and_orphans_are_removed(
+    engine: Any, store: Store, workers: Any
+) -> None:
+    w = await workers()
+    await store.put_pool(echo_pool(ready=6))
+    await wait_until(lambda: _warming_with_containers(store, engine), timeout=60, interval=0.01)
+    w.send_signal(signal.SIGKILL)  # in the middle of creating containers
+    await w.wait()
+    scope = store.keys.prefix
+    pool = echo_pool(ready=6)
+    stray = engine.containers.run(
+        IMAGE, detach=True, labels={LABEL_SCOPE: scope, LABEL_POOL: "dock",
+                                    LABEL_SANDBOX: "handmade", LABEL_VERSION: pool.version})
+    await workers()
+    await wait_until(lambda: counts_are(store, "dock", ready=6, warming=0), timeout=60)
+    await wait_until(lambda: consistent(engine, store, "dock"), timeout=30)
+    assert stray.id not in {c.id for c in containers(engine, scope)}
+    assert len(containers(engine, scope)) == 6
+
+
+async def _warming_with_containers(store: Store, engine: Any) -> bool:
+    recs = await store.sandboxes("dock")
+    return sum(1 for r in recs.values() if r["state"] == "warming" and r.get("container")) >= 1
+
+
+async def test_two_replicas_keep_exactly_the_target(
+    engine: Any, store: Store, workers: Any
+) -> None:
+    await workers()
+    await workers()
+    await store.put_pool(echo_pool(ready=4))
+    await wait_until(lambda: counts_are(store, "dock", ready=4, warming=0), timeout=60)
+    await wait_until(lambda: consistent(engine, store, "dock"), timeout=10)
+    deadline = time.monotonic() + 3  # several reconcile and refill rounds later: still 4
+    while time.monotonic() < deadline:
+        assert len(containers(engine, store.keys.prefix)) <= 4
+        await asyncio.sleep(0.1)
+    assert len(containers(engine, store.keys.prefix)) == 4
