@@ -43,7 +43,9 @@ local function end_session(ident, raw, reason, maxlen, channel, pool)
 end
 """
 
-CLAIM = _NOW + """
+CLAIM = (
+    _NOW
+    + """
 -- Look up the session of an identifier, or allocate a ready sandbox to it.
 -- KEYS[1] sessions hash   KEYS[2] expiry zset   KEYS[3] ready zset   KEYS[4] sandboxes hash
 -- KEYS[5] events stream   KEYS[6] empty flag    KEYS[7] log stream
@@ -97,8 +99,11 @@ while true do
   end
 end
 """
+)
 
-TOUCH = _NOW + """
+TOUCH = (
+    _NOW
+    + """
 -- Record activity: expiresAt = now + cooldown, never moved backwards, only for live sessions.
 -- KEYS[1] expiry zset
 -- ARGV pairs: identifier, cooldown ms
@@ -109,8 +114,12 @@ for i = 1, #ARGV, 2 do
 end
 return n
 """
+)
 
-STOP = _NOW + _END_SESSION + """
+STOP = (
+    _NOW
+    + _END_SESSION
+    + """
 -- End one session (stopSession, DELETE /session, container exit, liveness failure).
 -- KEYS[1] sessions hash  KEYS[2] expiry zset  KEYS[3] sandboxes hash  KEYS[4] events stream
 -- KEYS[5] log stream
@@ -123,8 +132,12 @@ if ARGV[3] ~= '' and cjson.decode(raw).sandbox ~= ARGV[3] then return 0 end
 end_session(ARGV[1], raw, ARGV[2], ARGV[4], ARGV[5], ARGV[6])
 return 1
 """
+)
 
-EXPIRE = _NOW + _END_SESSION + """
+EXPIRE = (
+    _NOW
+    + _END_SESSION
+    + """
 -- End sessions whose expiresAt has passed; cost is proportional to what expires.
 -- KEYS as STOP.
 -- ARGV[1] batch limit  ARGV[2] stream maxlen  ARGV[3] invalidation channel  ARGV[4] pool name
@@ -144,8 +157,11 @@ for _, ident in ipairs(due) do
 end
 return ended
 """
+)
 
-RESERVE = _NOW + """
+RESERVE = (
+    _NOW
+    + """
 -- Reserve warming slots so that ready + warming reaches the target and never passes it,
 -- however many replenishers run.
 -- KEYS[1] ready zset  KEYS[2] warming zset  KEYS[3] sandboxes hash
@@ -164,6 +180,7 @@ for i = 4, #ARGV do
 end
 return out
 """
+)
 
 SET_CONTAINER = """
 -- Remember the container of a warming sandbox as soon as it exists.
@@ -177,7 +194,9 @@ redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(sb))
 return 1
 """
 
-MARK_READY = _NOW + """
+MARK_READY = (
+    _NOW
+    + """
 -- A warming sandbox passed its startup probe: put it in the ready set.
 -- KEYS[1] sandboxes hash  KEYS[2] warming zset  KEYS[3] ready zset  KEYS[4] pool definition
 -- ARGV[1] sandbox id  ARGV[2] container id  ARGV[3] address host:port
@@ -205,6 +224,7 @@ redis.call('ZADD', KEYS[3], now, ARGV[1])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 """
+)
 
 RETIRE = """
 -- Take a ready or warming sandbox out of service (template changed, probe failed, pool shrunk).

@@ -32,17 +32,22 @@ def install_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def start_site(settings: Settings, app: web.Application | None = None,
-                     reuse_port: bool = False) -> tuple[web.AppRunner, int]:
+async def start_site(
+    settings: Settings, app: web.Application | None = None, reuse_port: bool = False
+) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner and the bound port (useful with port 0)."""
     if not c_parser_loaded():
         log.warning("aiohttp's C HTTP parser is not loaded: slower, and less strict")
-    runner = web.AppRunner(app or create_app(settings), access_log=None,
-                           handler_cancellation=True,
-                           shutdown_timeout=settings.shutdown_timeout_s)
+    runner = web.AppRunner(
+        app or create_app(settings),
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=settings.shutdown_timeout_s,
+    )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None,
-                       backlog=1024)
+    site = web.TCPSite(
+        runner, settings.host, settings.port, reuse_port=reuse_port or None, backlog=1024
+    )
     try:
         await site.start()
     except BaseException:
@@ -81,8 +86,9 @@ def run_router(settings: Settings) -> None:
     if not hasattr(socket, "SO_REUSEPORT"):
         sys.exit("--processes > 1 needs SO_REUSEPORT")
     ctx = multiprocessing.get_context("spawn")
-    children = [ctx.Process(target=_child, args=(settings,), daemon=True)
-                for _ in range(settings.processes)]
+    children = [
+        ctx.Process(target=_child, args=(settings,), daemon=True) for _ in range(settings.processes)
+    ]
     for child in children:
         child.start()
 

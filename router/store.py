@@ -23,6 +23,11 @@ STREAM_MAXLEN = 10_000
 Redis = aioredis.Redis
 
 
+def text(value: Any) -> str:
+    """A Redis reply as str (the clients here do not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def open_redis(url: str, *, timeout_s: float | None = 2.0, max_connections: int = 200) -> Redis:
     """A Redis client for `url`.
 
@@ -45,13 +50,16 @@ def open_redis(url: str, *, timeout_s: float | None = 2.0, max_connections: int 
             raise ValueError("redis+sentinel URL needs a master name: .../<master>[/<db>]")
         db = int(path[1]) if len(path) > 1 else 0
         password = parts.password or parse_qs(parts.query).get("password", [None])[0]
-        sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": 1.0},
-                            password=password, db=db, **common)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            hosts, sentinel_kwargs={"socket_timeout": 1.0}, password=password, db=db, **common
+        )
         return cast(Redis, sentinel.master_for(path[0], max_connections=max_connections))
     if parts.scheme == "redis+cluster":
         host, _, port = parts.netloc.rsplit("@", 1)[-1].partition(":")
-        return cast(Redis, RedisCluster(host=host, port=int(port or 6379),
-                                        password=parts.password, **common))
+        return cast(
+            Redis,
+            RedisCluster(host=host, port=int(port or 6379), password=parts.password, **common),
+        )
     return aioredis.Redis.from_url(url, max_connections=max_connections, **common)
 
 
@@ -81,9 +89,13 @@ class Session:
     def from_json(cls, identifier: str, raw: bytes | str, expires: float | None) -> Session:
         d = orjson.loads(raw)
         return cls(
-            identifier=identifier, sandbox=d["sandbox"], container=d.get("container") or "",
-            addr=d.get("addr") or "", created_ms=int(d["createdAt"]),
-            cooldown_ms=int(d["cooldownMs"]), owner=d.get("owner") or "",
+            identifier=identifier,
+            sandbox=d["sandbox"],
+            container=d.get("container") or "",
+            addr=d.get("addr") or "",
+            created_ms=int(d["createdAt"]),
+            cooldown_ms=int(d["cooldownMs"]),
+            owner=d.get("owner") or "",
             lifecycle=d.get("lifecycle") or "Timed",
             expires_ms=None if expires is None else int(expires),
         )
@@ -127,7 +139,7 @@ class Store:
 
     async def pool_names(self) -> list[str]:
         names = await self.redis.smembers(self.keys.pools)
-        return sorted(n.decode() if isinstance(n, bytes) else n for n in names)
+        return sorted(text(n) for n in names)
 
     async def put_pool(self, pool: Pool) -> None:
         await self.redis.set(self.pk(pool.name).definition, pool.dumps())
@@ -145,11 +157,12 @@ class Store:
         await self.redis.srem(self.keys.pools, name)
         await self.redis.publish(self.keys.invalidation_channel, f"{name}\x00")
         for ident in await self.redis.hkeys(k.sessions):
-            await self.stop(name, ident.decode(), "stopped")
-        for sid in await self.redis.hkeys(k.sandboxes):
-            if await self.retire(name, sid.decode(), "deleted"):
-                await self.add_event(name, {"kind": "teardown", "sandbox": sid.decode(),
-                                            "reason": "deleted"})
+            await self.stop(name, text(ident), "stopped")
+        for sid in map(text, await self.redis.hkeys(k.sandboxes)):
+            if await self.retire(name, sid, "deleted"):
+                await self.add_event(
+                    name, {"kind": "teardown", "sandbox": sid, "reason": "deleted"}
+                )
         await self.add_event(name, {"kind": "pool-deleted"})
         return existed
 
@@ -159,8 +172,16 @@ class Store:
         k = self.pk(pool.name)
         code, raw = await self._claim(
             keys=[k.sessions, k.expiry, k.ready, k.sandboxes, k.events, k.empty_flag, k.log],
-            args=[identifier, pool.max_sessions, pool.cooldown_s * 1000, owner, pool.lifecycle,
-                  pool.max_alive_s * 1000, STREAM_MAXLEN, pool.version],
+            args=[
+                identifier,
+                pool.max_sessions,
+                pool.cooldown_s * 1000,
+                owner,
+                pool.lifecycle,
+                pool.max_alive_s * 1000,
+                STREAM_MAXLEN,
+                pool.version,
+            ],
         )
         code = int(code)
         if code == -1:
@@ -186,8 +207,7 @@ class Store:
         """End a session; with `sandbox`, only if that sandbox still holds it."""
         ended = await self._stop(
             keys=self._stop_keys(pool),
-            args=[identifier, reason, sandbox, STREAM_MAXLEN, self.keys.invalidation_channel,
-                  pool],
+            args=[identifier, reason, sandbox, STREAM_MAXLEN, self.keys.invalidation_channel, pool],
         )
         return bool(int(ended))
 
@@ -196,7 +216,7 @@ class Store:
             keys=self._stop_keys(pool),
             args=[limit, STREAM_MAXLEN, self.keys.invalidation_channel, pool],
         )
-        return [e.decode() if isinstance(e, bytes) else e for e in ended]
+        return [text(e) for e in ended]
 
     async def get_session(self, pool: str, identifier: str) -> Session | None:
         k = self.pk(pool)
@@ -210,12 +230,12 @@ class Store:
         """A page of sessions ordered by expiry, and the total count."""
         k = self.pk(pool)
         total = int(await self.redis.zcard(k.expiry))
-        page = await self.redis.zrange(k.expiry, skip, skip + limit - 1, withscores=True)
+        page: list[Any] = await self.redis.zrange(k.expiry, skip, skip + limit - 1, withscores=True)
         if not page:
             return [], total
         raws = await self.redis.hmget(k.sessions, [m for m, _ in page])
         out = [
-            Session.from_json(m.decode(), raw, score)
+            Session.from_json(text(m), raw, float(score))
             for (m, score), raw in zip(page, raws, strict=True)
             if raw is not None
         ]
@@ -238,38 +258,47 @@ class Store:
             keys=[k.ready, k.warming, k.sandboxes],
             args=[pool.ready_instances, pool.version, worker, *candidates],
         )
-        return [s.decode() if isinstance(s, bytes) else s for s in out]
+        return [text(s) for s in out]
 
     async def set_container(self, pool: str, sandbox: str, container: str) -> bool:
-        return bool(int(await self._set_container(
-            keys=[self.pk(pool).sandboxes], args=[sandbox, container])))
+        return bool(
+            int(
+                await self._set_container(keys=[self.pk(pool).sandboxes], args=[sandbox, container])
+            )
+        )
 
     async def mark_ready(self, pool: str, sandbox: str, container: str, addr: str) -> int:
         k = self.pk(pool)
-        return int(await self._mark_ready(
-            keys=[k.sandboxes, k.warming, k.ready, k.definition],
-            args=[sandbox, container, addr, self.keys.ready_channel, pool],
-        ))
+        return int(
+            await self._mark_ready(
+                keys=[k.sandboxes, k.warming, k.ready, k.definition],
+                args=[sandbox, container, addr, self.keys.ready_channel, pool],
+            )
+        )
 
     async def retire(self, pool: str, sandbox: str, reason: str) -> bool:
         k = self.pk(pool)
-        return bool(int(await self._retire(
-            keys=[k.sandboxes, k.warming, k.ready], args=[sandbox, reason])))
+        return bool(
+            int(await self._retire(keys=[k.sandboxes, k.warming, k.ready], args=[sandbox, reason]))
+        )
 
     async def forget(self, pool: str, sandbox: str) -> bool:
         k = self.pk(pool)
-        return bool(int(await self._forget(keys=[k.sandboxes, k.warming, k.ready],
-                                           args=[sandbox])))
+        return bool(int(await self._forget(keys=[k.sandboxes, k.warming, k.ready], args=[sandbox])))
 
     async def sandboxes(self, pool: str) -> dict[str, dict[str, Any]]:
         raw = await self.redis.hgetall(self.pk(pool).sandboxes)
-        return {s.decode(): orjson.loads(v) for s, v in raw.items()}
+        return {text(s): orjson.loads(v) for s, v in raw.items()}
 
     # Streams -------------------------------------------------------------------------------
 
     async def add_event(self, pool: str, event: dict[str, Any]) -> None:
-        await self.redis.xadd(self.pk(pool).events, {"data": orjson.dumps(event)},
-                              maxlen=STREAM_MAXLEN, approximate=True)
+        await self.redis.xadd(
+            self.pk(pool).events,
+            {"data": orjson.dumps(event)},
+            maxlen=STREAM_MAXLEN,
+            approximate=True,
+        )
 
     async def ensure_group(self, stream: str, group: str) -> None:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
@@ -315,8 +344,10 @@ async def iter_pubsub(
             if msg["type"] != "message":
                 continue
             ch, data = msg["channel"], msg["data"]
-            yield (ch.decode() if isinstance(ch, bytes) else ch,
-                   data.decode() if isinstance(data, bytes) else str(data))
+            yield (
+                ch.decode() if isinstance(ch, bytes) else ch,
+                data.decode() if isinstance(data, bytes) else str(data),
+            )
     finally:
         with contextlib.suppress(aioredis.ConnectionError, aioredis.TimeoutError, OSError):
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]

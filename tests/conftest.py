@@ -34,9 +34,23 @@ class RedisServer:
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.proc = subprocess.Popen(
-            [exe, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-             "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--port",
+                "0",
+                "--unixsocket",
+                str(self.socket),
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while not self.socket.exists():
@@ -67,8 +81,12 @@ def key_prefix() -> str:
 
 @pytest.fixture
 def settings(redis_server: RedisServer, key_prefix: str) -> Settings:
-    return Settings(redis_url=redis_server.url, key_prefix=key_prefix, allocation_wait_s=2.0,
-                    activity_flush_s=0.1)
+    return Settings(
+        redis_url=redis_server.url,
+        key_prefix=key_prefix,
+        allocation_wait_s=2.0,
+        activity_flush_s=0.1,
+    )
 
 
 @pytest.fixture

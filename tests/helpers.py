@@ -81,9 +81,12 @@ class FakeSandbox:
             h.update(chunk)
             size += len(chunk)
         info = {
-            "sandbox": self.name, "method": request.method, "raw_path": request.raw_path,
+            "sandbox": self.name,
+            "method": request.method,
+            "raw_path": request.raw_path,
             "headers": [[k, v] for k, v in request.headers.items()],
-            "body_sha256": h.hexdigest(), "body_bytes": size,
+            "body_sha256": h.hexdigest(),
+            "body_bytes": size,
         }
         self.requests.append(info)
         return web.json_response(info)
@@ -103,8 +106,9 @@ class FakeSandbox:
         return resp
 
     async def sse(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         await resp.prepare(request)
         for i in range(int(request.query.get("n", "3"))):
             await resp.write(f"id: {i}\ndata: event {i}\n\n".encode())
@@ -142,18 +146,33 @@ class FakeSandbox:
         return web.Response(text="unreachable")
 
 
-def make_pool(name: str = "demo", *, ready: int = 5, max_sessions: int = 10,
-              cooldown_s: int = 300, **props: Any) -> Pool:
-    body: dict[str, Any] = {"properties": {
-        "scaleConfiguration": {"maxConcurrentSessions": max_sessions,
-                               "readySessionInstances": ready},
-        "dynamicPoolConfiguration": {"lifecycleConfiguration": {
-            "lifecycleType": "Timed", "cooldownPeriodInSeconds": cooldown_s}},
-        "customContainerTemplate": {
-            "containers": [{"name": "main", "image": "sessionpool/echo:dev"}],
-            "ingress": {"targetPort": 8080}},
-        **props,
-    }}
+def make_pool(
+    name: str = "demo",
+    *,
+    ready: int = 5,
+    max_sessions: int = 10,
+    cooldown_s: int = 300,
+    **props: Any,
+) -> Pool:
+    body: dict[str, Any] = {
+        "properties": {
+            "scaleConfiguration": {
+                "maxConcurrentSessions": max_sessions,
+                "readySessionInstances": ready,
+            },
+            "dynamicPoolConfiguration": {
+                "lifecycleConfiguration": {
+                    "lifecycleType": "Timed",
+                    "cooldownPeriodInSeconds": cooldown_s,
+                }
+            },
+            "customContainerTemplate": {
+                "containers": [{"name": "main", "image": "sessionpool/echo:dev"}],
+                "ingress": {"targetPort": 8080},
+            },
+            **props,
+        }
+    }
     return parse_pool(name, body)
 
 

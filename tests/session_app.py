@@ -35,8 +35,7 @@ def main() -> None:
     app.router.add_get("/sleep", sleep)
     app.router.add_get("/exit", exit_now)
     app.router.add_route("*", "/{tail:.*}", echo)
-    web.run_app(app, host="127.0.0.1", port=int(os.environ["PORT"]), print=None,
-                access_log=None)
+    web.run_app(app, host="127.0.0.1", port=int(os.environ["PORT"]), print=None, access_log=None)
 
 
 if __name__ == "__main__":

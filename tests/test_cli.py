@@ -27,16 +27,33 @@ def free_port() -> int:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=60, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
 
 
 async def run_up(runtime: str, key_prefix: str) -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "workers.cli", "up", "--runtime", runtime, "--port", str(port),
-        "--key-prefix", key_prefix, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "workers.cli",
+        "up",
+        "--runtime",
+        runtime,
+        "--port",
+        str(port),
+        "--key-prefix",
+        key_prefix,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     assert proc.stdout is not None
     lines: list[str] = []
     try:
@@ -62,8 +79,9 @@ async def run_up(runtime: str, key_prefix: str) -> None:
 
 async def test_up_with_the_process_runtime(key_prefix: str) -> None:
     await run_up("process", key_prefix)
-    out = subprocess.run(["pgrep", "-f", str(ROOT / "deploy/images/echo/echo.py")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["pgrep", "-f", str(ROOT / "deploy/images/echo/echo.py")], capture_output=True, text=True
+    )
     assert out.stdout.strip() == "", "an echo process was left behind"
 
 
@@ -74,16 +92,19 @@ async def test_up_with_docker(key_prefix: str) -> None:
     await run_up("docker", key_prefix)
     client = docker.from_env()
     try:
-        left = client.containers.list(all=True,
-                                      filters={"label": f"io.sessionpool.scope={key_prefix}"})
+        left = client.containers.list(
+            all=True, filters={"label": f"io.sessionpool.scope={key_prefix}"}
+        )
         assert left == []
     finally:
         client.close()
 
 
 async def test_apply_pools_sessions(settings: Settings, store: Store, tmp_path: Path) -> None:
-    env = {"SESSIONPOOL_REDIS_URL": settings.redis_url,
-           "SESSIONPOOL_KEY_PREFIX": settings.key_prefix}
+    env = {
+        "SESSIONPOOL_REDIS_URL": settings.redis_url,
+        "SESSIONPOOL_KEY_PREFIX": settings.key_prefix,
+    }
     f = tmp_path / "pools.yaml"
     f.write_text("""
 pools:
@@ -114,13 +135,23 @@ pools:
     rows = [line.split() for line in table.stdout.splitlines()]
     assert rows[0][:2] == ["POOL", "IMAGE"] and [r[0] for r in rows[1:]] == ["alpha", "beta"]
     sessions = cli("sessions", "alpha", env=env)
-    assert sessions.stdout.split() == ["IDENTIFIER", "SANDBOX", "CREATED", "LAST", "ACCESS",
-                                       "EXPIRES"]
+    assert sessions.stdout.split() == [
+        "IDENTIFIER",
+        "SANDBOX",
+        "CREATED",
+        "LAST",
+        "ACCESS",
+        "EXPIRES",
+    ]
     bad = tmp_path / "bad.json"
-    good = ('{"customContainerTemplate": {"containers": [{"name": "main", "image": "x"}], '
-            '"ingress": {"targetPort": 80}}}')
-    bad.write_text(f'{{"pools": [{{"name": "ok-pool", "properties": {good}}}, '
-                   f'{{"name": "Bad", "properties": {good}}}]}}')
+    good = (
+        '{"customContainerTemplate": {"containers": [{"name": "main", "image": "x"}], '
+        '"ingress": {"targetPort": 80}}}'
+    )
+    bad.write_text(
+        f'{{"pools": [{{"name": "ok-pool", "properties": {good}}}, '
+        f'{{"name": "Bad", "properties": {good}}}]}}'
+    )
     refused = cli("apply", "-f", str(bad), env=env)
     assert refused.returncode == 2
     assert "pool Bad: name" in refused.stderr

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType
 from aiohttp.test_utils import TestServer
 
 from router.app import create_app
@@ -40,8 +40,9 @@ async def start_router(settings: Settings) -> AsyncIterator[Router]:
     servers: list[TestServer] = []
 
     async def start(**changes: Any) -> str:
-        server = TestServer(create_app(settings.replace(**changes)), host="127.0.0.1",
-                            handler_cancellation=True)
+        server = TestServer(
+            create_app(settings.replace(**changes)), host="127.0.0.1", handler_cancellation=True
+        )
         await server.start_server()
         servers.append(server)
         base = f"http://127.0.0.1:{server.port}"
@@ -60,9 +61,11 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 async def wait_cache_live(http: aiohttp.ClientSession, base: str) -> None:
     """The invalidation subscription is up once /readyz answers (Redis reachable)."""
+
     async def ready() -> bool:
         async with http.get(f"{base}/readyz") as r:
             return r.status == 200
+
     await wait_until(ready)
 
 
@@ -83,11 +86,20 @@ async def test_forwards_method_path_query_and_headers_on_the_wire(
     base = await start_router()
     query = "identifier=user%2B1%7Cx&api-version=2024-02-02-preview&b=%20sp%20"
     async with http.request(
-        "PATCH", f"{base}/pools/demo/api/r%C3%A9sum%C3%A9/run?{query}", data=b"hello",
-        headers={"Authorization": "Bearer secret", "Connection": "keep-alive, X-Hop",
-                 "X-Hop": "1", "Keep-Alive": "timeout=5", "TE": "trailers",
-                 "X-Forwarded-Proto": "spoofed", "X-Custom": "kept",
-                 "Proxy-Authorization": "Basic x", "Accept-Encoding": "gzip"},
+        "PATCH",
+        f"{base}/pools/demo/api/r%C3%A9sum%C3%A9/run?{query}",
+        data=b"hello",
+        headers={
+            "Authorization": "Bearer secret",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "1",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "X-Forwarded-Proto": "spoofed",
+            "X-Custom": "kept",
+            "Proxy-Authorization": "Basic x",
+            "Accept-Encoding": "gzip",
+        },
     ) as r:
         assert r.status == 200
         seen = await r.json()
@@ -127,8 +139,9 @@ async def test_aca_path_shape_and_host_suffix_reach_the_same_session(
             body = await r.json()
             assert body["raw_path"] == "/x?identifier=abcd"
             names.add(body["sandbox"])
-    async with http.get(f"{base}/whole/path?identifier=abcd",
-                        headers={"Host": "demo.sessions.test"}) as r:
+    async with http.get(
+        f"{base}/whole/path?identifier=abcd", headers={"Host": "demo.sessions.test"}
+    ) as r:
         body = await r.json()
         assert body["raw_path"] == "/whole/path?identifier=abcd"
         names.add(body["sandbox"])
@@ -251,8 +264,11 @@ async def test_list_sessions_pages_of_300(
     k = store.pk("demo")
     async with store.redis.pipeline(transaction=False) as pipe:
         for i in range(305):
-            pipe.hset(k.sessions, f"id-{i:04d}",
-                      b'{"sandbox":"s","createdAt":1,"cooldownMs":1000,"lifecycle":"Timed"}')
+            pipe.hset(
+                k.sessions,
+                f"id-{i:04d}",
+                b'{"sandbox":"s","createdAt":1,"cooldownMs":1000,"lifecycle":"Timed"}',
+            )
             pipe.zadd(k.expiry, {f"id-{i:04d}": 10_000 + i})
         await pipe.execute()
     base = await start_router()
@@ -281,8 +297,12 @@ async def test_list_sessions_pages_of_300(
     ],
 )
 async def test_client_errors_have_the_envelope(
-    store: Store, start_router: Router, http: aiohttp.ClientSession,
-    path: str, status: int, code: str,
+    store: Store,
+    start_router: Router,
+    http: aiohttp.ClientSession,
+    path: str,
+    status: int,
+    code: str,
 ) -> None:
     await store.put_pool(make_pool())
     base = await start_router()
@@ -356,6 +376,7 @@ async def test_empty_pool_waits_for_a_ready_sandbox_then_503(
 
     async def woke_workers() -> bool:
         return any(b"pool-empty" in e[1][b"data"] for e in await store.redis.xrange(events))
+
     await wait_until(woke_workers)
     sb = await sandboxes()
     await add_ready(store, pool, sb)  # what the replenisher does; the waiter is woken
@@ -405,7 +426,10 @@ async def test_client_disconnect_cancels_the_upstream_request(
 
 
 async def test_redis_down_then_back(
-    redis_server: Any, store: Store, start_router: Router, sandboxes: Any,
+    redis_server: Any,
+    store: Store,
+    start_router: Router,
+    sandboxes: Any,
     http: aiohttp.ClientSession,
 ) -> None:
     pool = make_pool()
@@ -434,4 +458,5 @@ async def test_redis_down_then_back(
     async def served() -> bool:
         async with http.get(f"{base}/pools/demo/?identifier=after") as r:
             return r.status == 200
+
     await wait_until(served, timeout=10)

@@ -30,10 +30,22 @@ async def router_proc(settings: Settings) -> AsyncIterator[Callable[[], Awaitabl
 
     async def start() -> RouterProc:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "workers.cli", "router", "--port", "0",
-            "--redis-url", settings.redis_url, "--key-prefix", settings.key_prefix,
-            "--auth", "none", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL)
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "router",
+            "--port",
+            "0",
+            "--redis-url",
+            settings.redis_url,
+            "--key-prefix",
+            settings.key_prefix,
+            "--auth",
+            "none",
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
         procs.append(proc)
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
@@ -116,6 +128,7 @@ async def test_killed_router_does_not_keep_sessions_alive(
 
             async def refreshed() -> bool:  # the in-flight request keeps it alive...
                 return (await store.redis.zscore(k.expiry, "orphan") or 0) > (first or 0) + 500
+
             await wait_until(refreshed, timeout=5)
             proc.send_signal(signal.SIGKILL)
             await proc.wait()

@@ -26,22 +26,44 @@ from workers.process import ProcessRuntime
 APP = str(Path(__file__).with_name("session_app.py"))
 
 
-def process_pool(name: str = "proc", *, ready: int = 3, max_sessions: int = 10,
-                 cooldown_s: int = 300, lifecycle: str = "Timed", **extra: Any) -> Pool:
+def process_pool(
+    name: str = "proc",
+    *,
+    ready: int = 3,
+    max_sessions: int = 10,
+    cooldown_s: int = 300,
+    lifecycle: str = "Timed",
+    **extra: Any,
+) -> Pool:
     life: dict[str, Any] = {"lifecycleType": lifecycle}
     if lifecycle == "Timed":
         life["cooldownPeriodInSeconds"] = cooldown_s
     else:
         life["maxAlivePeriodInSeconds"] = extra.pop("max_alive_s", 3600)
-    return parse_pool(name, {"properties": {
-        "scaleConfiguration": {"maxConcurrentSessions": max_sessions,
-                               "readySessionInstances": ready},
-        "dynamicPoolConfiguration": {"lifecycleConfiguration": life},
-        "customContainerTemplate": {
-            "containers": [{"name": "main", "image": "local", "command": [sys.executable],
-                            "args": [APP], **extra}],
-            "ingress": {"targetPort": 8080}},
-    }})
+    return parse_pool(
+        name,
+        {
+            "properties": {
+                "scaleConfiguration": {
+                    "maxConcurrentSessions": max_sessions,
+                    "readySessionInstances": ready,
+                },
+                "dynamicPoolConfiguration": {"lifecycleConfiguration": life},
+                "customContainerTemplate": {
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "local",
+                            "command": [sys.executable],
+                            "args": [APP],
+                            **extra,
+                        }
+                    ],
+                    "ingress": {"targetPort": 8080},
+                },
+            }
+        },
+    )
 
 
 @pytest.fixture
@@ -51,13 +73,18 @@ async def worker(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[Pr
     async def start(**changes: Any) -> ProcessRuntime:
         runtime = ProcessRuntime(use_bwrap=False)
         stop = asyncio.Event()
-        s = settings.replace(runtime="process", reconcile_interval_s=1.0, orphan_grace_s=1.0,
-                             worker_id=f"w{len(running)}", **changes)
+        s = settings.replace(
+            runtime="process",
+            reconcile_interval_s=1.0,
+            orphan_grace_s=1.0,
+            worker_id=f"w{len(running)}",
+            **changes,
+        )
         running.append((stop, asyncio.create_task(run(s, runtime, stop))))
         return runtime
 
     yield start
-    for stop, task in running:
+    for stop, _ in running:
         stop.set()
     for _, task in running:
         await asyncio.wait_for(task, 20)
@@ -65,8 +92,11 @@ async def worker(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[Pr
 
 @pytest.fixture
 async def router_url(settings: Settings) -> AsyncIterator[str]:
-    server = TestServer(create_app(settings.replace(allocation_wait_s=10.0)), host="127.0.0.1",
-                        handler_cancellation=True)
+    server = TestServer(
+        create_app(settings.replace(allocation_wait_s=10.0)),
+        host="127.0.0.1",
+        handler_cancellation=True,
+    )
     await server.start_server()
     yield f"http://127.0.0.1:{server.port}"
     await server.close()
@@ -83,9 +113,7 @@ async def get_host(url: str) -> str:
         return str((await r.json())["hostname"])
 
 
-async def test_pool_warms_serves_and_refills(
-    store: Store, worker: Any, router_url: str
-) -> None:
+async def test_pool_warms_serves_and_refills(store: Store, worker: Any, router_url: str) -> None:
     runtime = await worker()
     await store.put_pool(process_pool(ready=3))
     await wait_until(lambda: counts_are(store, "proc", ready=3, warming=0), timeout=15)
@@ -168,8 +196,10 @@ async def _gone_in(store: Store, ident: str) -> bool:
 
 async def _host_gone(runtime: ProcessRuntime, host: str) -> bool:
     pid = int(host.removeprefix("pid-"))
-    return all(not o.container.startswith(f"proc-{pid}-")
-               for o in await runtime.list(runtime_scope(runtime)))
+    return all(
+        not o.container.startswith(f"proc-{pid}-")
+        for o in await runtime.list(runtime_scope(runtime))
+    )
 
 
 def runtime_scope(runtime: ProcessRuntime) -> str:

@@ -41,23 +41,42 @@ def engine() -> Any:
     client.close()
 
 
-def echo_pool(name: str = "dock", *, ready: int = 2, max_sessions: int = 10,
-              cooldown_s: int = 300, lifecycle: str = "Timed",
-              probes: list[dict[str, Any]] | None = None) -> Pool:
+def echo_pool(
+    name: str = "dock",
+    *,
+    ready: int = 2,
+    max_sessions: int = 10,
+    cooldown_s: int = 300,
+    lifecycle: str = "Timed",
+    probes: list[dict[str, Any]] | None = None,
+) -> Pool:
     life: dict[str, Any] = {"lifecycleType": lifecycle}
     if lifecycle == "Timed":
         life["cooldownPeriodInSeconds"] = cooldown_s
-    return parse_pool(name, {"properties": {
-        "scaleConfiguration": {"maxConcurrentSessions": max_sessions,
-                               "readySessionInstances": ready},
-        "dynamicPoolConfiguration": {"lifecycleConfiguration": life},
-        "customContainerTemplate": {
-            "containers": [{"name": "main", "image": IMAGE,
+    return parse_pool(
+        name,
+        {
+            "properties": {
+                "scaleConfiguration": {
+                    "maxConcurrentSessions": max_sessions,
+                    "readySessionInstances": ready,
+                },
+                "dynamicPoolConfiguration": {"lifecycleConfiguration": life},
+                "customContainerTemplate": {
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": IMAGE,
                             "resources": {"cpu": 0.5, "memory": "256Mi"},
-                            "probes": probes or [{"type": "Startup", "httpGet": {
-                                "path": "/health", "port": 8080}}]}],
-            "ingress": {"targetPort": 8080}},
-    }})
+                            "probes": probes
+                            or [{"type": "Startup", "httpGet": {"path": "/health", "port": 8080}}],
+                        }
+                    ],
+                    "ingress": {"targetPort": 8080},
+                },
+            }
+        },
+    )
 
 
 class Seen:
@@ -76,10 +95,15 @@ def containers(engine: Any, scope: str) -> list[Seen]:
 
 @pytest.fixture
 def worker_env(settings: Settings) -> dict[str, str]:
-    return {**os.environ, "SESSIONPOOL_REDIS_URL": settings.redis_url,
-            "SESSIONPOOL_KEY_PREFIX": settings.key_prefix,
-            "SESSIONPOOL_RECONCILE_INTERVAL_S": "1", "SESSIONPOOL_ORPHAN_GRACE_S": "2",
-            "SESSIONPOOL_WARM_TIMEOUT_S": "20", "SESSIONPOOL_CLAIM_IDLE_MS": "2000"}
+    return {
+        **os.environ,
+        "SESSIONPOOL_REDIS_URL": settings.redis_url,
+        "SESSIONPOOL_KEY_PREFIX": settings.key_prefix,
+        "SESSIONPOOL_RECONCILE_INTERVAL_S": "1",
+        "SESSIONPOOL_ORPHAN_GRACE_S": "2",
+        "SESSIONPOOL_WARM_TIMEOUT_S": "20",
+        "SESSIONPOOL_CLAIM_IDLE_MS": "2000",
+    }
 
 
 @pytest.fixture
@@ -90,9 +114,18 @@ async def workers(
 
     async def start(*extra: str) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "workers.cli", "worker", "--runtime", "docker", *extra,
-            cwd=ROOT, env={**worker_env, "SESSIONPOOL_WORKER_ID": f"w{len(procs)}"},
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "worker",
+            "--runtime",
+            "docker",
+            *extra,
+            cwd=ROOT,
+            env={**worker_env, "SESSIONPOOL_WORKER_ID": f"w{len(procs)}"},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
         procs.append(proc)
         return proc
 
@@ -108,8 +141,11 @@ async def workers(
 
 @pytest.fixture
 async def router_url(settings: Settings) -> AsyncIterator[str]:
-    server = TestServer(create_app(settings.replace(allocation_wait_s=20.0)),
-                        host="127.0.0.1", handler_cancellation=True)
+    server = TestServer(
+        create_app(settings.replace(allocation_wait_s=20.0)),
+        host="127.0.0.1",
+        handler_cancellation=True,
+    )
     await server.start_server()
     yield f"http://127.0.0.1:{server.port}"
     await server.close()
@@ -129,10 +165,12 @@ async def hostname(http: aiohttp.ClientSession, url: str) -> str:
 async def consistent(engine: Any, store: Store, pool: str) -> bool:
     """Every record has a running container and every container a record."""
     recs = await store.sandboxes(pool)
-    live = {c.labels[LABEL_SANDBOX] for c in containers(engine, store.keys.prefix)
-            if c.status == "running"}
-    return set(recs) == live and all(r["state"] in ("ready", "allocated")
-                                     for r in recs.values())
+    live = {
+        c.labels[LABEL_SANDBOX]
+        for c in containers(engine, store.keys.prefix)
+        if c.status == "running"
+    }
+    return set(recs) == live and all(r["state"] in ("ready", "allocated") for r in recs.values())
 
 
 async def test_warm_pool_serves_and_refills(
@@ -160,8 +198,9 @@ async def test_idle_destroyed_in_flight_kept(
         idle_host = await hostname(http, f"{router_url}/pools/dock/?identifier=idle-user")
         t_idle = time.monotonic()
         # 10 events 500 ms apart: a 4.5 s stream in flight, over twice the cooldown.
-        async with http.get(f"{router_url}/pools/dock/sse?n=10&interval_ms=500"
-                            "&identifier=stream-user") as r:
+        async with http.get(
+            f"{router_url}/pools/dock/sse?n=10&interval_ms=500&identifier=stream-user"
+        ) as r:
             events = (await r.read()).count(b"data: event")
         assert events == 10
         t_end = time.monotonic()
@@ -172,6 +211,7 @@ async def test_idle_destroyed_in_flight_kept(
 
         async def stream_session_gone() -> bool:
             return await store.get_session("dock", "stream-user") is None
+
         await wait_until(stream_session_gone, timeout=6, interval=0.05)
         assert time.monotonic() - t_end <= 2 + 2
     await wait_until(lambda: consistent(engine, store, "dock"), timeout=10)
@@ -183,10 +223,21 @@ async def test_stop_exit_kill_and_liveness_end_sessions(
     await workers()
     await store.put_pool(echo_pool(ready=2))
     await store.put_pool(echo_pool("exits", ready=1, lifecycle="OnContainerExit"))
-    await store.put_pool(echo_pool("sick", ready=1, probes=[
-        {"type": "Startup", "httpGet": {"path": "/health", "port": 8080}},
-        {"type": "Liveness", "tcpSocket": {"port": 9}, "periodSeconds": 1,
-         "failureThreshold": 2}]))
+    await store.put_pool(
+        echo_pool(
+            "sick",
+            ready=1,
+            probes=[
+                {"type": "Startup", "httpGet": {"path": "/health", "port": 8080}},
+                {
+                    "type": "Liveness",
+                    "tcpSocket": {"port": 9},
+                    "periodSeconds": 1,
+                    "failureThreshold": 2,
+                },
+            ],
+        )
+    )
     for name, ready in (("dock", 2), ("exits", 1), ("sick", 1)):
         await wait_until(lambda n=name, r=ready: counts_are(store, n, ready=r), timeout=60)
     scope = store.keys.prefix
@@ -237,8 +288,15 @@ async def test_killed_worker_leaks_nothing_and_orphans_are_removed(
     scope = store.keys.prefix
     pool = echo_pool(ready=6)
     stray = engine.containers.run(
-        IMAGE, detach=True, labels={LABEL_SCOPE: scope, LABEL_POOL: "dock",
-                                    LABEL_SANDBOX: "handmade", LABEL_VERSION: pool.version})
+        IMAGE,
+        detach=True,
+        labels={
+            LABEL_SCOPE: scope,
+            LABEL_POOL: "dock",
+            LABEL_SANDBOX: "handmade",
+            LABEL_VERSION: pool.version,
+        },
+    )
     await workers()
     await wait_until(lambda: counts_are(store, "dock", ready=6, warming=0), timeout=60)
     await wait_until(lambda: consistent(engine, store, "dock"), timeout=30)

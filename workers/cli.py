@@ -62,8 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
-    fields = {"redis_url", "key_prefix", "host", "port", "processes", "host_suffix", "auth",
-              "runtime", "role"}
+    fields = {
+        "redis_url",
+        "key_prefix",
+        "host",
+        "port",
+        "processes",
+        "host_suffix",
+        "auth",
+        "runtime",
+        "role",
+    }
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     overrides.update(extra)
     return Settings.from_env(**overrides)
@@ -132,19 +141,35 @@ async def _with_store(settings: Settings, action: str, args: argparse.Namespace)
                 pool = await store.get_pool(name)
                 c = await store.counts(name)
                 if pool is not None:
-                    rows.append([name, pool.image, str(pool.ready_instances),
-                                 str(pool.max_sessions), str(c["ready"]), str(c["warming"]),
-                                 str(c["allocated"])])
-            print_table(rows, ["POOL", "IMAGE", "TARGET", "MAX", "READY", "WARMING",
-                               "ALLOCATED"])
+                    rows.append(
+                        [
+                            name,
+                            pool.image,
+                            str(pool.ready_instances),
+                            str(pool.max_sessions),
+                            str(c["ready"]),
+                            str(c["warming"]),
+                            str(c["allocated"]),
+                        ]
+                    )
+            print_table(rows, ["POOL", "IMAGE", "TARGET", "MAX", "READY", "WARMING", "ALLOCATED"])
         elif action == "sessions":
             from router.management import iso
 
             sessions, _ = await store.list_sessions(args.pool, 0, 10_000)
-            print_table([[s.identifier, s.sandbox[:12], iso(s.created_ms) or "",
-                          iso(s.last_accessed_ms) or "", iso(s.expires_ms) or ""]
-                         for s in sessions],
-                        ["IDENTIFIER", "SANDBOX", "CREATED", "LAST ACCESS", "EXPIRES"])
+            print_table(
+                [
+                    [
+                        s.identifier,
+                        s.sandbox[:12],
+                        iso(s.created_ms) or "",
+                        iso(s.last_accessed_ms) or "",
+                        iso(s.expires_ms) or "",
+                    ]
+                    for s in sessions
+                ],
+                ["IDENTIFIER", "SANDBOX", "CREATED", "LAST ACCESS", "EXPIRES"],
+            )
     finally:
         await redis.aclose()
     return 0
@@ -152,8 +177,9 @@ async def _with_store(settings: Settings, action: str, args: argparse.Namespace)
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     try:
         if args.command == "router":
             from router.server import run_router

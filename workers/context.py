@@ -47,8 +47,12 @@ class Context:
 
 
 async def consume(
-    ctx: Context, stream: str, group: str, handle: Callable[[list[Event]], Awaitable[None]],
-    *, block_ms: int = 1000,
+    ctx: Context,
+    stream: str,
+    group: str,
+    handle: Callable[[list[Event]], Awaitable[None]],
+    *,
+    block_ms: int = 1000,
 ) -> None:
     """Feed a consumer group's messages to `handle`, acking each batch after it succeeded.
 
@@ -69,12 +73,14 @@ async def consume(
             batch: list[Event] = []
             if loop.time() >= next_claim:
                 next_claim = loop.time() + claim_every_s
-                _, claimed, _ = await ctx.streams.xautoclaim(
-                    stream, group, consumer, ctx.settings.claim_idle_ms, "0-0", count=100)
-                batch += _decode(claimed)
+                reply: Any = await ctx.streams.xautoclaim(
+                    stream, group, consumer, ctx.settings.claim_idle_ms, "0-0", count=100
+                )
+                batch += _decode(reply[1])
             if not batch:
-                reply = await ctx.streams.xreadgroup(group, consumer, {stream: ">"},
-                                                     count=100, block=block_ms)
+                reply = await ctx.streams.xreadgroup(
+                    group, consumer, {stream: ">"}, count=100, block=block_ms
+                )
                 for _, entries in reply or []:
                     batch += _decode(entries)
             if batch:

@@ -32,8 +32,9 @@ def open_runtime(settings: Settings) -> Runtime:
     return ProcessRuntime()
 
 
-async def run(settings: Settings, runtime: Runtime | None = None,
-              stop: asyncio.Event | None = None) -> None:
+async def run(
+    settings: Settings, runtime: Runtime | None = None, stop: asyncio.Event | None = None
+) -> None:
     """Run the worker until `stop` is set (or SIGTERM/SIGINT when `stop` is not given)."""
     own_signals = stop is None
     stop = stop or asyncio.Event()
@@ -46,21 +47,21 @@ async def run(settings: Settings, runtime: Runtime | None = None,
     # Blocking stream reads (1 s) need a socket timeout above the block time.
     streams = open_redis(settings.redis_url, timeout_s=10.0)
     http = aiohttp.ClientSession()
-    ctx = Context(settings, Store(redis, Keys(settings.key_prefix)), streams, runtime, http,
-                  stop)
+    ctx = Context(settings, Store(redis, Keys(settings.key_prefix)), streams, runtime, http, stop)
     replenisher = Replenisher(ctx) if settings.role in ("all", "replenisher") else None
     reaper = Reaper(ctx) if settings.role in ("all", "reaper") else None
-    log.info("worker %s up: role=%s runtime=%s", settings.worker_id, settings.role,
-             runtime.name)
+    log.info("worker %s up: role=%s runtime=%s", settings.worker_id, settings.role, runtime.name)
     tasks: list[asyncio.Task[None]] = []
     try:
         if replenisher is not None:
             tasks.append(asyncio.create_task(replenisher.run_periodic()))
         if reaper is not None:
-            tasks += [asyncio.create_task(reaper.run_sweeper()),
-                      asyncio.create_task(reaper.run_reconciler()),
-                      asyncio.create_task(reaper.run_liveness()),
-                      asyncio.create_task(reaper.run_exits())]
+            tasks += [
+                asyncio.create_task(reaper.run_sweeper()),
+                asyncio.create_task(reaper.run_reconciler()),
+                asyncio.create_task(reaper.run_liveness()),
+                asyncio.create_task(reaper.run_exits()),
+            ]
         seen: set[str] = set()
         while not stop.is_set():
             try:

@@ -10,7 +10,7 @@ import aiohttp
 from router.pools import Pool, Probe
 
 # Startup probes are polled this often whatever their periodSeconds: a ready sandbox should
-# enter the pool as soon as it answers. The failure budget stays threshold × period.
+# enter the pool as soon as it answers. The failure budget stays threshold * period.
 STARTUP_POLL_S = 0.05
 
 
@@ -36,8 +36,12 @@ async def probe_once(
                 await writer.wait_closed()
             return True
         url = f"{probe.scheme}://{host}:{port}{probe.path}"
-        async with client.get(url, headers=dict(probe.headers), allow_redirects=False,
-                              timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with client.get(
+            url,
+            headers=dict(probe.headers),
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as resp:
             return 200 <= resp.status < 400
     except (OSError, TimeoutError, aiohttp.ClientError):
         return False

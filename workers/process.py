@@ -47,8 +47,10 @@ class ProcessRuntime:
         self._procs: dict[str, _Proc] = {}
         self._exits: asyncio.Queue[Exit | None] = asyncio.Queue()
         self._bwrap = shutil.which("bwrap") if use_bwrap is not False else None
-        log.warning("process runtime: sandboxes are plain local processes, NOT a security "
-                    "boundary; use the docker runtime for untrusted code")
+        log.warning(
+            "process runtime: sandboxes are plain local processes, NOT a security "
+            "boundary; use the docker runtime for untrusted code"
+        )
 
     async def create(self, spec: SandboxSpec) -> Handle:
         pool = spec.pool
@@ -61,12 +63,29 @@ class ProcessRuntime:
         env.update(spec.env)
         env["PORT"] = str(port)
         if self._bwrap:
-            argv = [self._bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-                    "--tmpfs", "/tmp", "--unshare-pid", "--die-with-parent", "--", *argv]
+            argv = [
+                self._bwrap,
+                "--ro-bind",
+                "/",
+                "/",
+                "--dev",
+                "/dev",
+                "--proc",
+                "/proc",
+                "--tmpfs",
+                "/tmp",
+                "--unshare-pid",
+                "--die-with-parent",
+                "--",
+                *argv,
+            ]
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                *argv,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
             )
         except OSError as exc:
@@ -80,8 +99,7 @@ class ProcessRuntime:
     async def _watch(self, container: str, entry: _Proc) -> None:
         await entry.proc.wait()
         if container in self._procs:
-            self._exits.put_nowait(Exit(container, entry.spec.pool.name,
-                                        entry.spec.sandbox_id))
+            self._exits.put_nowait(Exit(container, entry.spec.pool.name, entry.spec.sandbox_id))
 
     async def destroy(self, container: str) -> None:
         entry = self._procs.pop(container, None)
@@ -95,10 +113,16 @@ class ProcessRuntime:
 
     async def list(self, scope: str) -> list[Observed]:
         return [
-            Observed(container=c, pool=p.spec.pool.name, sandbox_id=p.spec.sandbox_id,
-                     version=p.spec.pool.version, running=p.proc.returncode is None,
-                     created_s=p.created_s)
-            for c, p in self._procs.items() if p.spec.scope == scope
+            Observed(
+                container=c,
+                pool=p.spec.pool.name,
+                sandbox_id=p.spec.sandbox_id,
+                version=p.spec.pool.version,
+                running=p.proc.returncode is None,
+                created_s=p.created_s,
+            )
+            for c, p in self._procs.items()
+            if p.spec.scope == scope
         ]
 
     async def exits(self, scope: str) -> AsyncIterator[Exit]:

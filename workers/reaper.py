@@ -80,21 +80,27 @@ class Reaper:
         rec = (await store.sandboxes(pool)).get(sid)
         if rec is None or rec.get("state") == "stopping":
             return  # ours: already being torn down
-        if rec.get("state") == "allocated":
-            if await store.stop(pool, rec.get("identifier", ""), reason, sandbox=sid):
-                return
+        if rec.get("state") == "allocated" and await store.stop(
+            pool, rec.get("identifier", ""), reason, sandbox=sid
+        ):
+            return
         if await store.retire(pool, sid, reason):
-            await store.add_event(pool, {"kind": "teardown", "sandbox": sid,
-                                         "container": rec.get("container", ""),
-                                         "reason": reason})
+            await store.add_event(
+                pool,
+                {
+                    "kind": "teardown",
+                    "sandbox": sid,
+                    "container": rec.get("container", ""),
+                    "reason": reason,
+                },
+            )
 
     async def run_exits(self) -> None:
         async for ex in self.ctx.runtime.exits(self.ctx.scope):
             try:
                 await self.on_exit(ex.pool, ex.sandbox_id)
             except REDIS_ERRORS as exc:
-                log.warning("exit of %s not recorded (reconciliation will): %s",
-                            ex.sandbox_id, exc)
+                log.warning("exit of %s not recorded (reconciliation will): %s", ex.sandbox_id, exc)
 
     async def check_liveness(self) -> None:
         """Probe allocated sandboxes of pools with a Liveness probe; end failing sessions."""
@@ -117,8 +123,7 @@ class Reaper:
                 failures = self._liveness_failures.get(sid, 0) + 1
                 self._liveness_failures[sid] = failures
                 if failures >= probe.failure_threshold:
-                    log.warning("pool %s: sandbox %s failed liveness %d times", name, sid,
-                                failures)
+                    log.warning("pool %s: sandbox %s failed liveness %d times", name, sid, failures)
                     self._liveness_failures.pop(sid, None)
                     await self.on_exit(name, sid, "unhealthy")
 
@@ -163,8 +168,8 @@ class Reaper:
                     # its sandbox was starting.
                     since = float(rec.get("stoppingAt", rec.get("createdAt", now_ms)))
                     if (state == "stopping" and now_ms - since > 30_000) or (
-                            state == "warming"
-                            and age_ms > ctx.settings.warm_timeout_s * 1000):
+                        state == "warming" and age_ms > ctx.settings.warm_timeout_s * 1000
+                    ):
                         await store.retire(name, sid, "stuck")
                         await self.teardown(name, {"sandbox": sid, "reason": "stuck"})
                         fixed["stuck"] += 1

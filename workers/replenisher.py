@@ -14,6 +14,7 @@ import logging
 import uuid
 
 from router.pools import Pool
+from router.store import text
 from workers.context import REDIS_ERRORS, Context, Event, consume
 from workers.probes import wait_started
 from workers.runtime import RuntimeError_, SandboxSpec
@@ -57,13 +58,22 @@ class Replenisher:
             return
         records = await store.sandboxes(pool.name)
         for raw in ready:
-            sid = raw.decode()
+            sid = text(raw)
             rec = records.get(sid)
-            if rec is not None and rec.get("version") != pool.version and \
-                    await store.retire(pool.name, sid, "replaced"):
-                await store.add_event(pool.name, {"kind": "teardown", "sandbox": sid,
-                                                  "container": rec.get("container", ""),
-                                                  "reason": "replaced"})
+            if (
+                rec is not None
+                and rec.get("version") != pool.version
+                and await store.retire(pool.name, sid, "replaced")
+            ):
+                await store.add_event(
+                    pool.name,
+                    {
+                        "kind": "teardown",
+                        "sandbox": sid,
+                        "container": rec.get("container", ""),
+                        "reason": "replaced",
+                    },
+                )
 
     async def _create(self, pool: Pool, sid: str) -> None:
         ctx = self.ctx
@@ -72,9 +82,12 @@ class Replenisher:
             if ctx.stop.is_set():
                 await store.forget(pool.name, sid)
                 return
-            spec = SandboxSpec(scope=ctx.scope, pool=pool, sandbox_id=sid,
-                               env={e.name: pool.secrets[e.secret_ref]
-                                    for e in pool.env if e.secret_ref})
+            spec = SandboxSpec(
+                scope=ctx.scope,
+                pool=pool,
+                sandbox_id=sid,
+                env={e.name: pool.secrets[e.secret_ref] for e in pool.env if e.secret_ref},
+            )
             try:
                 handle = await ctx.runtime.create(spec)
             except RuntimeError_ as exc:

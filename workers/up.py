@@ -19,7 +19,7 @@ from router.keys import Keys
 from router.pools import parse_pool
 from router.server import start_site
 from router.settings import Settings
-from router.store import Store, open_redis, wait_redis
+from router.store import Store, open_redis, text, wait_redis
 from workers.cli import apply_file, settings_from
 from workers.context import REDIS_ERRORS
 from workers.main import run as run_worker
@@ -39,49 +39,74 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     """A private redis-server on a free loopback port, nothing persisted."""
     exe = shutil.which("redis-server")
     if exe is None:
-        raise SystemExit("sessionpool up: redis-server not found (apt-get install "
-                         "redis-server), or pass --redis-url")
+        raise SystemExit(
+            "sessionpool up: redis-server not found (apt-get install "
+            "redis-server), or pass --redis-url"
+        )
     port = _free_port()
     proc = subprocess.Popen(
-        [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)  # Ctrl-C must not stop Redis before sandboxes are removed
+        [
+            exe,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # Ctrl-C must not stop Redis before sandboxes are removed
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def docker_reachable() -> bool:
-    try:
-        import docker
+    import docker
+    from docker.errors import DockerException
 
+    try:
         client = docker.from_env(timeout=3)
         client.ping()
         client.close()
         return True
-    except Exception:  # noqa: BLE001 - any failure means "no engine": we fall back
+    except (DockerException, OSError):  # no engine (or no access to it): fall back
         return False
 
 
 def demo_pool(runtime: str) -> dict[str, Any]:
-    container: dict[str, Any] = {"name": "main", "image": "sessionpool/echo:dev",
-                                 "probes": [{"type": "Startup",
-                                             "httpGet": {"path": "/health", "port": 8080}}]}
+    container: dict[str, Any] = {
+        "name": "main",
+        "image": "sessionpool/echo:dev",
+        "probes": [{"type": "Startup", "httpGet": {"path": "/health", "port": 8080}}],
+    }
     if runtime == "process":
-        container.update(image="local", command=[sys.executable], args=[str(ECHO)],
-                         env=[{"name": "HOST", "value": "127.0.0.1"}])
-    return {"properties": {
-        "scaleConfiguration": {"maxConcurrentSessions": 10, "readySessionInstances": 2},
-        "dynamicPoolConfiguration": {"lifecycleConfiguration": {
-            "lifecycleType": "Timed", "cooldownPeriodInSeconds": 300}},
-        "customContainerTemplate": {"containers": [container],
-                                    "ingress": {"targetPort": 8080}},
-    }}
+        container.update(
+            image="local",
+            command=[sys.executable],
+            args=[str(ECHO)],
+            env=[{"name": "HOST", "value": "127.0.0.1"}],
+        )
+    return {
+        "properties": {
+            "scaleConfiguration": {"maxConcurrentSessions": 10, "readySessionInstances": 2},
+            "dynamicPoolConfiguration": {
+                "lifecycleConfiguration": {"lifecycleType": "Timed", "cooldownPeriodInSeconds": 300}
+            },
+            "customContainerTemplate": {"containers": [container], "ingress": {"targetPort": 8080}},
+        }
+    }
 
 
 async def clean_up(store: Store, runtime: Runtime, scope: str) -> None:
     """End every session and destroy every sandbox of this scope; pool definitions stay."""
     for name in await store.pool_names():
         for ident in await store.redis.hkeys(store.pk(name).sessions):
-            await store.stop(name, ident.decode(), "stopped")
+            await store.stop(name, text(ident), "stopped")
         for sid in await store.sandboxes(name):
             await store.retire(name, sid, "shutdown")
             await store.forget(name, sid)
@@ -97,8 +122,10 @@ async def up(args: argparse.Namespace) -> int:
         redis_proc, extra["redis_url"] = start_redis(Path(tmp.name))
     runtime_name = args.runtime or ("docker" if docker_reachable() else "process")
     if runtime_name == "process" and args.runtime is None:
-        log.warning("no Docker engine reachable: using the process runtime (NOT a security "
-                    "boundary; for development only)")
+        log.warning(
+            "no Docker engine reachable: using the process runtime (NOT a security "
+            "boundary; for development only)"
+        )
     log.warning("auth is off (--auth none): anyone who reaches this port can run sessions")
     settings: Settings = settings_from(args, runtime=runtime_name, auth="none", **extra)
     if args.port is None:
@@ -125,16 +152,22 @@ async def up(args: argparse.Namespace) -> int:
         worker = asyncio.create_task(run_worker(settings, runtime, stop))
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         pools = await store.pool_names()
-        print(f"sessionpool is up: router http://{host}:{port} (runtime {runtime_name}, "
-              f"redis {settings.redis_url})", flush=True)
+        print(
+            f"sessionpool is up: router http://{host}:{port} (runtime {runtime_name}, "
+            f"redis {settings.redis_url})",
+            flush=True,
+        )
         for name in pools:
             print(f"  pool {name}: http://{host}:{port}/pools/{name}", flush=True)
         if pools:
-            print(f"try:  curl 'http://{host}:{port}/pools/{pools[0]}/hello?identifier=me-1'",
-                  flush=True)
+            print(
+                f"try:  curl 'http://{host}:{port}/pools/{pools[0]}/hello?identifier=me-1'",
+                flush=True,
+            )
         print("Ctrl-C stops everything and removes every sandbox.", flush=True)
-        done, _ = await asyncio.wait({worker, asyncio.ensure_future(stop.wait())},
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {worker, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+        )
         if worker in done:
             worker.result()  # a crashed worker is an error, not a quiet exit
     finally:
