@@ -161,3 +161,31 @@ pools:
 async def test_wait_until_helper_fails_at_deadline() -> None:
     with pytest.raises(AssertionError):
         await wait_until(lambda: False, timeout=0.1)
+
+
+async def test_events_lists_the_lifecycle(settings: Settings, store: Store) -> None:
+    from tests.helpers import FakeSandbox, add_ready, make_pool
+
+    pool = make_pool()
+    await store.put_pool(pool)
+    sb = await FakeSandbox().start()
+    try:
+        await add_ready(store, pool, sb)
+        claimed = await store.claim(pool, "evt-user")
+        assert claimed.created
+        assert await store.stop("demo", "evt-user", "stopped")
+    finally:
+        await sb.close()
+    env = {
+        "SESSIONPOOL_REDIS_URL": settings.redis_url,
+        "SESSIONPOOL_KEY_PREFIX": settings.key_prefix,
+    }
+    out = cli("events", "demo", env=env)
+    assert out.returncode == 0, out.stderr
+    import orjson
+
+    events = [orjson.loads(line) for line in out.stdout.splitlines()]
+    assert [(e["event"], e["identifier"], e["pool"]) for e in events] == [
+        ("allocated", "evt-user", "demo"),
+        ("stopped", "evt-user", "demo"),
+    ]

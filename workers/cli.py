@@ -16,7 +16,7 @@ from router.errors import InvalidPoolError
 from router.keys import Keys
 from router.pools import parse_pool
 from router.settings import Settings
-from router.store import Store, open_redis
+from router.store import Store, open_redis, text
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -58,7 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     sessions = sub.add_parser("sessions", help="table of a pool's sessions")
     _common(sessions)
     sessions.add_argument("pool")
+    events = sub.add_parser("events", help="session lifecycle events (allocated, expired, …)")
+    _common(events)
+    events.add_argument("pool", nargs="?", help="one pool (default: every pool)")
+    events.add_argument("--follow", action="store_true", help="keep printing new events")
     return parser
+
+
+async def print_events(store: Store, pool: str | None, follow: bool) -> None:
+    """Print the pools' lifecycle streams as JSON lines, oldest first, then follow."""
+    names = [pool] if pool else await store.pool_names()
+    streams = {store.pk(n).log: n for n in names}
+    last = dict.fromkeys(streams, "0-0")
+    while True:
+        reply: Any = await store.redis.xread(last, count=1000, block=1000 if follow else None)
+        if not reply and not follow:
+            return
+        for stream, entries in reply or []:
+            key = text(stream)
+            for mid, fields in entries:
+                last[key] = text(mid)
+                event = orjson.loads(fields[b"data"])
+                event["pool"] = streams[key]
+                print(orjson.dumps(event).decode(), flush=True)
 
 
 def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -153,6 +175,8 @@ async def _with_store(settings: Settings, action: str, args: argparse.Namespace)
                         ]
                     )
             print_table(rows, ["POOL", "IMAGE", "TARGET", "MAX", "READY", "WARMING", "ALLOCATED"])
+        elif action == "events":
+            await print_events(store, args.pool, args.follow)
         elif action == "sessions":
             from router.management import iso
 

@@ -1,0 +1,96 @@
+"""Prometheus metrics of the router: pool gauges read from Redis, latencies, errors.
+
+Pool gauges are read from Redis at scrape time, so every router reports the same numbers.
+Names follow ACA's metrics: ready = `PoolReadyPodCount`, allocated = `PoolExecutingPodCount`,
+warming = `PoolPendingPodCount`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from router.store import Store
+
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class RouterMetrics:
+    """One registry per router process (tests run several in one interpreter)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.ready = Gauge(
+            "sessionpool_pool_ready",
+            "Ready sandboxes (ACA PoolReadyPodCount)",
+            ["pool"],
+            registry=r,
+        )
+        self.allocated = Gauge(
+            "sessionpool_pool_allocated",
+            "Allocated sessions (ACA PoolExecutingPodCount)",
+            ["pool"],
+            registry=r,
+        )
+        self.warming = Gauge(
+            "sessionpool_pool_warming",
+            "Sandboxes starting (ACA PoolPendingPodCount)",
+            ["pool"],
+            registry=r,
+        )
+        self.allocation = Histogram(
+            "sessionpool_allocation_seconds",
+            "Time to claim a sandbox for a new identifier",
+            ["pool"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.proxy = Histogram(
+            "sessionpool_proxy_seconds",
+            "Time from request to the session's response headers",
+            ["pool"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "sessionpool_upstream_errors",
+            "Requests the session could not answer",
+            ["pool", "kind"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "sessionpool_store_errors",
+            "Requests answered 503 because Redis was unreachable",
+            registry=r,
+        )
+        self.responses = Counter(
+            "sessionpool_responses", "Responses by status class", ["code"], registry=r
+        )
+
+    async def render(self, store: Store) -> bytes:
+        """Refresh the pool gauges from Redis, then render the exposition text."""
+        names = await store.pool_names()
+        for gauge in (self.ready, self.allocated, self.warming):
+            gauge.clear()
+        for name in names:
+            counts = await store.counts(name)
+            self.ready.labels(name).set(counts["ready"])
+            self.allocated.labels(name).set(counts["allocated"])
+            self.warming.labels(name).set(counts["warming"])
+        return generate_latest(self.registry)
