@@ -69,7 +69,7 @@ async def print_events(store: Store, pool: str | None, follow: bool) -> None:
     """Print the pools' lifecycle streams as JSON lines, oldest first, then follow."""
     names = [pool] if pool else await store.pool_names()
     streams = {store.pk(n).log: n for n in names}
-    last = dict.fromkeys(streams, "0-0")
+    last: dict[Any, Any] = dict.fromkeys(streams, "0-0")
     while True:
         reply: Any = await store.redis.xread(last, count=1000, block=1000 if follow else None)
         if not reply and not follow:
