@@ -300,6 +300,14 @@ class Store:
             approximate=True,
         )
 
+    async def log_event(self, pool: str, event: dict[str, Any]) -> None:
+        """Append to the pool's lifecycle stream (what `sessionpool events` shows)."""
+        t = await self.redis.time()
+        event.setdefault("at", int(t[0]) * 1000 + int(t[1]) // 1000)
+        await self.redis.xadd(
+            self.pk(pool).log, {"data": orjson.dumps(event)}, maxlen=STREAM_MAXLEN, approximate=True
+        )
+
     async def ensure_group(self, stream: str, group: str) -> None:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
             await self.redis.xgroup_create(stream, group, id="0", mkstream=True)

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+from workers import metrics
 from workers.context import REDIS_ERRORS, Context, Event, consume
 from workers.probes import probe_once
 
@@ -61,7 +62,9 @@ class Reaper:
             await self.ctx.runtime.destroy(container)
         if sid:
             await self.ctx.store.forget(pool, sid)
-        log.info("pool %s: sandbox %s destroyed (%s)", pool, sid, event.get("reason"))
+        reason = str(event.get("reason") or "unknown")
+        metrics.TEARDOWNS.labels(pool, reason).inc()
+        log.info("pool %s: sandbox %s destroyed (%s)", pool, sid, reason)
 
     async def run_pool(self, pool: str) -> None:
         stream = self.ctx.store.pk(pool).events
@@ -152,6 +155,10 @@ class Reaper:
             if rec is None:
                 if now_s - obs.created_s > ctx.settings.orphan_grace_s:
                     await runtime.destroy(obs.container)
+                    metrics.TEARDOWNS.labels(obs.pool, "orphan").inc()
+                    await store.log_event(
+                        obs.pool, {"event": "orphan-removed", "sandbox": obs.sandbox_id}
+                    )
                     fixed["orphans"] += 1
             elif not obs.running and rec.get("state") != "stopping":
                 await self.on_exit(obs.pool, obs.sandbox_id)

@@ -15,6 +15,7 @@ import uuid
 
 from router.pools import Pool
 from router.store import text
+from workers import metrics
 from workers.context import REDIS_ERRORS, Context, Event, consume
 from workers.probes import wait_started
 from workers.runtime import RuntimeError_, SandboxSpec
@@ -78,6 +79,8 @@ class Replenisher:
     async def _create(self, pool: Pool, sid: str) -> None:
         ctx = self.ctx
         store = ctx.store
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         async with self._sem:
             if ctx.stop.is_set():
                 await store.forget(pool.name, sid)
@@ -92,6 +95,7 @@ class Replenisher:
                 handle = await ctx.runtime.create(spec)
             except RuntimeError_ as exc:
                 log.error("pool %s: cannot create a sandbox: %s", pool.name, exc)
+                metrics.CREATE_FAILURES.labels(pool.name).inc()
                 self._fail(pool.name)
                 await store.forget(pool.name, sid)
                 return
@@ -101,6 +105,7 @@ class Replenisher:
                 return
             if not await wait_started(ctx.http, handle.addr, pool):
                 log.error("pool %s: sandbox %s failed its startup probe", pool.name, sid)
+                metrics.CREATE_FAILURES.labels(pool.name).inc()
                 self._fail(pool.name)
                 await store.retire(pool.name, sid, "unhealthy")
                 await ctx.runtime.destroy(handle.container)
@@ -112,6 +117,8 @@ class Replenisher:
                 await store.forget(pool.name, sid)
                 return
             self._backoff.pop(pool.name, None)
+            metrics.CREATED.labels(pool.name).inc()
+            metrics.START_SECONDS.labels(pool.name).observe(loop.time() - started)
         except REDIS_ERRORS as exc:
             # Redis is away: the container stays labelled, reconciliation settles it later.
             log.warning("pool %s: sandbox %s left to reconciliation: %s", pool.name, sid, exc)
