@@ -11,16 +11,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import orjson
 from aiohttp import web
-from yarl import URL
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from yarl import URL
 
-from router import management, proxy
+from router import admin, auth, management, proxy
 from router.errors import (
     PoolNotFoundError,
     RequestTooLargeError,
     SessionPoolError,
     SessionUnreachableError,
+    UnauthorizedError,
 )
 from router.identifiers import check_identifier
 from router.keys import Keys
@@ -39,14 +40,16 @@ TRACE_ID = web.RequestKey("trace_id", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(status: int, code: str, message: str, trace_id: str,
-                   retry_after_s: int | None = None) -> web.Response:
+def error_response(
+    status: int, code: str, message: str, trace_id: str, retry_after_s: int | None = None
+) -> web.Response:
     headers = {"x-ms-error-code": code, "x-ms-trace-id": trace_id}
     if retry_after_s is not None:
         headers["Retry-After"] = str(retry_after_s)
     body = {"error": {"code": code, "message": message, "traceId": trace_id}}
-    return web.Response(status=status, body=orjson.dumps(body), headers=headers,
-                        content_type="application/json")
+    return web.Response(
+        status=status, body=orjson.dumps(body), headers=headers, content_type="application/json"
+    )
 
 
 @web.middleware
@@ -57,11 +60,15 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except SessionPoolError as exc:
-        return error_response(exc.status, exc.code, exc.message, trace_id, exc.retry_after_s)
+        resp = error_response(exc.status, exc.code, exc.message, trace_id, exc.retry_after_s)
+        if isinstance(exc, UnauthorizedError):
+            resp.headers["WWW-Authenticate"] = auth.CHALLENGE
+        return resp
     except (RedisConnectionError, RedisTimeoutError) as exc:
         log.warning("store unavailable: %s", exc)
-        return error_response(503, "StoreUnavailable", "The session store is unavailable.",
-                              trace_id, 1)
+        return error_response(
+            503, "StoreUnavailable", "The session store is unavailable.", trace_id, 1
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -87,33 +94,44 @@ async def _serve(
     app = request.app
     routing = app[ROUTING]
     settings = app[SETTINGS]
+    principal = await app[auth.AUTH].authorize(request, auth.EXECUTOR, pool_name)
     path = target.partition("?")[0]
     if not POOL_NAME.match(pool_name):
         raise PoolNotFoundError(f"Session pool '{pool_name}' was not found.")
     if path.startswith("/.management/"):
         pool = await routing.get_pool(pool_name)
-        return await management.management(request, routing, pool, path[13:], base)
+        return await management.management(request, routing, pool, path[13:], base, principal.id)
     if path in management.CODE_INTERPRETER_PATHS and path != "/session":
         pool = await routing.get_pool(pool_name)
         if pool.container_type == "PythonLTS":
-            return await management.code_interpreter(request, routing, pool, path, base)
+            return await management.code_interpreter(
+                request, routing, pool, path, base, principal.id
+            )
     ident = check_identifier(request.query.get("identifier"))  # before Redis is touched
     if (request.content_length or 0) > settings.max_body_bytes:
         raise RequestTooLargeError(
-            f"The request body is larger than {settings.max_body_bytes} bytes.")
+            f"The request body is larger than {settings.max_body_bytes} bytes."
+        )
     pool = await routing.get_pool(pool_name)
     if path == "/session" and pool.container_type == "PythonLTS":
-        return await management.code_interpreter(request, routing, pool, path, base)
-    session = await routing.resolve(pool, ident)
+        return await management.code_interpreter(request, routing, pool, path, base, principal.id)
+    session = await routing.resolve(pool, ident, principal.id)
     prefix = URL(base).raw_path.rstrip("/")
     routing.begin(session, pool_name)
     try:
         if proxy.is_websocket(request):
             return await proxy.forward_websocket(
-                request, app[CLIENT], session.addr, target, prefix, settings.ws_max_msg_bytes,
-                lambda: routing.activity(session, pool_name))
-        return await proxy.forward_http(request, app[CLIENT], session.addr, target, prefix,
-                                        settings.max_body_bytes)
+                request,
+                app[CLIENT],
+                session.addr,
+                target,
+                prefix,
+                settings.ws_max_msg_bytes,
+                lambda: routing.activity(session, pool_name),
+            )
+        return await proxy.forward_http(
+            request, app[CLIENT], session.addr, target, prefix, settings.max_body_bytes
+        )
     except SessionUnreachableError:
         routing.forget(pool_name, ident)  # the route may be stale; look it up next time
         raise
@@ -127,15 +145,17 @@ def _base(request: web.Request, path_prefix: str) -> str:
 
 async def pool_endpoint(request: web.Request) -> web.StreamResponse:
     pool = request.match_info["pool"]
-    return await _serve(request, pool, _split_target(request.raw_path, 2),
-                        _base(request, f"/pools/{pool}"))
+    return await _serve(
+        request, pool, _split_target(request.raw_path, 2), _base(request, f"/pools/{pool}")
+    )
 
 
 async def aca_endpoint(request: web.Request) -> web.StreamResponse:
     m = request.match_info
-    prefix = (f"/subscriptions/{m['sub']}/resourceGroups/{m['rg']}/sessionPools/{m['pool']}")
-    return await _serve(request, m["pool"], _split_target(request.raw_path, 6),
-                        _base(request, prefix))
+    prefix = f"/subscriptions/{m['sub']}/resourceGroups/{m['rg']}/sessionPools/{m['pool']}"
+    return await _serve(
+        request, m["pool"], _split_target(request.raw_path, 6), _base(request, prefix)
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -172,11 +192,13 @@ def create_app(settings: Settings) -> web.Application:
         middlewares.append(host_suffix_middleware(settings.host_suffix))
     app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
     app[SETTINGS] = settings
+    app[auth.AUTH] = auth.Authenticator.from_settings(settings)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_client_ctx)
     app.cleanup_ctx.append(_background_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_routes(admin.routes(STORE))
     app.router.add_route("*", "/pools/{pool}", pool_endpoint)
     app.router.add_route("*", "/pools/{pool}/{tail:.*}", pool_endpoint)
     aca = "/subscriptions/{sub}/resourceGroups/{rg}/sessionPools/{pool}"
@@ -203,8 +225,9 @@ async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
         connector=connector,
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=proxy.client_timeout(settings.upstream_connect_timeout_s,
-                                     settings.upstream_idle_timeout_s),
+        timeout=proxy.client_timeout(
+            settings.upstream_connect_timeout_s, settings.upstream_idle_timeout_s
+        ),
         read_bufsize=256 * 1024,
         max_field_size=8190,
     )
@@ -216,8 +239,10 @@ async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     routing = app[ROUTING]
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(routing.run_subscriber(stop), name="subscriber"),
-             asyncio.create_task(routing.run_flusher(stop), name="activity-flusher")]
+    tasks = [
+        asyncio.create_task(routing.run_subscriber(stop), name="subscriber"),
+        asyncio.create_task(routing.run_flusher(stop), name="activity-flusher"),
+    ]
     yield
     stop.set()
     # Both notice `stop` within a second; the flusher writes what it still holds.

@@ -1,20 +1,21 @@
 """The error tree; each leaf knows its HTTP status and its ACA error code.
 
-    SessionPoolError
-    ├── BadRequestError                  400
-    │   ├── MissingIdentifierError       400 MissingIdentifier
-    │   ├── InvalidIdentifierError       400 InvalidIdentifier
-    │   └── InvalidPoolError             400 InvalidPoolDefinition
-    ├── UnauthorizedError                401 Unauthorized
-    ├── ForbiddenError                   403 Forbidden
-    ├── PoolNotFoundError                404 PoolNotFound
-    ├── SessionNotFoundError             404 SessionNotFound
-    ├── RequestTooLargeError             413 RequestTooLarge
-    ├── SessionLimitError                429 SessionLimitReached (Retry-After)
-    ├── SessionUnreachableError          502 SessionUnreachable
-    ├── NoReadySessionError              503 NoReadySession
-    ├── StoreUnavailableError            503 StoreUnavailable
-    └── SessionTimeoutError              504 SessionTimeout
+SessionPoolError
+├── BadRequestError                  400
+│   ├── MissingIdentifierError       400 MissingIdentifier
+│   ├── InvalidIdentifierError       400 InvalidIdentifier
+│   └── InvalidPoolError             400 InvalidPoolDefinition
+├── UnauthorizedError                401 Unauthorized
+├── ForbiddenError                   403 Forbidden
+├── PoolNotFoundError                404 PoolNotFound
+├── SessionNotFoundError             404 SessionNotFound
+├── RequestTooLargeError             413 RequestTooLarge
+├── UnsupportedMediaTypeError        415 UnsupportedMediaType
+├── SessionLimitError                429 SessionLimitReached (Retry-After)
+├── SessionUnreachableError          502 SessionUnreachable
+├── NoReadySessionError              503 NoReadySession
+├── StoreUnavailableError            503 StoreUnavailable
+└── SessionTimeoutError              504 SessionTimeout
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class SessionNotFoundError(SessionPoolError):
 class RequestTooLargeError(SessionPoolError):
     status = 413
     code = "RequestTooLarge"
+
+
+class UnsupportedMediaTypeError(SessionPoolError):
+    status = 415
+    code = "UnsupportedMediaType"
 
 
 class SessionLimitError(SessionPoolError):

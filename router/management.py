@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from router.errors import BadRequestError, SessionNotFoundError
+from router.errors import BadRequestError, ForbiddenError, SessionNotFoundError
 from router.identifiers import check_identifier
 from router.pools import Pool
 from router.routing import Routing
@@ -48,49 +48,77 @@ def _skip(request: web.Request) -> int:
     return int(raw)
 
 
-async def _list(request: web.Request, routing: Routing, pool: Pool, base: str) -> web.Response:
+def _check_owner(pool: Pool, session: Session, principal: str) -> None:
+    """Tenant binding: only the principal that created a session may see or stop it."""
+    if pool.tenant_binding and session.owner != principal:
+        raise ForbiddenError("This session belongs to another principal.")
+
+
+async def _list(
+    request: web.Request, routing: Routing, pool: Pool, base: str, principal: str
+) -> web.Response:
     skip = _skip(request)
     sessions, total = await routing.store.list_sessions(pool.name, skip, PAGE_SIZE)
-    views = [session_view(s) for s in sessions]
     after = skip + PAGE_SIZE
     next_link = None
     if after < total:
         next_link = f"{base}/{request.path.rsplit('/', 1)[1]}?skip={after}"
-    return json_response({"value": views, "sessions": views, "count": total,
-                          "nextLink": next_link})
+    if pool.tenant_binding:
+        # Pages still step through every session but show only the caller's own, and the
+        # count is of those: the pool-wide total would tell one tenant about the others.
+        sessions = [s for s in sessions if s.owner == principal]
+        total = len(sessions)
+    views = [session_view(s) for s in sessions]
+    return json_response({"value": views, "sessions": views, "count": total, "nextLink": next_link})
 
 
-async def _get(request: web.Request, routing: Routing, pool: Pool) -> web.Response:
+async def _get(request: web.Request, routing: Routing, pool: Pool, principal: str) -> web.Response:
     ident = check_identifier(request.query.get("identifier"))
     session = await routing.store.get_session(pool.name, ident)
     if session is None:
         raise SessionNotFoundError(f"Session {ident} was not found in session pool {pool.name}.")
+    _check_owner(pool, session, principal)
     return json_response(session_view(session))
 
 
-async def _stop(request: web.Request, routing: Routing, pool: Pool) -> str:
+async def _stop(request: web.Request, routing: Routing, pool: Pool, principal: str) -> str:
     ident = check_identifier(request.query.get("identifier"))
-    if not await routing.store.stop(pool.name, ident, "stopped"):
+    sandbox = ""
+    if pool.tenant_binding:
+        session = await routing.store.get_session(pool.name, ident)
+        if session is not None:
+            _check_owner(pool, session, principal)
+            sandbox = session.sandbox  # stop exactly the session that was checked
+    if not await routing.store.stop(pool.name, ident, "stopped", sandbox):
         raise SessionNotFoundError(f"Session {ident} was not found in session pool {pool.name}.")
     routing.forget(pool.name, ident)
     return ident
 
 
 async def management(
-    request: web.Request, routing: Routing, pool: Pool, action: str, base: str
+    request: web.Request,
+    routing: Routing,
+    pool: Pool,
+    action: str,
+    base: str,
+    principal: str = "",
 ) -> web.StreamResponse:
-    """`/.management/{stopSession,getSession,listSessions}` on every pool."""
+    """`/.management/{stopSession,getSession,listSessions}` on every pool.
+
+    `principal` is the caller's id: on a tenant-bound pool it sees and stops only its own.
+    """
     method = request.method
     if action == "stopSession" and method == "POST":
-        ident = await _stop(request, routing, pool)
+        ident = await _stop(request, routing, pool, principal)
         return web.Response(text=f"Session {ident} in session pool {pool.name} stopped.")
     if action == "getSession" and method in ("GET", "POST"):
-        return await _get(request, routing, pool)
+        return await _get(request, routing, pool, principal)
     if action == "listSessions" and method in ("GET", "POST"):
-        return await _list(request, routing, pool, base + "/.management")
+        return await _list(request, routing, pool, base + "/.management", principal)
     if action in ("stopSession", "getSession", "listSessions"):
-        raise web.HTTPMethodNotAllowed(method, ["POST"] if action == "stopSession"
-                                       else ["GET", "POST"])
+        raise web.HTTPMethodNotAllowed(
+            method, ["POST"] if action == "stopSession" else ["GET", "POST"]
+        )
     raise web.HTTPNotFound()
 
 
@@ -98,25 +126,35 @@ CODE_INTERPRETER_PATHS = frozenset({"/session", "/listSessions", "/metadata"})
 
 
 async def code_interpreter(
-    request: web.Request, routing: Routing, pool: Pool, path: str, base: str
+    request: web.Request,
+    routing: Routing,
+    pool: Pool,
+    path: str,
+    base: str,
+    principal: str = "",
 ) -> web.StreamResponse:
     """`GET|DELETE /session`, `GET /listSessions`, `GET /metadata` (2025-02-02-preview)."""
     method = request.method
     if path == "/session" and method == "GET":
-        return await _get(request, routing, pool)
+        return await _get(request, routing, pool, principal)
     if path == "/session" and method == "DELETE":
-        await _stop(request, routing, pool)
+        await _stop(request, routing, pool, principal)
         return web.Response(status=204)
     if path == "/listSessions" and method == "GET":
-        return await _list(request, routing, pool, base)
+        return await _list(request, routing, pool, base, principal)
     if path == "/metadata" and method == "GET":
-        return json_response({
-            "runtimes": [{"name": "python", "version": "3.11"}],
-            "preInstalledPackages": [],
-            "jupyterKernel": {"name": "python3", "version": "3.11",
-                              "projectUrl": "https://ipython.org",
-                              "description": "IPython kernel"},
-            "createdAt": None,
-            "lastUpdatedAt": None,
-        })
+        return json_response(
+            {
+                "runtimes": [{"name": "python", "version": "3.11"}],
+                "preInstalledPackages": [],
+                "jupyterKernel": {
+                    "name": "python3",
+                    "version": "3.11",
+                    "projectUrl": "https://ipython.org",
+                    "description": "IPython kernel",
+                },
+                "createdAt": None,
+                "lastUpdatedAt": None,
+            }
+        )
     raise web.HTTPMethodNotAllowed(method, ["DELETE", "GET"] if path == "/session" else ["GET"])

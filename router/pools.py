@@ -15,8 +15,15 @@ POOL_NAME = re.compile(r"^[a-z][a-z0-9-]{2,62}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MEMORY = re.compile(r"^(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 MEMORY_UNITS = {
-    None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-    "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
+    None: 1,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 1 << 10,
+    "Mi": 1 << 20,
+    "Gi": 1 << 30,
+    "Ti": 1 << 40,
 }
 CONTAINER_TYPES = {"CustomContainer", "PythonLTS"}
 OCI_RUNTIMES = {"runc", "runsc", "kata", "kata-runtime", "io.containerd.kata.v2"}
@@ -85,8 +92,9 @@ class Pool:
 
     def dumps(self) -> bytes:
         """What the store keeps: the full definition, secrets included, and its version."""
-        return orjson.dumps({"name": self.name, "version": self.version,
-                             "properties": self.properties})
+        return orjson.dumps(
+            {"name": self.name, "version": self.version, "properties": self.properties}
+        )
 
     @classmethod
     def loads(cls, raw: bytes | str) -> Pool:
@@ -113,39 +121,75 @@ def parse_pool(
 
     ctype = _get(props, "containerType", str, "CustomContainer")
     if ctype not in CONTAINER_TYPES:
-        raise InvalidPoolError(f"properties.containerType: must be one of {sorted(CONTAINER_TYPES)}")
+        raise InvalidPoolError(
+            f"properties.containerType: must be one of {sorted(CONTAINER_TYPES)}"
+        )
 
     scale = _obj(props, "scaleConfiguration")
-    max_sessions = _int(scale, "properties.scaleConfiguration.maxConcurrentSessions",
-                        "maxConcurrentSessions", 10, 1, 100_000)
-    ready = _int(scale, "properties.scaleConfiguration.readySessionInstances",
-                 "readySessionInstances", 5, 0, 10_000)
+    max_sessions = _int(
+        scale,
+        "properties.scaleConfiguration.maxConcurrentSessions",
+        "maxConcurrentSessions",
+        10,
+        1,
+        100_000,
+    )
+    ready = _int(
+        scale,
+        "properties.scaleConfiguration.readySessionInstances",
+        "readySessionInstances",
+        5,
+        0,
+        10_000,
+    )
 
     dyn = _obj(props, "dynamicPoolConfiguration")
     life = _obj(dyn, "lifecycleConfiguration", "dynamicPoolConfiguration.")
     lifecycle = life.get("lifecycleType", dyn.get("executionType", "Timed"))
     if lifecycle not in ("Timed", "OnContainerExit"):
-        raise InvalidPoolError("properties.dynamicPoolConfiguration.lifecycleConfiguration"
-                               ".lifecycleType: must be Timed or OnContainerExit")
-    cooldown_src = life if "cooldownPeriodInSeconds" in life else dyn
-    cooldown = _int(cooldown_src, "properties.dynamicPoolConfiguration.lifecycleConfiguration"
-                    ".cooldownPeriodInSeconds", "cooldownPeriodInSeconds", 300, 1, 86_400 * 7)
-    max_alive = _int(life, "properties.dynamicPoolConfiguration.lifecycleConfiguration"
-                     ".maxAlivePeriodInSeconds", "maxAlivePeriodInSeconds", 3600, 1, 86_400 * 30)
+        raise InvalidPoolError(
+            "properties.dynamicPoolConfiguration.lifecycleConfiguration"
+            ".lifecycleType: must be Timed or OnContainerExit"
+        )
+    # The older shape keeps the cooldown beside executionType; name the field that was sent.
+    legacy = "cooldownPeriodInSeconds" not in life and "cooldownPeriodInSeconds" in dyn
+    cooldown = _int(
+        dyn if legacy else life,
+        "properties.dynamicPoolConfiguration."
+        + ("" if legacy else "lifecycleConfiguration.")
+        + "cooldownPeriodInSeconds",
+        "cooldownPeriodInSeconds",
+        300,
+        1,
+        86_400 * 7,
+    )
+    max_alive = _int(
+        life,
+        "properties.dynamicPoolConfiguration.lifecycleConfiguration.maxAlivePeriodInSeconds",
+        "maxAlivePeriodInSeconds",
+        3600,
+        1,
+        86_400 * 30,
+    )
     if lifecycle == "OnContainerExit" and ctype != "CustomContainer":
-        raise InvalidPoolError("properties.dynamicPoolConfiguration.lifecycleConfiguration"
-                               ".lifecycleType: OnContainerExit needs containerType CustomContainer")
+        raise InvalidPoolError(
+            "properties.dynamicPoolConfiguration.lifecycleConfiguration.lifecycleType: "
+            "OnContainerExit needs containerType CustomContainer"
+        )
 
     secrets = _secrets(props)
     template = _obj(props, "customContainerTemplate")
     containers = template.get("containers", [])
     if ctype == "PythonLTS" and not containers:
         containers = [{"name": "main", "image": code_interpreter_image}]
-        template = {**template, "ingress": template.get("ingress")
-                    or {"targetPort": CODE_INTERPRETER_PORT}}
+        template = {
+            **template,
+            "ingress": template.get("ingress") or {"targetPort": CODE_INTERPRETER_PORT},
+        }
     if not isinstance(containers, list) or len(containers) != 1:
-        raise InvalidPoolError("properties.customContainerTemplate.containers: "
-                               "exactly one container is required")
+        raise InvalidPoolError(
+            "properties.customContainerTemplate.containers: exactly one container is required"
+        )
     c = containers[0]
     where = "properties.customContainerTemplate.containers[0]"
     if not isinstance(c, dict):
@@ -161,41 +205,72 @@ def parse_pool(
     ingress = _obj(template, "ingress", "customContainerTemplate.")
     port = ingress.get("targetPort")
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise InvalidPoolError("properties.customContainerTemplate.ingress.targetPort: "
-                               "required, an integer 1-65535")
+        raise InvalidPoolError(
+            "properties.customContainerTemplate.ingress.targetPort: required, an integer 1-65535"
+        )
     probes = _probes(c, where)
     if ctype == "PythonLTS" and not probes:
-        probes = (Probe(type="Startup", port=port, path="/health", period_s=0.1,
-                        failure_threshold=600),)
+        probes = (
+            Probe(type="Startup", port=port, path="/health", period_s=0.1, failure_threshold=600),
+        )
 
     net = _obj(props, "sessionNetworkConfiguration")
     status = net.get("status", "EgressDisabled")
     if status not in ("EgressEnabled", "EgressDisabled"):
-        raise InvalidPoolError("properties.sessionNetworkConfiguration.status: "
-                               "must be EgressEnabled or EgressDisabled")
+        raise InvalidPoolError(
+            "properties.sessionNetworkConfiguration.status: must be EgressEnabled or EgressDisabled"
+        )
 
     sandbox = _obj(props, "sandboxConfiguration")
     runtime = sandbox.get("runtime")
-    if runtime is not None and runtime not in OCI_RUNTIMES:
-        raise InvalidPoolError(f"properties.sandboxConfiguration.runtime: must be one of "
-                               f"{sorted(OCI_RUNTIMES)}")
+    if runtime is not None and (not isinstance(runtime, str) or runtime not in OCI_RUNTIMES):
+        raise InvalidPoolError(
+            f"properties.sandboxConfiguration.runtime: must be one of {sorted(OCI_RUNTIMES)}"
+        )
     pids = _int(sandbox, "properties.sandboxConfiguration.pidsLimit", "pidsLimit", 256, 16, 65_536)
     tenant = props.get("tenantBinding", False)
     if not isinstance(tenant, bool):
         raise InvalidPoolError("properties.tenantBinding: must be true or false")
 
     pool = Pool(
-        name=name, container_type=ctype, max_sessions=max_sessions, ready_instances=ready,
-        lifecycle=lifecycle, cooldown_s=cooldown, max_alive_s=max_alive, image=image,
-        command=command, args=args, env=env, cpu=cpu, memory_bytes=memory, target_port=port,
-        probes=probes, egress_enabled=status == "EgressEnabled", oci_runtime=runtime,
-        pids_limit=pids, tenant_binding=tenant, secrets=secrets, properties=props,
+        name=name,
+        container_type=ctype,
+        max_sessions=max_sessions,
+        ready_instances=ready,
+        lifecycle=lifecycle,
+        cooldown_s=cooldown,
+        max_alive_s=max_alive,
+        image=image,
+        command=command,
+        args=args,
+        env=env,
+        cpu=cpu,
+        memory_bytes=memory,
+        target_port=port,
+        probes=probes,
+        egress_enabled=status == "EgressEnabled",
+        oci_runtime=runtime,
+        pids_limit=pids,
+        tenant_binding=tenant,
+        secrets=secrets,
+        properties=props,
     )
     # The version covers what a new sandbox is made from, not scale or lifecycle settings.
     fingerprint = orjson.dumps(
-        [image, command, args, [(e.name, e.value, e.secret_ref) for e in env],
-         [secrets.get(e.secret_ref or "") for e in env], cpu, memory, port,
-         [p.__repr__() for p in probes], status, runtime, pids],
+        [
+            image,
+            command,
+            args,
+            [(e.name, e.value, e.secret_ref) for e in env],
+            [secrets.get(e.secret_ref or "") for e in env],
+            cpu,
+            memory,
+            port,
+            [p.__repr__() for p in probes],
+            status,
+            runtime,
+            pids,
+        ],
     )
     object.__setattr__(pool, "version", hashlib.sha256(fingerprint).hexdigest()[:12])
     return pool
@@ -237,9 +312,15 @@ def _secrets(props: dict[str, Any]) -> dict[str, str]:
         raise InvalidPoolError("properties.secrets: must be a list")
     out: dict[str, str] = {}
     for i, s in enumerate(raw):
-        if (not isinstance(s, dict) or not isinstance(s.get("name"), str)
-                or not isinstance(s.get("value"), str)):
+        if (
+            not isinstance(s, dict)
+            or not isinstance(s.get("name"), str)
+            or not s["name"]
+            or not isinstance(s.get("value"), str)
+        ):
             raise InvalidPoolError(f"properties.secrets[{i}]: needs string name and value")
+        if s["name"] in out:
+            raise InvalidPoolError(f"properties.secrets[{i}].name: {s['name']!r} appears twice")
         out[s["name"]] = s["value"]
     return out
 
@@ -248,19 +329,21 @@ def _env(c: dict[str, Any], where: str, secrets: dict[str, str]) -> tuple[EnvVar
     raw = c.get("env") or []
     if not isinstance(raw, list):
         raise InvalidPoolError(f"{where}.env: must be a list")
-    out = []
+    out: list[EnvVar] = []
     for i, e in enumerate(raw):
         at = f"{where}.env[{i}]"
         if not isinstance(e, dict) or not isinstance(e.get("name"), str):
             raise InvalidPoolError(f"{at}.name: required")
         if not ENV_NAME.match(e["name"]):
             raise InvalidPoolError(f"{at}.name: {e['name']!r} is not a valid variable name")
+        if any(v.name == e["name"] for v in out):
+            raise InvalidPoolError(f"{at}.name: {e['name']!r} appears twice")
         value, ref = e.get("value"), e.get("secretRef")
         if (value is None) == (ref is None):
             raise InvalidPoolError(f"{at}: exactly one of value and secretRef")
         if value is not None and not isinstance(value, str):
             raise InvalidPoolError(f"{at}.value: must be a string")
-        if ref is not None and ref not in secrets:
+        if ref is not None and (not isinstance(ref, str) or ref not in secrets):
             raise InvalidPoolError(f"{at}.secretRef: no secret named {ref!r}")
         out.append(EnvVar(e["name"], value, ref))
     return tuple(out)
@@ -271,8 +354,9 @@ def _resources(c: dict[str, Any], where: str) -> tuple[float | None, int | None]
     if not isinstance(res, dict):
         raise InvalidPoolError(f"{where}.resources: must be an object")
     cpu = res.get("cpu")
-    if cpu is not None and (not isinstance(cpu, int | float) or isinstance(cpu, bool)
-                            or not 0.05 <= cpu <= 64):
+    if cpu is not None and (
+        not isinstance(cpu, int | float) or isinstance(cpu, bool) or not 0.05 <= cpu <= 64
+    ):
         raise InvalidPoolError(f"{where}.resources.cpu: must be a number 0.05-64")
     mem = res.get("memory")
     memory = None
@@ -304,11 +388,12 @@ def _probes(c: dict[str, Any], where: str) -> tuple[Probe, ...]:
         if (http is None) == (tcp is None):
             raise InvalidPoolError(f"{at}: exactly one of httpGet and tcpSocket")
         action = http if http is not None else tcp
+        kind_key = "httpGet" if http is not None else "tcpSocket"
         if not isinstance(action, dict):
-            raise InvalidPoolError(f"{at}: httpGet/tcpSocket must be an object")
+            raise InvalidPoolError(f"{at}.{kind_key}: must be an object")
         port = action.get("port")
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            raise InvalidPoolError(f"{at}.port: required, an integer 1-65535")
+            raise InvalidPoolError(f"{at}.{kind_key}.port: required, an integer 1-65535")
         path = None
         scheme = "http"
         headers: tuple[tuple[str, str], ...] = ()
@@ -321,16 +406,26 @@ def _probes(c: dict[str, Any], where: str) -> tuple[Probe, ...]:
                 raise InvalidPoolError(f"{at}.httpGet.scheme: must be HTTP or HTTPS")
             hdrs = action.get("httpHeaders") or []
             if not isinstance(hdrs, list) or not all(
-                isinstance(h, dict) and isinstance(h.get("name"), str)
-                and isinstance(h.get("value"), str) for h in hdrs
+                isinstance(h, dict)
+                and isinstance(h.get("name"), str)
+                and isinstance(h.get("value"), str)
+                for h in hdrs
             ):
                 raise InvalidPoolError(f"{at}.httpGet.httpHeaders: list of {{name, value}}")
             headers = tuple((h["name"], h["value"]) for h in hdrs)
-        out.append(Probe(
-            type=kind, port=port, path=path, scheme=scheme, headers=headers,
-            initial_delay_s=_int(p, f"{at}.initialDelaySeconds", "initialDelaySeconds", 0, 0, 60),
-            period_s=_int(p, f"{at}.periodSeconds", "periodSeconds", 10, 1, 240),
-            timeout_s=_int(p, f"{at}.timeoutSeconds", "timeoutSeconds", 1, 1, 240),
-            failure_threshold=_int(p, f"{at}.failureThreshold", "failureThreshold", 3, 1, 10),
-        ))
+        out.append(
+            Probe(
+                type=kind,
+                port=port,
+                path=path,
+                scheme=scheme,
+                headers=headers,
+                initial_delay_s=_int(
+                    p, f"{at}.initialDelaySeconds", "initialDelaySeconds", 0, 0, 60
+                ),
+                period_s=_int(p, f"{at}.periodSeconds", "periodSeconds", 10, 1, 240),
+                timeout_s=_int(p, f"{at}.timeoutSeconds", "timeoutSeconds", 1, 1, 240),
+                failure_threshold=_int(p, f"{at}.failureThreshold", "failureThreshold", 3, 1, 10),
+            )
+        )
     return tuple(out)

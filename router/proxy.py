@@ -21,18 +21,36 @@ from router.errors import (
 log = logging.getLogger("sessionpool.proxy")
 
 # RFC 9110 §7.6.1 plus the legacy ones every proxy strips; headers named in Connection too.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
-})
-# Never forwarded to the session: the pool-wide credential and headers the router sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never forwarded to the session: the caller's credentials and headers the router sets itself.
 DROPPED_UPSTREAM = HOP_BY_HOP | {
-    "host", "authorization", "x-forwarded-proto", "x-forwarded-host",
+    "host",
+    "authorization",
+    "x-api-key",
+    "x-forwarded-proto",
+    "x-forwarded-host",
 }
-WS_HANDSHAKE = frozenset({
-    "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-    "sec-websocket-protocol", "sec-websocket-accept",
-})
+WS_HANDSHAKE = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+    }
+)
 SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -107,8 +125,9 @@ class _CappedBody:
 
 def client_timeout(connect_s: float, idle_s: float) -> aiohttp.ClientTimeout:
     # No total timeout: downloads, SSE and long polls may last as long as data keeps moving.
-    return aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s,
-                                 sock_read=idle_s)
+    return aiohttp.ClientTimeout(
+        total=None, connect=connect_s, sock_connect=connect_s, sock_read=idle_s
+    )
 
 
 async def forward_http(
@@ -136,8 +155,14 @@ async def forward_http(
         body = _CappedBody(max_body_bytes)
         data = body.stream(request.content) if has_body else None
         try:
-            up_cm = client.request(request.method, url, headers=headers, data=data,
-                                   allow_redirects=False, skip_auto_headers=SKIP_AUTO)
+            up_cm = client.request(
+                request.method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                skip_auto_headers=SKIP_AUTO,
+            )
             up = await up_cm.__aenter__()
         except RequestTooLargeError:
             raise
@@ -162,8 +187,9 @@ async def forward_http(
 
 
 async def _relay_response(request: web.Request, up: aiohttp.ClientResponse) -> web.StreamResponse:
-    resp = web.StreamResponse(status=up.status, reason=up.reason,
-                              headers=downstream_headers(up.headers))
+    resp = web.StreamResponse(
+        status=up.status, reason=up.reason, headers=downstream_headers(up.headers)
+    )
     await resp.prepare(request)
     try:
         async for chunk in up.content.iter_any():
@@ -179,9 +205,11 @@ async def _relay_response(request: web.Request, up: aiohttp.ClientResponse) -> w
 
 
 def is_websocket(request: web.Request) -> bool:
-    return (request.method == "GET"
-            and request.headers.get("Upgrade", "").lower() == "websocket"
-            and "upgrade" in _connection_tokens(request.headers))
+    return (
+        request.method == "GET"
+        and request.headers.get("Upgrade", "").lower() == "websocket"
+        and "upgrade" in _connection_tokens(request.headers)
+    )
 
 
 async def forward_websocket(
@@ -198,23 +226,37 @@ async def forward_websocket(
     Raises:
         SessionUnreachableError, SessionTimeoutError: the sandbox refused the upgrade.
     """
-    protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ())
-                 for p in v.split(",") if p.strip()]
+    protocols = [
+        p.strip()
+        for v in request.headers.getall("Sec-WebSocket-Protocol", ())
+        for p in v.split(",")
+        if p.strip()
+    ]
     headers = upstream_headers(request, prefix, drop=WS_HANDSHAKE)
     url = URL(f"ws://{addr}{target}", encoded=True)
     try:
-        up = await client.ws_connect(url, headers=headers, protocols=protocols,
-                                     max_msg_size=max_msg_bytes, autoclose=False,
-                                     autoping=True)
+        up = await client.ws_connect(
+            url,
+            headers=headers,
+            protocols=protocols,
+            max_msg_size=max_msg_bytes,
+            autoclose=False,
+            autoping=True,
+        )
     except aiohttp.WSServerHandshakeError as exc:
         raise SessionUnreachableError(
-            f"The session refused the WebSocket upgrade ({exc.status}).") from exc
+            f"The session refused the WebSocket upgrade ({exc.status})."
+        ) from exc
     except TimeoutError as exc:
         raise SessionTimeoutError("The session did not answer in time.") from exc
     except aiohttp.ClientError as exc:
         raise SessionUnreachableError(f"The session is unreachable: {exc}") from exc
-    ws = web.WebSocketResponse(protocols=[up.protocol] if up.protocol else [],
-                               max_msg_size=max_msg_bytes, autoclose=False, autoping=True)
+    ws = web.WebSocketResponse(
+        protocols=[up.protocol] if up.protocol else [],
+        max_msg_size=max_msg_bytes,
+        autoclose=False,
+        autoping=True,
+    )
     try:
         await ws.prepare(request)
         down_task = asyncio.ensure_future(_pump(ws, up, on_data))

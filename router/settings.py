@@ -36,7 +36,14 @@ class Settings:
     route_cache_ttl_s: float = 2.0
     activity_flush_s: float = 0.5
     shutdown_timeout_s: float = 30.0
-    auth: str = "none"
+    auth: str = "none"  # "required": every request but /healthz, /readyz needs a credential
+    api_keys_file: str = ""  # YAML/JSON list of {name, key_sha256, roles, pools?}
+    jwt_hs256_secret: str = field(default="", repr=False)
+    jwt_jwks: str = ""  # RS256 key set: a file path or an http(s) URL
+    jwt_issuer: str = ""  # when set, tokens must carry exactly this `iss`
+    jwt_audience: str = "https://dynamicsessions.io"  # comma-separated: any one matches
+    jwt_leeway_s: float = 30.0
+    jwks_ttl_s: float = 300.0
 
     # Workers.
     runtime: str = "docker"
@@ -63,6 +70,7 @@ class Settings:
             "route_cache_ttl_s",
             "activity_flush_s",
             "reconcile_interval_s",
+            "jwks_ttl_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive")
@@ -78,13 +86,24 @@ class Settings:
             raise ValueError(f"role: {self.role!r} is not all, replenisher or reaper")
         if self.auth not in ("none", "required"):
             raise ValueError(f"auth: {self.auth!r} is not none or required")
+        if self.auth == "required" and not (
+            self.api_keys_file or self.jwt_hs256_secret or self.jwt_jwks
+        ):
+            raise ValueError(
+                "auth: 'required' needs a credential source: "
+                "api_keys_file, jwt_hs256_secret or jwt_jwks"
+            )
+        if self.jwt_hs256_secret and len(self.jwt_hs256_secret.encode()) < 32:
+            raise ValueError("jwt_hs256_secret: must be at least 32 bytes (RFC 7518 §3.2)")
+        if not self.jwt_audience.strip(" ,"):
+            raise ValueError("jwt_audience: must name at least one audience")
+        if self.jwt_leeway_s < 0:
+            raise ValueError("jwt_leeway_s: must not be negative")
         if self.create_concurrency < 1:
             raise ValueError("create_concurrency: must be at least 1")
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from `SESSIONPOOL_<FIELD>` variables, then explicit overrides.
 
         Raises:

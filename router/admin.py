@@ -1,0 +1,269 @@
+"""The control-plane API: `GET /admin/pools`, `GET|PUT|PATCH|DELETE /admin/pools/{pool}`.
+
+Every handler needs the `admin` role (and, for a pool-scoped credential, the pool in scope).
+Bodies are ARM-shaped (`{"properties": {...}}`), JSON only and at most `MAX_BODY_BYTES`.
+PUT creates (201) or replaces (200); PATCH is a JSON merge patch (RFC 7386) onto the stored
+definition. In both, a secret given by name only keeps its stored value, so a definition read
+with GET (which never echoes secret values) can be sent back as it is. A body is validated as
+a whole before anything is stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from router.auth import ADMIN, AUTH, Principal
+from router.errors import (
+    InvalidPoolError,
+    PoolNotFoundError,
+    RequestTooLargeError,
+    UnsupportedMediaTypeError,
+)
+from router.pools import POOL_NAME, Pool, parse_pool
+from router.store import Store
+
+MAX_BODY_BYTES = 1 << 20
+JSON_TYPES = frozenset({"application/json", "application/merge-patch+json"})
+# Top-level keys besides `properties` that a body may carry and that are not stored: ARM's
+# envelope and the read-only fields of our own GET, so GET output can be PUT back.
+ENVELOPE_KEYS = frozenset(
+    {
+        "name",
+        "id",
+        "type",
+        "location",
+        "tags",
+        "systemData",
+        "poolManagementEndpoint",
+        "counts",
+        "version",
+    }
+)
+POOL_TYPE = "sessionpool/sessionPools"
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: objects merge key by key, `null` removes a key, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def pool_view(pool: Pool, counts: dict[str, int], endpoint: str) -> dict[str, Any]:
+    """What GET answers: the definition without secret values, the endpoint, live counts."""
+    return {
+        "id": f"/admin/pools/{pool.name}",
+        "name": pool.name,
+        "type": POOL_TYPE,
+        "properties": pool.public_properties(),
+        "poolManagementEndpoint": endpoint,
+        "counts": counts,
+        "version": pool.version,
+    }
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+async def _read_json(request: web.Request) -> Any:
+    """The request body as JSON, within the size cap.
+
+    Raises:
+        UnsupportedMediaTypeError: not a JSON content type.
+        RequestTooLargeError: over `MAX_BODY_BYTES`.
+        InvalidPoolError: not valid JSON.
+    """
+    ctype = request.content_type
+    if ctype not in JSON_TYPES:
+        raise UnsupportedMediaTypeError(
+            f"Content-Type {ctype!r} is not supported; send application/json."
+        )
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise RequestTooLargeError(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise RequestTooLargeError(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidPoolError(f"body: not valid JSON ({exc})") from None
+
+
+def _properties(name: str, body: Any) -> Any:
+    """The `properties` of an ARM-shaped body (a flat body is taken as the properties).
+
+    Raises:
+        InvalidPoolError: the body is not an object, names another pool or has stray keys.
+    """
+    if not isinstance(body, dict):
+        raise InvalidPoolError("body: must be a JSON object")
+    if "name" in body and body["name"] != name:
+        raise InvalidPoolError(f"name: {body['name']!r} does not match the URL's {name!r}")
+    if "properties" not in body:
+        return {k: v for k, v in body.items() if k not in ENVELOPE_KEYS}
+    stray = sorted(set(body) - ENVELOPE_KEYS - {"properties"})
+    if stray:
+        raise InvalidPoolError(f"{stray[0]}: unknown field; pool settings go under properties")
+    return body["properties"]
+
+
+def _secret_values(props: Any) -> dict[str, str]:
+    raw = props.get("secrets") if isinstance(props, dict) else None
+    if not isinstance(raw, list):
+        return {}
+    return {
+        s["name"]: s["value"]
+        for s in raw
+        if isinstance(s, dict)
+        and isinstance(s.get("name"), str)
+        and isinstance(s.get("value"), str)
+    }
+
+
+def _keep_secret_values(props: Any, stored: dict[str, str]) -> Any:
+    """Give secrets listed by name only the value `stored` has under that name.
+
+    Raises:
+        InvalidPoolError: a secret has no value and none is stored under its name.
+    """
+    if not isinstance(props, dict) or not isinstance(props.get("secrets"), list):
+        return props
+    secrets = []
+    for i, s in enumerate(props["secrets"]):
+        if isinstance(s, dict) and "value" not in s and isinstance(s.get("name"), str):
+            if s["name"] not in stored:
+                raise InvalidPoolError(
+                    f"properties.secrets[{i}].value: required for new secret {s['name']!r}"
+                )
+            s = {**s, "value": stored[s["name"]]}
+        secrets.append(s)
+    return {**props, "secrets": secrets}
+
+
+class AdminApi:
+    """The handlers; the store is looked up under `store_key` (set up by the app)."""
+
+    def __init__(self, store_key: web.AppKey[Store]) -> None:
+        self.store_key = store_key
+
+    async def _authorize(self, request: web.Request, pool: str | None) -> Principal:
+        return await request.app[AUTH].authorize(request, ADMIN, pool)
+
+    @staticmethod
+    def _name(request: web.Request) -> str:
+        name = request.match_info["pool"]
+        if not POOL_NAME.match(name):
+            raise PoolNotFoundError(f"Session pool '{name}' was not found.")
+        return name
+
+    async def _view(self, request: web.Request, pool: Pool) -> dict[str, Any]:
+        counts = await request.app[self.store_key].counts(pool.name)
+        endpoint = f"{request.scheme}://{request.host}/pools/{pool.name}"
+        return pool_view(pool, counts, endpoint)
+
+    async def _existing(self, request: web.Request, name: str) -> Pool:
+        pool = await request.app[self.store_key].get_pool(name)
+        if pool is None:
+            raise PoolNotFoundError(f"Session pool '{name}' was not found.")
+        return pool
+
+    async def _stored_properties(self, request: web.Request, name: str) -> dict[str, Any] | None:
+        """The stored properties, secrets included, read without validating them again: a
+        definition that a later release validates more strictly can still be replaced."""
+        store = request.app[self.store_key]
+        raw = await store.redis.get(store.pk(name).definition)
+        if raw is None:
+            return None
+        props = orjson.loads(raw).get("properties")
+        return props if isinstance(props, dict) else {}
+
+    async def list_pools(self, request: web.Request) -> web.Response:
+        principal = await self._authorize(request, None)
+        store = request.app[self.store_key]
+        views = []
+        for name in await store.pool_names():
+            if not principal.may_use(name):
+                continue
+            try:
+                pool = await store.get_pool(name)
+            except InvalidPoolError as exc:  # stored by an older, laxer release: show why
+                views.append(
+                    {
+                        "id": f"/admin/pools/{name}",
+                        "name": name,
+                        "type": POOL_TYPE,
+                        "error": {"code": exc.code, "message": exc.message},
+                    }
+                )
+                continue
+            if pool is not None:  # deleted meanwhile
+                views.append(await self._view(request, pool))
+        return _json({"value": views})
+
+    async def get_pool(self, request: web.Request) -> web.Response:
+        name = request.match_info["pool"]
+        await self._authorize(request, name)
+        pool = await self._existing(request, self._name(request))
+        return _json(await self._view(request, pool))
+
+    async def put_pool(self, request: web.Request) -> web.Response:
+        name = request.match_info["pool"]
+        await self._authorize(request, name)
+        body = await _read_json(request)
+        store = request.app[self.store_key]
+        props = _properties(name, body)
+        old = await self._stored_properties(request, name) if POOL_NAME.match(name) else None
+        props = _keep_secret_values(props, _secret_values(old))
+        pool = parse_pool(name, {"properties": props})
+        await store.put_pool(pool)
+        view = await self._view(request, pool)
+        if old is None:
+            return _json(view, 201, {"Location": view["id"]})
+        return _json(view)
+
+    async def patch_pool(self, request: web.Request) -> web.Response:
+        name = request.match_info["pool"]
+        await self._authorize(request, name)
+        old = await self._stored_properties(request, self._name(request))
+        if old is None:
+            raise PoolNotFoundError(f"Session pool '{name}' was not found.")
+        patch = _properties(name, await _read_json(request))
+        props = merge_patch(old, patch)  # onto the stored definition, secrets included
+        props = _keep_secret_values(props, _secret_values(old))
+        pool = parse_pool(name, {"properties": props})
+        await request.app[self.store_key].put_pool(pool)
+        return _json(await self._view(request, pool))
+
+    async def delete_pool(self, request: web.Request) -> web.Response:
+        name = request.match_info["pool"]
+        await self._authorize(request, name)
+        # Ends every session and retires every sandbox; the workers remove the containers.
+        if not await request.app[self.store_key].delete_pool(self._name(request)):
+            raise PoolNotFoundError(f"Session pool '{name}' was not found.")
+        return web.Response(status=204)
+
+
+def routes(store_key: web.AppKey[Store]) -> list[web.RouteDef]:
+    """The admin routes, reading the store from `app[store_key]`."""
+    api = AdminApi(store_key)
+    return [
+        web.get("/admin/pools", api.list_pools),
+        web.get("/admin/pools/{pool}", api.get_pool),
+        web.put("/admin/pools/{pool}", api.put_pool),
+        web.patch("/admin/pools/{pool}", api.patch_pool),
+        web.delete("/admin/pools/{pool}", api.delete_pool),
+    ]
