@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -20,11 +21,14 @@ from router.errors import (
     PoolNotFoundError,
     RequestTooLargeError,
     SessionPoolError,
+    SessionTimeoutError,
     SessionUnreachableError,
     UnauthorizedError,
 )
 from router.identifiers import check_identifier
 from router.keys import Keys
+from router.logs import trace_id_var
+from router.metrics import RouterMetrics
 from router.pools import POOL_NAME
 from router.routing import Routing
 from router.settings import Settings
@@ -36,6 +40,7 @@ SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 ROUTING = web.AppKey("routing", Routing)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
+METRICS = web.AppKey("metrics", RouterMetrics)
 TRACE_ID = web.RequestKey("trace_id", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -57,15 +62,23 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Every error the router produces leaves here, in the ACA envelope."""
     trace_id = uuid.uuid4().hex
     request[TRACE_ID] = trace_id
+    trace_id_var.set(trace_id)
+    metrics = request.app[METRICS]
     try:
         return await handler(request)
     except SessionPoolError as exc:
         resp = error_response(exc.status, exc.code, exc.message, trace_id, exc.retry_after_s)
         if isinstance(exc, UnauthorizedError):
             resp.headers["WWW-Authenticate"] = auth.CHALLENGE
+        if isinstance(exc, SessionUnreachableError | SessionTimeoutError):
+            pool = request.match_info.get("pool", "")
+            metrics.upstream_errors.labels(pool, exc.code).inc()
+        if exc.status >= 500:
+            log.warning("%s: %s", exc.code, exc.message)
         return resp
     except (RedisConnectionError, RedisTimeoutError) as exc:
         log.warning("store unavailable: %s", exc)
+        metrics.store_errors.inc()
         return error_response(
             503, "StoreUnavailable", "The session store is unavailable.", trace_id, 1
         )
@@ -129,8 +142,16 @@ async def _serve(
                 settings.ws_max_msg_bytes,
                 lambda: routing.activity(session, pool_name),
             )
+        started = time.monotonic()
+        proxy_seconds = app[METRICS].proxy.labels(pool_name)
         return await proxy.forward_http(
-            request, app[CLIENT], session.addr, target, prefix, settings.max_body_bytes
+            request,
+            app[CLIENT],
+            session.addr,
+            target,
+            prefix,
+            settings.max_body_bytes,
+            on_headers=lambda: proxy_seconds.observe(time.monotonic() - started),
         )
     except SessionUnreachableError:
         routing.forget(pool_name, ident)  # the route may be stale; look it up next time
@@ -160,6 +181,13 @@ async def aca_endpoint(request: web.Request) -> web.StreamResponse:
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body = await request.app[METRICS].render(request.app[STORE])
+    return web.Response(
+        body=body, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
+    )
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -192,12 +220,14 @@ def create_app(settings: Settings) -> web.Application:
         middlewares.append(host_suffix_middleware(settings.host_suffix))
     app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
     app[SETTINGS] = settings
+    app[METRICS] = RouterMetrics()
     app[auth.AUTH] = auth.Authenticator.from_settings(settings)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_client_ctx)
     app.cleanup_ctx.append(_background_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_routes(admin.routes(STORE))
     app.router.add_route("*", "/pools/{pool}", pool_endpoint)
     app.router.add_route("*", "/pools/{pool}/{tail:.*}", pool_endpoint)
@@ -212,7 +242,9 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     redis = open_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
     store = Store(redis, Keys(settings.key_prefix))
     app[STORE] = store
-    app[ROUTING] = Routing(store, settings)
+    app[ROUTING] = routing = Routing(store, settings)
+    allocation = app[METRICS].allocation
+    routing.on_allocated = lambda pool, seconds: allocation.labels(pool).observe(seconds)
     yield
     await redis.aclose()
 

@@ -137,6 +137,7 @@ async def forward_http(
     target: str,
     prefix: str,
     max_body_bytes: int,
+    on_headers: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     """Stream `request` to `http://{addr}{target}` and the answer back.
 
@@ -180,6 +181,8 @@ async def forward_http(
                 raise body.error() from None
             raise SessionUnreachableError(f"The session is unreachable: {exc}") from exc
         break
+    if on_headers is not None:
+        on_headers()
     try:
         return await _relay_response(request, up)
     finally:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -56,6 +56,8 @@ class Routing:
         self._pending: dict[str, dict[str, int]] = defaultdict(dict)
         self._inflight: dict[tuple[str, str], list[int]] = {}
         self._ready_events: dict[str, asyncio.Event] = {}
+        # Called with (pool, seconds) whenever a claim allocated a sandbox (metrics).
+        self.on_allocated: Callable[[str, float], None] | None = None
 
     # Pools ---------------------------------------------------------------------------------
 
@@ -104,6 +106,10 @@ class Routing:
             event.clear()
             result = await self.store.claim(pool, identifier, principal)
             if result.session is not None:
+                if result.created and self.on_allocated is not None:
+                    self.on_allocated(
+                        pool.name, loop.time() - deadline + self.settings.allocation_wait_s
+                    )
                 return result.session
             if result.at_limit:
                 raise SessionLimitError(

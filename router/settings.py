@@ -55,6 +55,10 @@ class Settings:
     create_concurrency: int = 4
     network_prefix: str = "sessionpool"
     claim_idle_ms: int = 30_000
+    metrics_port: int = 0  # worker's Prometheus port; 0 = not served
+
+    # Logs.
+    log_json: bool = True
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.key_prefix):

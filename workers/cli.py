@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(worker)
     worker.add_argument("--runtime", choices=["docker", "process"])
     worker.add_argument("--role", choices=["all", "replenisher", "reaper"])
+    worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
 
     apply = sub.add_parser("apply", help="create or update pools from a file")
     _common(apply)
@@ -94,6 +94,7 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "auth",
         "runtime",
         "role",
+        "metrics_port",
     }
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     overrides.update(extra)
@@ -201,9 +202,9 @@ async def _with_store(settings: Settings, action: str, args: argparse.Namespace)
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    from router.logs import configure
+
+    configure(args.log_level, json=Settings.from_env().log_json)
     try:
         if args.command == "router":
             from router.server import run_router

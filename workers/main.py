@@ -43,6 +43,12 @@ async def run(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     runtime = runtime or open_runtime(settings)
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        from workers.metrics import REGISTRY
+
+        start_http_server(settings.metrics_port, registry=REGISTRY)
     redis = open_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
     # Blocking stream reads (1 s) need a socket timeout above the block time.
     streams = open_redis(settings.redis_url, timeout_s=10.0)
