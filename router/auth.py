@@ -384,6 +384,7 @@ class Authenticator:
     @classmethod
     def from_settings(cls, settings: Settings) -> Authenticator:
         """Raises: ValueError: a credential source is unusable (the message says which)."""
+        settings.check_router_auth()
         if settings.auth != "required":
             log.warning("auth=none: every caller is anonymous with every role")
             return cls(required=False)

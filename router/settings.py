@@ -36,7 +36,9 @@ class Settings:
     route_cache_ttl_s: float = 2.0
     activity_flush_s: float = 0.5
     shutdown_timeout_s: float = 30.0
-    auth: str = "none"  # "required": every request but /healthz, /readyz needs a credential
+    # "required": every request but /healthz, /readyz, /metrics needs a credential; "none"
+    # must be asked for explicitly (a router with no credential configured refuses to start).
+    auth: str = "required"
     api_keys_file: str = ""  # YAML/JSON list of {name, key_sha256, roles, pools?}
     jwt_hs256_secret: str = field(default="", repr=False)
     jwt_jwks: str = ""  # RS256 key set: a file path or an http(s) URL
@@ -90,13 +92,6 @@ class Settings:
             raise ValueError(f"role: {self.role!r} is not all, replenisher or reaper")
         if self.auth not in ("none", "required"):
             raise ValueError(f"auth: {self.auth!r} is not none or required")
-        if self.auth == "required" and not (
-            self.api_keys_file or self.jwt_hs256_secret or self.jwt_jwks
-        ):
-            raise ValueError(
-                "auth: 'required' needs a credential source: "
-                "api_keys_file, jwt_hs256_secret or jwt_jwks"
-            )
         if self.jwt_hs256_secret and len(self.jwt_hs256_secret.encode()) < 32:
             raise ValueError("jwt_hs256_secret: must be at least 32 bytes (RFC 7518 §3.2)")
         if not self.jwt_audience.strip(" ,"):
@@ -105,6 +100,20 @@ class Settings:
             raise ValueError("jwt_leeway_s: must not be negative")
         if self.create_concurrency < 1:
             raise ValueError("create_concurrency: must be at least 1")
+
+    def check_router_auth(self) -> None:
+        """A router refuses to start with auth required and nothing to check it against.
+
+        Raises:
+            ValueError: no credential source, and `auth` is not explicitly "none".
+        """
+        if self.auth == "required" and not (
+            self.api_keys_file or self.jwt_hs256_secret or self.jwt_jwks
+        ):
+            raise ValueError(
+                "auth: 'required' needs a credential source (api_keys_file, "
+                "jwt_hs256_secret or jwt_jwks); pass --auth none to run without one"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -164,7 +164,10 @@ def b64(doc: dict[str, Any]) -> str:
 
 def test_settings_refuse_required_auth_without_a_credential_source(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="credential source"):
-        Settings(auth="required")
+        Settings(auth="required").check_router_auth()
+    with pytest.raises(ValueError, match="credential source"):
+        create_app(Settings())  # the default: a router never starts open by accident
+    Settings(auth="none").check_router_auth()
     with pytest.raises(ValueError, match="32 bytes"):
         Settings(auth="required", jwt_hs256_secret="short")
     with pytest.raises(ValueError, match="jwt_audience"):
