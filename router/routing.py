@@ -90,9 +90,12 @@ class Routing:
             session = route.session
         else:
             session = await self._claim(pool, identifier, principal)
-            # A cached route must not outlive half a cooldown: CLAIM touched the session,
-            # so until then the session cannot expire between flushes.
-            ttl = min(self.settings.route_cache_ttl_s, session.cooldown_ms / 2000)
+            # CLAIM touched the session, so it lives at least one cooldown from now. A cached
+            # route is used only while that leaves room for the activity batch of a request
+            # served from it to reach Redis (two flush intervals) before the session could
+            # expire; with very short cooldowns that means no caching at all.
+            flush_s = self.settings.activity_flush_s
+            ttl = min(self.settings.route_cache_ttl_s, session.cooldown_ms / 1000 - 2 * flush_s)
             self._routes[key] = Route(session, time.monotonic() + ttl)
         if pool.tenant_binding and session.owner != principal:
             raise ForbiddenError("This session belongs to another principal.")

@@ -46,7 +46,7 @@ end
 CLAIM = (
     _NOW
     + """
--- Look up the session of an identifier, or allocate a ready sandbox to it.
+-- Look up the session of an identifier (touching it), or allocate a ready sandbox to it.
 -- KEYS[1] sessions hash   KEYS[2] expiry zset   KEYS[3] ready zset   KEYS[4] sandboxes hash
 -- KEYS[5] events stream   KEYS[6] empty flag    KEYS[7] log stream
 -- ARGV[1] identifier  ARGV[2] maxConcurrentSessions  ARGV[3] cooldown ms  ARGV[4] owner
@@ -56,7 +56,14 @@ CLAIM = (
 -- {-2, ''} no ready sandbox (a pool-empty event was queued).
 local ident = ARGV[1]
 local raw = redis.call('HGET', KEYS[1], ident)
-if raw then return {1, raw} end
+if raw then
+  -- A request is starting: that is activity (Timed sessions only; never moved backwards).
+  local sess = cjson.decode(raw)
+  if sess.lifecycle ~= 'OnContainerExit' then
+    redis.call('ZADD', KEYS[2], 'XX', 'GT', now + tonumber(sess.cooldownMs), ident)
+  end
+  return {1, raw}
+end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return {-1, ''} end
 while true do
   local popped = redis.call('ZPOPMIN', KEYS[3])

@@ -86,6 +86,7 @@ def settings(redis_server: RedisServer, key_prefix: str) -> Settings:
         key_prefix=key_prefix,
         allocation_wait_s=2.0,
         activity_flush_s=0.1,
+        auth="none",
     )
 
 
