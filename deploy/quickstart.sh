@@ -19,6 +19,7 @@ command -v dockerd >/dev/null || need+=(docker.io)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v iptables >/dev/null || need+=(iptables)
 command -v bwrap >/dev/null || need+=(bubblewrap)
+[[ $cmd == test ]] && ! command -v docker-compose >/dev/null && need+=(docker-compose)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [[ ${#need[@]} -gt 0 ]]; then
   if [[ $(id -u) -eq 0 ]]; then
@@ -44,7 +45,8 @@ if ! docker info >/dev/null 2>&1; then
   fi
 fi
 if docker info >/dev/null 2>&1; then
-  bash deploy/images/build.sh
+  # `up` needs only the demo's echo image; the tests use every image.
+  if [[ $cmd == up ]]; then bash deploy/images/build.sh echo; else bash deploy/images/build.sh; fi
 else
   echo "quickstart: no Docker engine; only the process runtime is available" >&2
 fi

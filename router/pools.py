@@ -181,11 +181,15 @@ def parse_pool(
     template = _obj(props, "customContainerTemplate")
     containers = template.get("containers", [])
     if ctype == "PythonLTS" and not containers:
+        # Written into the stored definition: the pool keeps this image even if the
+        # router's default changes later.
         containers = [{"name": "main", "image": code_interpreter_image}]
         template = {
             **template,
+            "containers": containers,
             "ingress": template.get("ingress") or {"targetPort": CODE_INTERPRETER_PORT},
         }
+        props["customContainerTemplate"] = template
     if not isinstance(containers, list) or len(containers) != 1:
         raise InvalidPoolError(
             "properties.customContainerTemplate.containers: exactly one container is required"

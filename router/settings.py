@@ -46,6 +46,7 @@ class Settings:
     jwt_audience: str = "https://dynamicsessions.io"  # comma-separated: any one matches
     jwt_leeway_s: float = 30.0
     jwks_ttl_s: float = 300.0
+    code_interpreter_image: str = "sessionpool/code-interpreter:dev"  # PythonLTS default
 
     # Workers.
     runtime: str = "docker"

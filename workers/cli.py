@@ -13,7 +13,7 @@ import yaml
 
 from router.errors import InvalidPoolError
 from router.keys import Keys
-from router.pools import parse_pool
+from router.pools import CODE_INTERPRETER_IMAGE, parse_pool
 from router.settings import Settings
 from router.store import Store, open_redis, text
 
@@ -122,12 +122,14 @@ def load_pool_file(path: Path) -> dict[str, Any]:
     raise InvalidPoolError(f"{path}: expected `pools:` as a list or a mapping")
 
 
-async def apply_file(store: Store, path: Path) -> list[tuple[str, str]]:
+async def apply_file(
+    store: Store, path: Path, code_interpreter_image: str = CODE_INTERPRETER_IMAGE
+) -> list[tuple[str, str]]:
     """Validate every pool first (nothing half-applied), then write; returns (name, change)."""
     parsed = []
     for name, body in load_pool_file(path).items():
         try:
-            parsed.append(parse_pool(name, body))
+            parsed.append(parse_pool(name, body, code_interpreter_image=code_interpreter_image))
         except InvalidPoolError as exc:
             raise InvalidPoolError(f"pool {name}: {exc.message}") from None
     changes = []
@@ -156,7 +158,8 @@ async def _with_store(settings: Settings, action: str, args: argparse.Namespace)
     store = Store(redis, Keys(settings.key_prefix))
     try:
         if action == "apply":
-            for name, change in await apply_file(store, args.file):
+            image = settings.code_interpreter_image
+            for name, change in await apply_file(store, args.file, image):
                 print(f"pool {name}: {change}")
         elif action == "pools":
             rows = []

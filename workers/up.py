@@ -144,7 +144,7 @@ async def up(args: argparse.Namespace) -> int:
     try:
         await wait_redis(redis, 10.0)
         if args.file:
-            for name, change in await apply_file(store, args.file):
+            for name, change in await apply_file(store, args.file, settings.code_interpreter_image):
                 print(f"pool {name}: {change}", flush=True)
         elif await store.get_pool("demo") is None or redis_proc is not None:
             await store.put_pool(parse_pool("demo", demo_pool(runtime_name)))

@@ -11,6 +11,9 @@
 # SESSIONPOOL_BASE_IMAGE=<image> skips mmdebstrap and uses a public image as base instead
 # (the Dockerfiles install what they need with apt when python3 is missing).
 # Set SESSIONPOOL_REBUILD_BASE=1 to rebuild base images that already exist.
+# An image directory may also hold `prebuild.sh`: it runs on the host (BASE=<base image> in its
+# environment) right before `docker build`, to put into the build context what the build must
+# not fetch itself (the router and worker images' wheelhouse, see app-build.sh).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 suite="${SESSIONPOOL_DEBIAN_SUITE:-bookworm}"
@@ -63,6 +66,10 @@ for image in "${images[@]}"; do
   else
     base="sessionpool/base"
     make_base "$base" "python3,python3-aiohttp,ca-certificates"
+  fi
+  if [[ -f "$dir/prebuild.sh" ]]; then
+    echo "build.sh: $image/prebuild.sh" >&2
+    BASE="$base" bash "$dir/prebuild.sh"
   fi
   echo "build.sh: docker build sessionpool/$image:$tag (FROM $base)" >&2
   docker build --quiet --build-arg "BASE=$base" -t "sessionpool/$image:$tag" "$dir" >/dev/null
