@@ -1,9 +1,9 @@
 """The `process` runtime: a pool's command as a local process. Development only.
 
 NOT a security boundary: the process runs as the worker's user on the worker's host (inside
-bubblewrap when `bwrap` is installed, which hides little more than the file system's writable
-parts). Each sandbox gets a free loopback port in `PORT`; the template's command must listen on
-it. Sandboxes live as long as the worker that started them: `list` only knows its own.
+bubblewrap when `bwrap` is installed: the host's file system read-only but for a private scratch
+directory, its own PID namespace, and death with the worker). Each sandbox gets a free loopback
+port in `PORT`; the template's command must listen on it. Sandboxes live as long as the worker that started them: `list` only knows its own.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class _Proc:
     spec: SandboxSpec
     proc: asyncio.subprocess.Process
     created_s: float
+    scratch: str
     watcher: asyncio.Task[None] | None = None
 
 
@@ -58,11 +60,15 @@ class ProcessRuntime:
         if not argv:
             raise RuntimeError_(f"pool {pool.name}: the process runtime needs a command")
         port = _free_port()
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp"}
+        # A private, writable scratch directory: HOME and TMPDIR point there.
+        scratch = tempfile.mkdtemp(prefix=f"sessionpool-{spec.sandbox_id[:8]}-")
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": scratch, "TMPDIR": scratch}
         env.update({e.name: e.value for e in pool.env if e.value is not None})
         env.update(spec.env)
         env["PORT"] = str(port)
         if self._bwrap:
+            # The host's file system read-only but for the scratch directory. /tmp stays
+            # visible (read-only): the command or its interpreter may live there.
             argv = [
                 self._bwrap,
                 "--ro-bind",
@@ -72,8 +78,9 @@ class ProcessRuntime:
                 "/dev",
                 "--proc",
                 "/proc",
-                "--tmpfs",
-                "/tmp",
+                "--bind",
+                scratch,
+                scratch,
                 "--unshare-pid",
                 "--die-with-parent",
                 "--",
@@ -89,9 +96,10 @@ class ProcessRuntime:
                 start_new_session=True,
             )
         except OSError as exc:
+            shutil.rmtree(scratch, ignore_errors=True)
             raise RuntimeError_(f"pool {pool.name}: cannot start {argv[0]!r}: {exc}") from exc
         container = f"proc-{proc.pid}-{spec.sandbox_id[:8]}"
-        entry = _Proc(spec, proc, time.time())
+        entry = _Proc(spec, proc, time.time(), scratch)
         self._procs[container] = entry
         entry.watcher = asyncio.create_task(self._watch(container, entry))
         return Handle(container, f"127.0.0.1:{port}")
@@ -110,6 +118,7 @@ class ProcessRuntime:
         await entry.proc.wait()
         if entry.watcher is not None:
             await entry.watcher
+        shutil.rmtree(entry.scratch, ignore_errors=True)
 
     async def list(self, scope: str) -> list[Observed]:
         return [

@@ -234,10 +234,15 @@ class Kernel:
         if state == "timeout" and not user_code:
             return replace(collector.outcome(started, timed_out=True), error_message="timed out")
         if state == "timeout":
-            await km.interrupt_kernel()
-            grace = await self._collect(
-                kc, msg_id, collector, loop.time() + self._settings.interrupt_grace_s
-            )
+            deadline = loop.time() + self._settings.interrupt_grace_s
+            grace = "timeout"
+            while grace == "timeout" and loop.time() < deadline:
+                # Repeated: an interrupt that lands before the kernel starts running the
+                # code (a loaded machine) is lost, and the loop would then run on.
+                await km.interrupt_kernel()
+                grace = await self._collect(
+                    kc, msg_id, collector, min(deadline, loop.time() + 0.5)
+                )
             note = f"Execution timed out after {timeout_s:g} seconds and was interrupted."
             if grace != "idle":
                 note = (

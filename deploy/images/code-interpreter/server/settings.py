@@ -28,7 +28,7 @@ class Settings:
     default_output_length: int = 4096
     max_output_length: int = 16 * MIB
     # How long an interrupted kernel may take to stop before it is restarted (state lost).
-    interrupt_grace_s: float = 3.0
+    interrupt_grace_s: float = 5.0
     kernel_start_timeout_s: float = 60.0
     # Imported once when the kernel starts so that the first `import pandas` is instant.
     preload_modules: tuple[str, ...] = ("numpy", "pandas", "matplotlib.pyplot")
