@@ -3,7 +3,8 @@
 NOT a security boundary: the process runs as the worker's user on the worker's host (inside
 bubblewrap when `bwrap` is installed: the host's file system read-only but for a private scratch
 directory, its own PID namespace, and death with the worker). Each sandbox gets a free loopback
-port in `PORT`; the template's command must listen on it. Sandboxes live as long as the worker that started them: `list` only knows its own.
+port in `PORT`; the template's command must listen on it. Sandboxes live as long as the worker
+that started them: `list` only knows its own.
 """
 
 from __future__ import annotations
