@@ -71,6 +71,9 @@ async def serve(settings: Settings, reuse_port: bool = False) -> None:
 
 
 def _child(settings: Settings) -> None:
+    from router.logs import configure
+
+    configure("INFO", json=settings.log_json)  # a spawned process starts unconfigured
     install_uvloop()
     asyncio.run(serve(settings, reuse_port=True))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -166,4 +167,63 @@ async def test_sigterm_drains_in_flight_then_exits(
             assert await asyncio.wait_for(proc.wait(), 10) == 0
     finally:
         sb.slow_release.set()
+        await sb.close()
+
+
+async def test_processes_share_one_port(settings: Settings, store: Store) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pool = make_pool()
+    await store.put_pool(pool)
+    sb = await FakeSandbox().start()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "workers.cli",
+        "router",
+        "--port",
+        str(port),
+        "--processes",
+        "2",
+        "--redis-url",
+        settings.redis_url,
+        "--key-prefix",
+        settings.key_prefix,
+        "--auth",
+        "none",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    try:
+        await add_ready(store, pool, sb)
+        lines = [(await asyncio.wait_for(proc.stdout.readline(), 30)).decode() for _ in range(2)]
+        assert all(f":{port}" in line for line in lines)  # both bound the same port
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        servers = [
+            c
+            for c in children
+            if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
+        assert len(servers) == 2
+        async with aiohttp.ClientSession() as http:
+            for i in range(20):  # new connections each time: the kernel spreads them
+                async with http.get(
+                    f"http://127.0.0.1:{port}/pools/demo/?identifier=multi",
+                    headers={"Connection": "close"},
+                ) as r:
+                    assert r.status == 200, i
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            for pid in [proc.pid, *map(int, kids)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await proc.wait()
         await sb.close()
