@@ -1,0 +1,1 @@
+"""sessionpool benchmark suite: `python bench/run.py [--quick]`."""

@@ -1,0 +1,296 @@
+"""Sections 3b and 4, on the Docker engine: cold allocation vs a bare `docker run`, warm claims
+of real containers, pool refill rate and teardown lag after expiry.
+
+A worker process (`sessionpool worker --runtime docker`) and a router process run with the
+suite's own key prefix; every container carries `io.sessionpool.scope=<prefix>` and is removed
+at the end whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from bench import proxies
+from bench.allocation import Latencies, percentile
+from bench.common import ROOT, Proc, python, spawn
+from bench.seed import IMAGE, pool_def
+from router.keys import Keys
+from router.store import Store, open_redis
+
+LABEL_SCOPE = "io.sessionpool.scope"
+
+
+@dataclass
+class PoolResults:
+    cold: Latencies
+    docker_run: Latencies
+    warm_docker: Latencies
+    refill_n: int
+    refill_s: float
+    teardown_lag_ms: list[float] = field(default_factory=list)
+
+    @property
+    def refill_rate(self) -> float:
+        return self.refill_n / self.refill_s
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cold": self.cold.to_json(),
+            "docker_run": self.docker_run.to_json(),
+            "warm_docker": self.warm_docker.to_json(),
+            "refill_n": self.refill_n,
+            "refill_s": self.refill_s,
+            "refill_per_s": self.refill_rate,
+            "teardown_lag_ms": self.teardown_lag_ms,
+            "teardown_p50_ms": percentile(self.teardown_lag_ms, 50),
+            "teardown_p99_ms": percentile(self.teardown_lag_ms, 99),
+        }
+
+
+def docker_client() -> Any:
+    import docker
+
+    client = docker.from_env()
+    client.ping()
+    return client
+
+
+def ensure_image(client: Any) -> None:
+    import docker
+
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        subprocess.run(
+            ["bash", str(ROOT / "deploy/images/build.sh"), "echo"], check=True, timeout=900
+        )
+
+
+def remove_scope(client: Any, scope: str) -> int:
+    found = client.api.containers(all=True, filters={"label": f"{LABEL_SCOPE}={scope}"})
+    for c in found:
+        client.api.remove_container(c["Id"], force=True)
+    return len(found)
+
+
+async def _wait(predicate: Any, limit_s: float, what: str, interval: float = 0.02) -> float:
+    """Poll an async predicate; returns the monotonic time it first held."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        if await predicate():
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {limit_s} s")
+        await asyncio.sleep(interval)
+
+
+async def bare_docker_run(http: aiohttp.ClientSession, scope: str) -> float:
+    """ms from `docker run` until the container's port answers HTTP (then it is removed)."""
+    name = f"spbench-{scope}-{uuid.uuid4().hex[:8]}"
+    t0 = time.perf_counter()
+    run = await asyncio.create_subprocess_exec(
+        "docker",
+        "run",
+        "-d",
+        "--rm",
+        "--name",
+        name,
+        "--label",
+        f"{LABEL_SCOPE}={scope}",
+        IMAGE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await run.communicate()
+    if run.returncode != 0:
+        raise RuntimeError(f"docker run: {err.decode()}")
+    cid = out.decode().strip()
+    try:
+        insp = await asyncio.create_subprocess_exec(
+            "docker",
+            "inspect",
+            "-f",
+            "{{.NetworkSettings.IPAddress}}",
+            cid,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        ip = (await insp.communicate())[0].decode().strip()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                async with http.get(f"http://{ip}:8080/health") as r:
+                    if r.status == 200:
+                        return (time.perf_counter() - t0) * 1000
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("docker run: port never answered")
+            await asyncio.sleep(0.01)
+    finally:
+        rm = await asyncio.create_subprocess_exec(
+            "docker",
+            "rm",
+            "-f",
+            cid,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await rm.wait()
+
+
+async def _get(http: aiohttp.ClientSession, url: str) -> float:
+    t0 = time.perf_counter()
+    async with http.get(url) as r:
+        body = await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{url}: {r.status} {body[:300]!r}")
+    return (time.perf_counter() - t0) * 1000
+
+
+async def _phases(
+    store: Store, client: Any, router_url: str, scope: str, cold_n: int, refill_n: int
+) -> PoolResults:
+    timeout = aiohttp.ClientTimeout(total=120, sock_connect=1)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        # (a) A dry pool: each request waits for a container started for it, side by side
+        # with a bare `docker run` of the same image.
+        cold_pool = pool_def("cold", ready=1, max_sessions=cold_n + 10)
+        await store.put_pool(cold_pool)
+
+        async def one_ready() -> bool:
+            c = await store.counts("cold")
+            return c["ready"] == 1 and c["warming"] == 0
+
+        cold, bare = Latencies("dry pool, via router", []), Latencies("bare docker run", [])
+        await _wait(one_ready, 120, "first cold-pool sandbox")
+        await _get(http, f"{router_url}/healthz")
+        for i in range(cold_n):
+            await _wait(one_ready, 60, "cold pool refilled")
+            drained = await store.claim(cold_pool, f"drain-{i}")  # takes the one ready
+            assert drained.session is not None
+            cold.ms.append(await _get(http, f"{router_url}/pools/cold/health?identifier=cold-{i}"))
+            await _wait(one_ready, 60, "cold pool refilled")
+            bare.ms.append(await bare_docker_run(http, scope))
+        await store.delete_pool("cold")
+
+        # (b) Refill: an empty pool asked for `refill_n` ready sandboxes.
+        refill = pool_def("refill", ready=refill_n, max_sessions=2 * refill_n + 10, cooldown_s=1)
+        t0 = time.monotonic()
+        await store.put_pool(refill)
+
+        async def full() -> bool:
+            return (await store.counts("refill"))["ready"] >= refill_n
+
+        refill_s = await _wait(full, 300, "refill") - t0
+
+        # (c) Warm claims of real containers (target set to 0 so none are made meanwhile).
+        await store.put_pool(
+            pool_def("refill", ready=0, max_sessions=2 * refill_n + 10, cooldown_s=1)
+        )
+        idents = [f"warm-{i}" for i in range(refill_n)]
+        warm = Latencies("warm pool, docker containers, one at a time", [])
+        for ident in idents:
+            warm.ms.append(await _get(http, f"{router_url}/pools/refill/health?identifier={ident}"))
+
+        # (d) Teardown lag: cooldown 1 s; container destroyed (docker event) - expiresAt.
+        since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+        containers: dict[str, str] = {}
+        expires: dict[str, float] = {}
+        k = store.pk("refill")
+        live = set(idents)
+        deadline = time.monotonic() + 60
+        while live and time.monotonic() < deadline:
+            async with store.redis.pipeline(transaction=False) as pipe:
+                for ident in live:
+                    pipe.hget(k.sessions, ident)
+                    pipe.zscore(k.expiry, ident)
+                got = await pipe.execute()
+            for ident, raw, score in zip(list(live), got[::2], got[1::2], strict=True):
+                if raw is None or score is None:
+                    live.discard(ident)
+                    continue
+                expires[ident] = float(score)
+                containers[ident] = orjson.loads(raw)["container"]
+            await asyncio.sleep(0.02)
+        wanted = set(containers.values())
+
+        async def all_gone() -> bool:
+            ids = {
+                c["Id"]
+                for c in client.api.containers(
+                    all=True, filters={"label": f"{LABEL_SCOPE}={scope}"}
+                )
+            }
+            return not (ids & wanted)
+
+        await _wait(all_gone, 60, "containers destroyed", interval=0.1)
+        until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+        destroyed: dict[str, float] = {}
+        for ev in client.events(
+            since=since,
+            until=until,
+            decode=True,
+            filters={"type": "container", "event": "destroy", "label": f"{LABEL_SCOPE}={scope}"},
+        ):
+            destroyed[ev["id"]] = ev["timeNano"] / 1e6
+        lags = [
+            destroyed[containers[i]] - expires[i] for i in containers if containers[i] in destroyed
+        ]
+        return PoolResults(cold, bare, warm, refill_n, refill_s, lags)
+
+
+def run(redis_url: str, prefix: str, cold_n: int, refill_n: int, log_dir: Path) -> PoolResults:
+    client = docker_client()
+    ensure_image(client)
+    started: list[Proc] = []
+    try:
+        env = {
+            "SESSIONPOOL_REDIS_URL": redis_url,
+            "SESSIONPOOL_KEY_PREFIX": prefix,
+            "SESSIONPOOL_WORKER_ID": f"bench-{prefix}",
+            "SESSIONPOOL_AUTH": "none",
+        }
+        worker = spawn(
+            "worker",
+            [
+                python(),
+                "-m",
+                "workers.cli",
+                "worker",
+                "--runtime",
+                "docker",
+                "--log-level",
+                "WARNING",
+            ],
+            env=env,
+            log=log_dir / "worker.log",
+        )
+        started.append(worker)
+        router, url = proxies.router(redis_url, prefix, log=log_dir / "router-docker.log")
+        started.append(router)
+
+        async def go() -> PoolResults:
+            redis = open_redis(redis_url)
+            try:
+                return await _phases(
+                    Store(redis, Keys(prefix)), client, url, prefix, cold_n, refill_n
+                )
+            finally:
+                await redis.aclose()
+
+        return asyncio.run(go())
+    finally:
+        for p in started:
+            p.stop()
+        remove_scope(client, prefix)
+        client.close()
