@@ -15,6 +15,7 @@ after the tag, so a `{` inside an identifier never moves a key to another slot.
 | `P:expiry:{p}`               | zset   | identifier -> expiresAt (ms); its size = allocated  |
 | `P:events:{p}`               | stream | work for the workers (allocated, pool-empty, ...)   |
 | `P:emptyflag:{p}`            | string | rate-limits `pool-empty` events                     |
+| `P:demand:{p}`               | zset   | identifiers waiting for a sandbox -> until (ms)     |
 | `P:log:{p}`                  | stream | session lifecycle events for operators              |
 | `P:inval` (channel)          | pubsub | "pool\\0identifier": drop cached routes             |
 | `P:readych` (channel)        | pubsub | "pool": a sandbox became ready (wakes waiters)      |
@@ -41,6 +42,7 @@ class PoolKeys:
     events: str
     empty_flag: str
     log: str
+    demand: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,7 @@ class Keys:
             events=f"{p}:events:{tag}",
             empty_flag=f"{p}:emptyflag:{tag}",
             log=f"{p}:log:{tag}",
+            demand=f"{p}:demand:{tag}",
         )
 
 

@@ -107,7 +107,8 @@ class Routing:
         event = self._ready_events.setdefault(pool.name, asyncio.Event())
         while True:
             event.clear()
-            result = await self.store.claim(pool, identifier, principal)
+            wait_ms = int(max(deadline - loop.time(), 0) * 1000) + 1000
+            result = await self.store.claim(pool, identifier, principal, wait_ms)
             if result.session is not None:
                 if result.created and self.on_allocated is not None:
                     self.on_allocated(

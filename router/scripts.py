@@ -48,12 +48,12 @@ CLAIM = (
     + """
 -- Look up the session of an identifier (touching it), or allocate a ready sandbox to it.
 -- KEYS[1] sessions hash   KEYS[2] expiry zset   KEYS[3] ready zset   KEYS[4] sandboxes hash
--- KEYS[5] events stream   KEYS[6] empty flag    KEYS[7] log stream
+-- KEYS[5] events stream   KEYS[6] empty flag    KEYS[7] log stream   KEYS[8] demand zset
 -- ARGV[1] identifier  ARGV[2] maxConcurrentSessions  ARGV[3] cooldown ms  ARGV[4] owner
 -- ARGV[5] lifecycle (Timed|OnContainerExit)  ARGV[6] max alive ms  ARGV[7] stream maxlen
--- ARGV[8] current template version
+-- ARGV[8] current template version  ARGV[9] how long the caller waits for a sandbox (ms)
 -- Returns {1, session} existing, {2, session} allocated now, {-1, ''} at the session limit,
--- {-2, ''} no ready sandbox (a pool-empty event was queued).
+-- {-2, ''} no ready sandbox (the caller is counted as demand and a pool-empty event queued).
 local ident = ARGV[1]
 local raw = redis.call('HGET', KEYS[1], ident)
 if raw then
@@ -68,6 +68,8 @@ if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return {-1, ''} end
 while true do
   local popped = redis.call('ZPOPMIN', KEYS[3])
   if #popped == 0 then
+    -- The replenisher starts a sandbox for every waiter, beyond readySessionInstances.
+    redis.call('ZADD', KEYS[8], now + tonumber(ARGV[9]), ident)
     if redis.call('SET', KEYS[6], '1', 'NX', 'PX', 250) then
       redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'data',
         cjson.encode({kind = 'pool-empty'}))
@@ -90,6 +92,7 @@ while true do
         createdAt = now, cooldownMs = cooldown, owner = ARGV[4], lifecycle = ARGV[5]})
       redis.call('HSET', KEYS[1], ident, sess)
       redis.call('ZADD', KEYS[2], expires, ident)
+      redis.call('ZREM', KEYS[8], ident)
       redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode({
         kind = 'allocated', sandbox = sid, identifier = ident}))
       redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode({
@@ -170,14 +173,22 @@ RESERVE = (
     _NOW
     + """
 -- Reserve warming slots so that ready + warming reaches the target and never passes it,
--- however many replenishers run.
--- KEYS[1] ready zset  KEYS[2] warming zset  KEYS[3] sandboxes hash
--- ARGV[1] target  ARGV[2] template version  ARGV[3] worker id  ARGV[4..] candidate sandbox ids
+-- however many replenishers run. The target is readySessionInstances plus the requests
+-- waiting for a sandbox right now (as many as maxConcurrentSessions still allows).
+-- KEYS[1] ready zset  KEYS[2] warming zset  KEYS[3] sandboxes hash  KEYS[4] demand zset
+-- KEYS[5] expiry zset
+-- ARGV[1] readySessionInstances  ARGV[2] template version  ARGV[3] worker id
+-- ARGV[4] maxConcurrentSessions  ARGV[5..] candidate sandbox ids
 -- Returns the sandbox ids reserved (records written in state `warming`).
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+local demand = redis.call('ZCARD', KEYS[4])
+local room = tonumber(ARGV[4]) - redis.call('ZCARD', KEYS[5])
+if demand > room then demand = room end
+if demand < 0 then demand = 0 end
 local have = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
-local need = tonumber(ARGV[1]) - have
+local need = tonumber(ARGV[1]) + demand - have
 local out = {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   if #out >= need then break end
   local sid = ARGV[i]
   redis.call('HSET', KEYS[3], sid, cjson.encode({id = sid, state = 'warming',

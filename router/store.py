@@ -168,10 +168,22 @@ class Store:
 
     # Sessions ------------------------------------------------------------------------------
 
-    async def claim(self, pool: Pool, identifier: str, owner: str = "") -> ClaimResult:
+    async def claim(
+        self, pool: Pool, identifier: str, owner: str = "", wait_ms: int = 30_000
+    ) -> ClaimResult:
+        """Look up or allocate; `wait_ms` is how long the caller would wait on an empty pool."""
         k = self.pk(pool.name)
         code, raw = await self._claim(
-            keys=[k.sessions, k.expiry, k.ready, k.sandboxes, k.events, k.empty_flag, k.log],
+            keys=[
+                k.sessions,
+                k.expiry,
+                k.ready,
+                k.sandboxes,
+                k.events,
+                k.empty_flag,
+                k.log,
+                k.demand,
+            ],
             args=[
                 identifier,
                 pool.max_sessions,
@@ -181,6 +193,7 @@ class Store:
                 pool.max_alive_s * 1000,
                 STREAM_MAXLEN,
                 pool.version,
+                wait_ms,
             ],
         )
         code = int(code)
@@ -255,8 +268,8 @@ class Store:
     async def reserve(self, pool: Pool, worker: str, candidates: Sequence[str]) -> list[str]:
         k = self.pk(pool.name)
         out = await self._reserve(
-            keys=[k.ready, k.warming, k.sandboxes],
-            args=[pool.ready_instances, pool.version, worker, *candidates],
+            keys=[k.ready, k.warming, k.sandboxes, k.demand, k.expiry],
+            args=[pool.ready_instances, pool.version, worker, pool.max_sessions, *candidates],
         )
         return [text(s) for s in out]
 

@@ -238,3 +238,19 @@ async def test_deleted_pool_leaves_nothing(store: Store, worker: Any, router_url
         return not await runtime.list(store.keys.prefix) and not await store.sandboxes("proc")
 
     await wait_until(empty, timeout=10)
+
+
+async def test_pool_with_no_ready_instances_starts_one_per_waiting_request(
+    store: Store, worker: Any, router_url: str
+) -> None:
+    runtime = await worker()
+    await store.put_pool(process_pool(ready=0, max_sessions=2))
+    hosts = await asyncio.gather(
+        *(get_host(f"{router_url}/pools/proc/?identifier=cold-{i}") for i in range(3)),
+        return_exceptions=True,
+    )
+    served = [h for h in hosts if isinstance(h, str)]
+    assert len(served) == 2 and len(set(served)) == 2  # one sandbox each, up to the limit
+    assert len(hosts) - len(served) == 1  # the third is over maxConcurrentSessions
+    await wait_until(lambda: counts_are(store, "proc", ready=0, warming=0, allocated=2))
+    assert len(await runtime.list(store.keys.prefix)) == 2  # nothing extra kept warm

@@ -43,7 +43,10 @@ class Replenisher:
         if pool is None:
             return 0
         await self._retire_stale(pool)
-        ids = [uuid.uuid4().hex for _ in range(min(pool.ready_instances, 1000))]
+        # Enough candidates for the target plus every waiting request (RESERVE takes what
+        # it needs of them).
+        wanted = min(pool.ready_instances + pool.max_sessions, 1000)
+        ids = [uuid.uuid4().hex for _ in range(wanted)]
         reserved = await ctx.store.reserve(pool, ctx.settings.worker_id, ids)
         for sid in reserved:
             task = asyncio.create_task(self._create(pool, sid), name=f"create-{sid[:8]}")
