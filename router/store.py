@@ -53,7 +53,11 @@ def open_redis(url: str, *, timeout_s: float | None = 2.0, max_connections: int 
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             hosts, sentinel_kwargs={"socket_timeout": 1.0}, password=password, db=db, **common
         )
-        return cast(Redis, sentinel.master_for(path[0], max_connections=max_connections))
+        client = sentinel.master_for(
+            path[0], redis_class=_SentinelRedis, max_connections=max_connections
+        )
+        client.sentinel_manager = sentinel
+        return cast(Redis, client)
     if parts.scheme == "redis+cluster":
         host, _, port = parts.netloc.rsplit("@", 1)[-1].partition(":")
         return cast(
@@ -61,6 +65,19 @@ def open_redis(url: str, *, timeout_s: float | None = 2.0, max_connections: int 
             RedisCluster(host=host, port=int(port or 6379), password=parts.password, **common),
         )
     return aioredis.Redis.from_url(url, max_connections=max_connections, **common)
+
+
+class _SentinelRedis(aioredis.Redis):
+    """A Sentinel-managed client that, when closed, also closes its pool and the clients it
+    keeps to the sentinels (redis-py leaves both open otherwise)."""
+
+    sentinel_manager: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool=True)
+        manager = self.sentinel_manager
+        for s in manager.sentinels if manager is not None else ():
+            await s.aclose()
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from router.pools import Pool
 from router.store import text
@@ -21,6 +23,7 @@ from workers.probes import wait_started
 from workers.runtime import RuntimeError_, SandboxSpec
 
 log = logging.getLogger("sessionpool.replenisher")
+T = TypeVar("T")
 GROUP = "replenisher"
 MAX_BACKOFF_S = 30.0
 
@@ -103,7 +106,9 @@ class Replenisher:
                 await store.forget(pool.name, sid)
                 return
         try:
-            if not await store.set_container(pool.name, sid, handle.container):
+            if not await self._persist(
+                lambda: store.set_container(pool.name, sid, handle.container)
+            ):
                 await ctx.runtime.destroy(handle.container)  # reservation withdrawn meanwhile
                 return
             if not await wait_started(ctx.http, handle.addr, pool):
@@ -114,7 +119,9 @@ class Replenisher:
                 await ctx.runtime.destroy(handle.container)
                 await store.forget(pool.name, sid)
                 return
-            state = await store.mark_ready(pool.name, sid, handle.container, handle.addr)
+            state = await self._persist(
+                lambda: store.mark_ready(pool.name, sid, handle.container, handle.addr)
+            )
             if state != 1:  # pool deleted or template changed while it started
                 await ctx.runtime.destroy(handle.container)
                 await store.forget(pool.name, sid)
@@ -137,6 +144,19 @@ class Replenisher:
                 await self.ctx.store.forget(pool, sid)
         except REDIS_ERRORS as exc:
             log.warning("pool %s: sandbox %s left to reconciliation: %s", pool, sid, exc)
+
+    async def _persist(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run one state change, retrying through a Redis outage (a failover, a restart) for
+        up to `warm_timeout_s`: a sandbox that started fine should not be lost to a blip."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ctx.settings.warm_timeout_s
+        while True:
+            try:
+                return await call()
+            except REDIS_ERRORS:
+                if loop.time() > deadline or self.ctx.stop.is_set():
+                    raise
+                await asyncio.sleep(0.5)
 
     def _fail(self, pool: str) -> None:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,194 @@
+"""Redis high availability: Sentinel fails over under load; routers and workers follow."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestServer
+
+from router.app import create_app
+from router.keys import Keys
+from router.settings import Settings
+from router.store import Store, open_redis
+from tests.helpers import wait_until
+from tests.test_workers import process_pool
+from workers.main import run
+from workers.process import ProcessRuntime
+
+pytestmark = pytest.mark.timeout(180)
+MASTER = "spmaster"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Topology:
+    """A primary, a replica and three sentinels on loopback, each a real redis-server."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.ports = [free_port(), free_port()]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start_server(self, port: int, replica_of: int | None = None) -> None:
+        args = [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+        ]
+        if replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(replica_of)]
+        self.procs[port] = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def start_sentinel(self, port: int) -> None:
+        conf = self.dir / f"sentinel-{port}.conf"
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\n"
+            f"sentinel monitor {MASTER} 127.0.0.1 {self.ports[0]} 2\n"
+            f"sentinel down-after-milliseconds {MASTER} 1000\n"
+            f"sentinel failover-timeout {MASTER} 5000\n"
+            f"sentinel parallel-syncs {MASTER} 1\n"
+        )
+        self.procs[port] = subprocess.Popen(
+            ["redis-server", str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{MASTER}/0"
+
+    def kill(self, port: int) -> None:
+        proc = self.procs.pop(port)
+        proc.kill()
+        proc.wait()
+
+    def stop(self) -> None:
+        for port in list(self.procs):
+            self.kill(port)
+
+
+@pytest.fixture
+def topology(tmp_path: Path) -> Iterator[Topology]:
+    assert shutil.which("redis-server"), "redis-server is not installed"
+    t = Topology(tmp_path)
+    t.start_server(t.ports[0])
+    t.start_server(t.ports[1], replica_of=t.ports[0])
+    for port in t.sentinel_ports:
+        t.start_sentinel(port)
+    yield t
+    t.stop()
+
+
+async def primary_port(t: Topology) -> int | None:
+    s = aioredis.Redis(host="127.0.0.1", port=t.sentinel_ports[0], socket_timeout=1)
+    try:
+        addr = await s.execute_command("SENTINEL", "get-master-addr-by-name", MASTER)
+        return int(addr[1]) if addr else None
+    except (aioredis.ConnectionError, aioredis.TimeoutError):
+        return None
+    finally:
+        await s.aclose()
+
+
+async def test_failover_under_load(topology: Topology, key_prefix: str) -> None:
+    t = topology
+
+    async def replica_synced() -> bool:
+        r = aioredis.Redis(host="127.0.0.1", port=t.ports[1], socket_timeout=1)
+        try:
+            info = await r.info("replication")
+            return info.get("master_link_status") == "up"
+        except (aioredis.ConnectionError, aioredis.TimeoutError):
+            return False
+        finally:
+            await r.aclose()
+
+    await wait_until(replica_synced, timeout=20)
+    await wait_until(lambda: primary_port(t), timeout=20)
+    settings = Settings(
+        redis_url=t.url,
+        key_prefix=key_prefix,
+        auth="none",
+        runtime="process",
+        allocation_wait_s=10,
+        reconcile_interval_s=1,
+    )
+    redis = open_redis(t.url)
+    store = Store(redis, Keys(key_prefix))
+    await store.put_pool(process_pool(ready=2, cooldown_s=300))
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run(settings, ProcessRuntime(use_bwrap=False), stop))
+    server = TestServer(create_app(settings), host="127.0.0.1", handler_cancellation=True)
+    await server.start_server()
+    base = f"http://127.0.0.1:{server.port}/pools/proc"
+    statuses: list[tuple[float, int]] = []
+    try:
+        await wait_until(lambda: _ready(store, 2), timeout=30)
+        async with aiohttp.ClientSession() as http:
+
+            async def hit(ident: str) -> int:
+                try:
+                    async with http.get(
+                        f"{base}/?identifier={ident}", timeout=aiohttp.ClientTimeout(total=15)
+                    ) as r:
+                        return r.status
+                except (aiohttp.ClientError, TimeoutError):
+                    return -1
+
+            assert await hit("before-failover") == 200
+            old = await primary_port(t)
+            assert old == t.ports[0]
+            t.kill(old)  # the primary dies under load
+            t_kill = time.monotonic()
+            while time.monotonic() - t_kill < 30:
+                statuses.append((time.monotonic() - t_kill, await hit("before-failover")))
+                if await primary_port(t) == t.ports[1] and statuses[-1][1] == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert await primary_port(t) == t.ports[1], "sentinel did not fail over"
+            recovered = statuses[-1][0]
+            assert statuses[-1][1] == 200, statuses[-5:]
+            # Meanwhile only clean answers: served (cached or replicated) or 503, never a hang.
+            assert {s for _, s in statuses} <= {200, 503}
+            # New sessions after the failover: the worker follows the new primary too.
+            assert await hit("after-failover") == 200
+            await wait_until(lambda: _ready(store, 2), timeout=30)
+            print(f"failover: served again {recovered:.1f} s after the primary died")
+    finally:
+        await server.close()
+        stop.set()
+        await asyncio.wait_for(worker, 30)
+        await redis.aclose()
+
+
+async def _ready(store: Store, n: int) -> bool:
+    try:
+        return (await store.counts("proc"))["ready"] == n
+    except (aioredis.ConnectionError, aioredis.TimeoutError):
+        return False
