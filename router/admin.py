@@ -22,10 +22,11 @@ from router.errors import (
     RequestTooLargeError,
     UnsupportedMediaTypeError,
 )
-from router.pools import POOL_NAME, Pool, parse_pool
+from router.pools import CODE_INTERPRETER_IMAGE, POOL_NAME, Pool, parse_pool
 from router.store import Store
 
 MAX_BODY_BYTES = 1 << 20
+MAX_DEPTH = 32  # a pool definition nests 7 levels; PUT/PATCH bodies may nest this deep
 JSON_TYPES = frozenset({"application/json", "application/merge-patch+json"})
 # Top-level keys besides `properties` that a body may carry and that are not stored: ARM's
 # envelope and the read-only fields of our own GET, so GET output can be PUT back.
@@ -98,9 +99,25 @@ async def _read_json(request: web.Request) -> Any:
         if len(body) > MAX_BODY_BYTES:
             raise RequestTooLargeError(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
     try:
-        return orjson.loads(body)
+        doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidPoolError(f"body: not valid JSON ({exc})") from None
+    if _depth(doc) > MAX_DEPTH:
+        # orjson reads 1024 levels but writes only 254, and merge_patch recurses: refuse here.
+        raise InvalidPoolError(f"body: nested more than {MAX_DEPTH} levels deep")
+    return doc
+
+
+def _depth(doc: Any) -> int:
+    """How deeply objects and arrays nest in `doc` (iterative: any depth is safe)."""
+    deepest = 0
+    todo = [(doc, 1)]
+    while todo:
+        node, level = todo.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level)
+            todo.extend((v, level + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def _properties(name: str, body: Any) -> Any:
@@ -157,8 +174,11 @@ def _keep_secret_values(props: Any, stored: dict[str, str]) -> Any:
 class AdminApi:
     """The handlers; the store is looked up under `store_key` (set up by the app)."""
 
-    def __init__(self, store_key: web.AppKey[Store]) -> None:
+    def __init__(
+        self, store_key: web.AppKey[Store], code_interpreter_image: str = CODE_INTERPRETER_IMAGE
+    ) -> None:
         self.store_key = store_key
+        self.image = code_interpreter_image  # what PythonLTS pools without containers get
 
     async def _authorize(self, request: web.Request, pool: str | None) -> Principal:
         return await request.app[AUTH].authorize(request, ADMIN, pool)
@@ -228,7 +248,7 @@ class AdminApi:
         props = _properties(name, body)
         old = await self._stored_properties(request, name) if POOL_NAME.match(name) else None
         props = _keep_secret_values(props, _secret_values(old))
-        pool = parse_pool(name, {"properties": props})
+        pool = parse_pool(name, {"properties": props}, code_interpreter_image=self.image)
         await store.put_pool(pool)
         view = await self._view(request, pool)
         if old is None:
@@ -244,7 +264,7 @@ class AdminApi:
         patch = _properties(name, await _read_json(request))
         props = merge_patch(old, patch)  # onto the stored definition, secrets included
         props = _keep_secret_values(props, _secret_values(old))
-        pool = parse_pool(name, {"properties": props})
+        pool = parse_pool(name, {"properties": props}, code_interpreter_image=self.image)
         await request.app[self.store_key].put_pool(pool)
         return _json(await self._view(request, pool))
 
@@ -257,9 +277,11 @@ class AdminApi:
         return web.Response(status=204)
 
 
-def routes(store_key: web.AppKey[Store]) -> list[web.RouteDef]:
+def routes(
+    store_key: web.AppKey[Store], code_interpreter_image: str = CODE_INTERPRETER_IMAGE
+) -> list[web.RouteDef]:
     """The admin routes, reading the store from `app[store_key]`."""
-    api = AdminApi(store_key)
+    api = AdminApi(store_key, code_interpreter_image)
     return [
         web.get("/admin/pools", api.list_pools),
         web.get("/admin/pools/{pool}", api.get_pool),

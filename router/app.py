@@ -25,7 +25,7 @@ from router.errors import (
     SessionUnreachableError,
     UnauthorizedError,
 )
-from router.identifiers import check_identifier
+from router.identifiers import query_identifier
 from router.keys import Keys
 from router.logs import trace_id_var
 from router.metrics import RouterMetrics
@@ -120,7 +120,9 @@ async def _serve(
             return await management.code_interpreter(
                 request, routing, pool, path, base, principal.id
             )
-    ident = check_identifier(request.query.get("identifier"))  # before Redis is touched
+    ident = query_identifier(request.query)  # before Redis is touched
+    if proxy.is_websocket(request):
+        proxy.check_handshake(request)  # a broken upgrade claims no session
     if (request.content_length or 0) > settings.max_body_bytes:
         raise RequestTooLargeError(
             f"The request body is larger than {settings.max_body_bytes} bytes."
@@ -228,7 +230,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_routes(admin.routes(STORE))
+    app.router.add_routes(admin.routes(STORE, settings.code_interpreter_image))
     app.router.add_route("*", "/pools/{pool}", pool_endpoint)
     app.router.add_route("*", "/pools/{pool}/{tail:.*}", pool_endpoint)
     aca = "/subscriptions/{sub}/resourceGroups/{rg}/sessionPools/{pool}"

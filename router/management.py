@@ -9,7 +9,7 @@ import orjson
 from aiohttp import web
 
 from router.errors import BadRequestError, ForbiddenError, SessionNotFoundError
-from router.identifiers import check_identifier
+from router.identifiers import query_identifier
 from router.pools import Pool
 from router.routing import Routing
 from router.store import Session
@@ -43,7 +43,8 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 def _skip(request: web.Request) -> int:
     raw = request.query.get("skip", "0")
-    if not raw.isdigit() or len(raw) > 9:
+    # isascii: str.isdigit() also accepts digits int() refuses (superscripts: '²').
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         raise BadRequestError("skip: must be a non-negative integer")
     return int(raw)
 
@@ -73,7 +74,7 @@ async def _list(
 
 
 async def _get(request: web.Request, routing: Routing, pool: Pool, principal: str) -> web.Response:
-    ident = check_identifier(request.query.get("identifier"))
+    ident = query_identifier(request.query)
     session = await routing.store.get_session(pool.name, ident)
     if session is None:
         raise SessionNotFoundError(f"Session {ident} was not found in session pool {pool.name}.")
@@ -82,7 +83,7 @@ async def _get(request: web.Request, routing: Routing, pool: Pool, principal: st
 
 
 async def _stop(request: web.Request, routing: Routing, pool: Pool, principal: str) -> str:
-    ident = check_identifier(request.query.get("identifier"))
+    ident = query_identifier(request.query)
     sandbox = ""
     if pool.tenant_binding:
         session = await routing.store.get_session(pool.name, ident)

@@ -368,9 +368,10 @@ def _resources(c: dict[str, Any], where: str) -> tuple[float | None, int | None]
         m = MEMORY.match(str(mem).strip()) if isinstance(mem, str | int) else None
         if not m:
             raise InvalidPoolError(f"{where}.resources.memory: must look like 512Mi or 1Gi")
-        memory = int(float(m.group(1)) * MEMORY_UNITS[m.group(2)])
-        if not 6 * (1 << 20) <= memory <= 1 << 40:
+        size = float(m.group(1)) * MEMORY_UNITS[m.group(2)]  # inf for 400 digits: compare first
+        if not 6 * (1 << 20) <= size <= 1 << 40:
             raise InvalidPoolError(f"{where}.resources.memory: must be 6Mi-1Ti")
+        memory = int(size)
     return (float(cpu) if cpu is not None else None), memory
 
 

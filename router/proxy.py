@@ -13,6 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from router.errors import (
+    BadRequestError,
     RequestTooLargeError,
     SessionTimeoutError,
     SessionUnreachableError,
@@ -207,6 +208,18 @@ async def _relay_response(request: web.Request, up: aiohttp.ClientResponse) -> w
     return resp
 
 
+def check_handshake(request: web.Request) -> None:
+    """Refuse a malformed WebSocket upgrade before a session is claimed or dialled for it.
+
+    Raises:
+        BadRequestError: Sec-WebSocket-Key or Sec-WebSocket-Version is missing or invalid.
+    """
+    if not web.WebSocketResponse().can_prepare(request).ok:
+        raise BadRequestError(
+            "The WebSocket handshake is malformed (Sec-WebSocket-Key or Sec-WebSocket-Version)."
+        )
+
+
 def is_websocket(request: web.Request) -> bool:
     return (
         request.method == "GET"
@@ -273,7 +286,8 @@ async def forward_websocket(
                     await task
     finally:
         await up.close()
-        await ws.close()
+        if ws.prepared:  # else close() raises and would hide why prepare() failed
+            await ws.close()
     return ws
 
 

@@ -1,0 +1,140 @@
+"""A hostile session: each endpoint starts an attack from inside its sandbox, in the background.
+
+Runs on Debian's python3-aiohttp (3.8). Attacks run in child processes so the server keeps
+answering (until the attack takes the whole sandbox down, which is the point of some of them).
+"""
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+
+from aiohttp import web
+
+HOSTNAME = socket.gethostname()
+
+
+def _spawn(code):
+    """Run `code` in a detached python3 child; return its pid."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    return proc.pid
+
+
+async def health(request):
+    return web.json_response({"status": "ok", "hostname": HOSTNAME})
+
+
+async def forkbomb(request):
+    # Each child forks forever; fork failures (the pids limit) are ignored and retried.
+    pid = _spawn(
+        "import os, time\n"
+        "while True:\n"
+        "    try:\n"
+        "        os.fork()\n"
+        "    except OSError:\n"
+        "        time.sleep(0.01)\n"
+    )
+    return web.json_response({"started": pid})
+
+
+async def membomb(request):
+    # In this very process when ?self=1 (the OOM killer then takes the server), else a child.
+    code = (
+        "blocks = []\n"
+        "while True:\n"
+        "    blocks.append(bytearray(16 << 20))\n"
+        "    for i in range(0, len(blocks[-1]), 4096):\n"
+        "        blocks[-1][i] = 1\n"
+    )
+    if request.query.get("self") == "1":
+        asyncio.get_running_loop().call_later(0.05, exec, code)
+        return web.json_response({"started": os.getpid()})
+    return web.json_response({"started": _spawn(code)})
+
+
+async def fill(request):
+    """Write to `path` until the filesystem refuses; report how far it got."""
+    path = request.query.get("path", "/tmp/fill")
+    limit = int(request.query.get("max_mb", "2048")) << 20
+    keep = request.query.get("keep") == "1"
+    return web.json_response(await asyncio.to_thread(_fill, path, limit, keep))
+
+
+def _fill(path, limit, keep):
+    written, error = 0, None
+    block = b"\0" * (1 << 20)
+    try:
+        with open(path, "wb") as f:
+            while written < limit:
+                f.write(block)
+                f.flush()
+                written += len(block)
+            os.fsync(f.fileno())
+    except OSError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    if not keep:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return {"written": written, "error": error}
+
+
+async def stubborn(request):
+    pid = _spawn(
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "while True:\n"
+        "    time.sleep(1)\n"
+    )
+    return web.json_response({"started": pid})
+
+
+async def connect(request):
+    host = request.query.get("host", "")
+    port = int(request.query.get("port", "80"))
+    timeout_ms = int(request.query.get("timeout_ms", "1000"))
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_ms / 1000)
+    except TimeoutError:
+        return web.json_response({"connected": False, "error": "timeout"})
+    except OSError as e:
+        return web.json_response({"connected": False, "error": f"{type(e).__name__}: {e}"})
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return web.json_response({"connected": True, "error": None})
+
+
+async def exists(request):
+    found = await asyncio.to_thread(os.path.exists, request.query.get("path", ""))
+    return web.json_response({"exists": found})
+
+
+def main():
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_post("/forkbomb", forkbomb)
+    app.router.add_post("/membomb", membomb)
+    app.router.add_post("/fill", fill)
+    app.router.add_post("/stubborn", stubborn)
+    app.router.add_get("/connect", connect)
+    app.router.add_get("/exists", exists)
+    web.run_app(
+        app,
+        host=os.environ.get("HOST", "0.0.0.0"),
+        port=int(os.environ.get("PORT", "8080")),
+        access_log=None,
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()
