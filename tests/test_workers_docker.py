@@ -108,24 +108,28 @@ def worker_env(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture
 async def workers(
-    engine: Any, worker_env: dict[str, str], settings: Settings
+    engine: Any, worker_env: dict[str, str], settings: Settings, tmp_path: Path
 ) -> AsyncIterator[Callable[..., Awaitable[asyncio.subprocess.Process]]]:
     procs: list[asyncio.subprocess.Process] = []
+    logs: list[Path] = []
 
     async def start(*extra: str) -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "worker",
-            "--runtime",
-            "docker",
-            *extra,
-            cwd=ROOT,
-            env={**worker_env, "SESSIONPOOL_WORKER_ID": f"w{len(procs)}"},
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        log = tmp_path / f"worker-{len(procs)}.log"
+        logs.append(log)
+        with log.open("ab") as out:  # kept for the failure report below
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "workers.cli",
+                "worker",
+                "--runtime",
+                "docker",
+                *extra,
+                cwd=ROOT,
+                env={**worker_env, "SESSIONPOOL_WORKER_ID": f"w{len(procs)}"},
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=out,
+            )
         procs.append(proc)
         return proc
 
@@ -137,6 +141,8 @@ async def workers(
         await asyncio.wait_for(proc.wait(), 30)
     for c in containers(engine, settings.key_prefix):  # whatever a failed test left
         engine.api.remove_container(c.id, force=True)
+    for log in logs:  # shown by pytest only when the test failed
+        print(f"--- {log.name}", *log.read_text().splitlines()[-40:], sep="\n")
 
 
 @pytest.fixture
