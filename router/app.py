@@ -41,6 +41,7 @@ STORE = web.AppKey("store", Store)
 ROUTING = web.AppKey("routing", Routing)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", RouterMetrics)
+WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
 TRACE_ID = web.RequestKey("trace_id", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -143,6 +144,7 @@ async def _serve(
                 prefix,
                 settings.ws_max_msg_bytes,
                 lambda: routing.activity(session, pool_name),
+                app[WEBSOCKETS],
             )
         started = time.monotonic()
         proxy_seconds = app[METRICS].proxy.labels(pool_name)
@@ -223,6 +225,8 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
     app[SETTINGS] = settings
     app[METRICS] = RouterMetrics()
+    app[WEBSOCKETS] = set()
+    app.on_shutdown.append(_close_websockets)
     app[auth.AUTH] = auth.Authenticator.from_settings(settings)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_client_ctx)
@@ -237,6 +241,10 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_route("*", aca, aca_endpoint)
     app.router.add_route("*", aca + "/{tail:.*}", aca_endpoint)
     return app
+
+
+async def _close_websockets(app: web.Application) -> None:
+    await proxy.close_websockets(app[WEBSOCKETS])
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -236,6 +236,7 @@ async def forward_websocket(
     prefix: str,
     max_msg_bytes: int,
     on_data: Callable[[], None],
+    registry: set[web.WebSocketResponse] | None = None,
 ) -> web.WebSocketResponse:
     """Relay a WebSocket both ways; data frames call `on_data`, pings and pongs do not.
 
@@ -275,6 +276,8 @@ async def forward_websocket(
     )
     try:
         await ws.prepare(request)
+        if registry is not None:
+            registry.add(ws)  # closed with 1001 when the router shuts down
         down_task = asyncio.ensure_future(_pump(ws, up, on_data))
         up_task = asyncio.ensure_future(_pump(up, ws, on_data))
         try:
@@ -285,10 +288,19 @@ async def forward_websocket(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
     finally:
+        if registry is not None:
+            registry.discard(ws)
         await up.close()
         if ws.prepared:  # else close() raises and would hide why prepare() failed
             await ws.close()
     return ws
+
+
+async def close_websockets(registry: set[web.WebSocketResponse]) -> None:
+    """Router shutdown: tell every relayed WebSocket client we are going away (1001)."""
+    for ws in list(registry):
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"router shutting down")
 
 
 _WSAny = web.WebSocketResponse | aiohttp.ClientWebSocketResponse

@@ -227,3 +227,25 @@ async def test_processes_share_one_port(settings: Settings, store: Store) -> Non
                     os.kill(pid, signal.SIGKILL)
             await proc.wait()
         await sb.close()
+
+
+async def test_sigterm_closes_websockets_with_1001(
+    store: Store, router_proc: Callable[[], Awaitable[RouterProc]]
+) -> None:
+    pool = make_pool()
+    await store.put_pool(pool)
+    sb = await FakeSandbox().start()
+    try:
+        await add_ready(store, pool, sb)
+        proc, base = await router_proc()
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(f"{base}/pools/demo/ws?identifier=ws-leaver") as ws:
+                await ws.send_str("hello")
+                assert await ws.receive_str() == f"{sb.name}:hello"
+                proc.send_signal(signal.SIGTERM)
+                msg = await asyncio.wait_for(ws.receive(), 10)
+                assert msg.type == aiohttp.WSMsgType.CLOSE
+                assert msg.data == aiohttp.WSCloseCode.GOING_AWAY
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        await sb.close()
