@@ -134,15 +134,15 @@ async def workers(
         return proc
 
     yield start
-    for proc in procs:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        await asyncio.wait_for(proc.wait(), 30)
+    terminated = [proc for proc in procs if proc.returncode is None]
+    for proc in terminated:
+        proc.send_signal(signal.SIGTERM)
+    codes = [await asyncio.wait_for(proc.wait(), 30) for proc in terminated]
     for c in containers(engine, settings.key_prefix):  # whatever a failed test left
         engine.api.remove_container(c.id, force=True)
     for log in logs:  # shown by pytest only when the test failed
         print(f"--- {log.name}", *log.read_text().splitlines()[-40:], sep="\n")
+    assert codes == [0] * len(codes), "a worker did not exit cleanly on SIGTERM"
 
 
 @pytest.fixture
