@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 import docker
+import redis.asyncio as aioredis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -351,12 +352,16 @@ class Chaos:
         problems: list[str] = []
         while time.monotonic() < deadline:
             problems = []
-            recs = await store.sandboxes(POOL)
+            try:
+                recs = await store.sandboxes(POOL)
+                counts = await store.counts(POOL)
+            except (aioredis.ConnectionError, aioredis.TimeoutError):
+                await asyncio.sleep(0.5)  # our own client met a Redis restart: ask again
+                continue
             live = {
                 x["Labels"].get(LABEL_SANDBOX) for x in self.containers() if x["State"] == "running"
             }
             every = {x["Labels"].get(LABEL_SANDBOX) for x in self.containers()}
-            counts = await store.counts(POOL)
             if set(recs) != live or every != live:
                 problems.append(
                     f"records {len(recs)} vs running containers {len(live)} "
