@@ -65,11 +65,19 @@ class Cluster:
 
     directory: Path
     prefix: str
+    logs: Path | None = None
     redis_port: int = field(default_factory=free_port)
     router_ports: list[int] = field(default_factory=lambda: [free_port(), free_port()])
     redis: Any = None
     routers: list[Any] = field(default_factory=list)
     workers: list[Any] = field(default_factory=list)
+
+    def log(self, name: str) -> Any:
+        """Where a process's stderr goes: a file under --logs, else nowhere."""
+        if self.logs is None:
+            return asyncio.subprocess.DEVNULL
+        self.logs.mkdir(parents=True, exist_ok=True)
+        return (self.logs / f"{name}.log").open("ab")
 
     @property
     def redis_url(self) -> str:
@@ -120,7 +128,7 @@ class Cluster:
             cwd=ROOT,
             env=self.env(),
             stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
+            stderr=self.log(f"router-{i}"),
         )
         if i < len(self.routers):
             self.routers[i] = proc
@@ -138,7 +146,7 @@ class Cluster:
             cwd=ROOT,
             env={**self.env(), "SESSIONPOOL_WORKER_ID": f"chaos-w{i}"},
             stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
+            stderr=self.log(f"worker-{i}"),
         )
         if i < len(self.workers):
             self.workers[i] = proc
@@ -163,7 +171,14 @@ class Cluster:
 
 
 class Chaos:
-    def __init__(self, duration_s: float, seed: int, clients: int, identifiers: int) -> None:
+    def __init__(
+        self,
+        duration_s: float,
+        seed: int,
+        clients: int,
+        identifiers: int,
+        logs: Path | None = None,
+    ) -> None:
         self.duration_s = duration_s
         self.rng = random.Random(seed)
         self.clients = clients
@@ -174,7 +189,7 @@ class Chaos:
         self.prefix = f"chaos{os.getpid()}{self.rng.randrange(1 << 16):04x}"
         self.docker = docker.from_env()
         self.tmp = tempfile.TemporaryDirectory(prefix="sessionpool-chaos-")
-        self.cluster = Cluster(Path(self.tmp.name), self.prefix)
+        self.cluster = Cluster(Path(self.tmp.name), self.prefix, logs)
         self.stop = asyncio.Event()
 
     def containers(self) -> list[dict[str, Any]]:
@@ -404,8 +419,10 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--identifiers", type=int, default=30)
+    p.add_argument("--logs", type=Path, help="keep routers' and workers' logs here")
     args = p.parse_args()
-    return asyncio.run(Chaos(args.duration, args.seed, args.clients, args.identifiers).run())
+    chaos = Chaos(args.duration, args.seed, args.clients, args.identifiers, args.logs)
+    return asyncio.run(chaos.run())
 
 
 if __name__ == "__main__":

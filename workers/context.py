@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.settings import Settings
 from router.store import Redis, Store
-from workers.runtime import Runtime
+from workers.runtime import Runtime, RuntimeError_
 
 log = logging.getLogger("sessionpool.worker")
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
@@ -89,6 +89,11 @@ async def consume(
         except REDIS_ERRORS as exc:
             log.warning("stream %s: %s", stream, exc)
             created = False
+            await ctx.pause(0.5)
+        except RuntimeError_ as exc:
+            # The runtime failed (engine busy or restarting): the batch stays pending and is
+            # delivered again through XAUTOCLAIM once it has idled for claim_idle_ms.
+            log.warning("stream %s: %s", stream, exc)
             await ctx.pause(0.5)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):

@@ -263,7 +263,9 @@ class DockerRuntime:
                     pool=labels.get(LABEL_POOL, ""),
                     sandbox_id=labels.get(LABEL_SANDBOX, ""),
                     version=labels.get(LABEL_VERSION, ""),
-                    running=row.get("State") == "running",
+                    # Alive unless it exited: a container being started ("created") or
+                    # paused (a stall) is not an exit.
+                    running=row.get("State") not in ("exited", "dead"),
                     created_s=float(row.get("Created", 0)),
                 )
             )

@@ -17,6 +17,7 @@ from typing import Any
 from workers import metrics
 from workers.context import REDIS_ERRORS, Context, Event, consume
 from workers.probes import probe_once
+from workers.runtime import RuntimeError_
 
 log = logging.getLogger("sessionpool.reaper")
 GROUP = "reaper"
@@ -160,7 +161,7 @@ class Reaper:
                         obs.pool, {"event": "orphan-removed", "sandbox": obs.sandbox_id}
                     )
                     fixed["orphans"] += 1
-            elif not obs.running and rec.get("state") != "stopping":
+            elif not obs.running and rec.get("state") in ("ready", "allocated"):
                 await self.on_exit(obs.pool, obs.sandbox_id)
                 fixed["lost"] += 1
         # Records with no container. Listed after reading the records, so any container a
@@ -198,7 +199,7 @@ class Reaper:
         while not ctx.stop.is_set():
             try:
                 await self.reconcile()
-            except REDIS_ERRORS as exc:
+            except (*REDIS_ERRORS, RuntimeError_) as exc:
                 log.warning("reconcile: %s", exc)
             if not await ctx.pause(ctx.settings.reconcile_interval_s):
                 return

@@ -46,7 +46,7 @@ class Observed:
     pool: str
     sandbox_id: str
     version: str
-    running: bool
+    running: bool  # not exited: created, running, paused and restarting all count
     created_s: float  # unix time
 
 
