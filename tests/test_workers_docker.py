@@ -328,3 +328,67 @@ async def test_two_replicas_keep_exactly_the_target(
         assert len(containers(engine, store.keys.prefix)) <= 4
         await asyncio.sleep(0.1)
     assert len(containers(engine, store.keys.prefix)) == 4
+
+
+async def test_reconcile_leaves_starting_and_paused_sandboxes_alone(
+    engine: Any, store: Store, settings: Settings
+) -> None:
+    """Regression (found by tests/chaos.py): a container being started ("created") or paused
+    (a stall) was taken for exited, so replicas tore down each other's new sandboxes."""
+    from router.store import open_redis
+    from workers.context import Context
+    from workers.docker import DockerRuntime
+    from workers.reaper import Reaper
+    from workers.runtime import SandboxSpec
+
+    pool = echo_pool(ready=2)
+    await store.put_pool(pool)
+    runtime = DockerRuntime()
+    streams = open_redis(settings.redis_url, timeout_s=10)
+    async with aiohttp.ClientSession() as http:
+        ctx = Context(settings.replace(orphan_grace_s=0.0), store, streams, runtime, http)
+        reaper = Reaper(ctx)
+        try:
+            # A session whose container is paused.
+            sid = "pausedsandbox0001"
+            assert await store.reserve(pool, "test", [sid]) == [sid]
+            handle = await runtime.create(SandboxSpec(store.keys.prefix, pool, sid))
+            assert await store.mark_ready("dock", sid, handle.container, handle.addr) == 1
+            assert (await store.claim(pool, "paused-user")).created
+            engine.api.pause(handle.container)
+            # A sandbox whose container exists but has not been started yet.
+            starting = "startingsandbox01"
+            assert await store.reserve(pool, "test", [starting]) == [starting]
+            created = engine.api.create_container(
+                IMAGE,
+                labels={
+                    LABEL_SCOPE: store.keys.prefix,
+                    LABEL_POOL: "dock",
+                    LABEL_SANDBOX: starting,
+                    LABEL_VERSION: pool.version,
+                },
+            )
+            fixed = await reaper.reconcile()
+            assert fixed == {"orphans": 0, "lost": 0, "stale_warming": 0, "stuck": 0}
+            assert await store.get_session("dock", "paused-user") is not None
+            recs = await store.sandboxes("dock")
+            assert recs[sid]["state"] == "allocated"
+            assert recs[starting]["state"] == "warming"
+            assert engine.api.inspect_container(created["Id"])["State"]["Status"] == "created"
+            engine.api.unpause(handle.container)
+            # The same pass does end a session whose container really exited.
+            engine.api.kill(handle.container)
+            await wait_until(
+                lambda: (
+                    engine.api.inspect_container(handle.container)["State"]["Status"] == "exited"
+                ),
+                timeout=10,
+            )
+            fixed = await reaper.reconcile()
+            assert fixed["lost"] == 1
+            assert await store.get_session("dock", "paused-user") is None
+        finally:
+            for c in containers(engine, store.keys.prefix):
+                engine.api.remove_container(c.id, force=True)
+            await runtime.close()
+            await streams.aclose()
