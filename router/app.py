@@ -14,7 +14,6 @@ import orjson
 from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from yarl import URL
 
 from router import admin, auth, management, proxy
 from router.errors import (
@@ -93,18 +92,21 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return resp
 
 
-def _split_target(raw_path: str, depth: int) -> str:
-    """The raw path after the first `depth` segments, with the query, as sent."""
+def _split_target(raw_path: str, depth: int) -> tuple[str, str]:
+    """The raw path's first `depth` segments (the pool endpoint's path), and the rest with the
+    query, both exactly as sent."""
     path, sep, query = raw_path.partition("?")
     parts = path.split("/", depth + 1)
     rest = "/" + parts[depth + 1] if len(parts) > depth + 1 else "/"
-    return rest + sep + query
+    return "/".join(parts[: depth + 1]), rest + sep + query
 
 
 async def _serve(
-    request: web.Request, pool_name: str, target: str, base: str
+    request: web.Request, pool_name: str, prefix: str, target: str
 ) -> web.StreamResponse:
-    """Serve one request for a pool; `base` is the pool endpoint's absolute URL."""
+    """Serve one request for a pool; `prefix` is the raw path of its endpoint, `target` what
+    follows it."""
+    base = f"{request.scheme}://{request.host}{prefix}"  # the endpoint's absolute URL
     app = request.app
     routing = app[ROUTING]
     settings = app[SETTINGS]
@@ -132,7 +134,6 @@ async def _serve(
     if path == "/session" and pool.container_type == "PythonLTS":
         return await management.code_interpreter(request, routing, pool, path, base, principal.id)
     session = await routing.resolve(pool, ident, principal.id)
-    prefix = URL(base).raw_path.rstrip("/")
     routing.begin(session, pool_name)
     try:
         if proxy.is_websocket(request):
@@ -164,23 +165,12 @@ async def _serve(
         routing.end(session, pool_name)
 
 
-def _base(request: web.Request, path_prefix: str) -> str:
-    return f"{request.scheme}://{request.host}{path_prefix}"
-
-
 async def pool_endpoint(request: web.Request) -> web.StreamResponse:
-    pool = request.match_info["pool"]
-    return await _serve(
-        request, pool, _split_target(request.raw_path, 2), _base(request, f"/pools/{pool}")
-    )
+    return await _serve(request, request.match_info["pool"], *_split_target(request.raw_path, 2))
 
 
 async def aca_endpoint(request: web.Request) -> web.StreamResponse:
-    m = request.match_info
-    prefix = f"/subscriptions/{m['sub']}/resourceGroups/{m['rg']}/sessionPools/{m['pool']}"
-    return await _serve(
-        request, m["pool"], _split_target(request.raw_path, 6), _base(request, prefix)
-    )
+    return await _serve(request, request.match_info["pool"], *_split_target(request.raw_path, 6))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -211,7 +201,7 @@ def host_suffix_middleware(suffix: str) -> Callable[..., Awaitable[web.StreamRes
         host = (request.host or "").lower().rsplit(":", 1)[0]
         if host.endswith(tail) and host != tail[1:]:
             pool = host[: -len(tail)]
-            return await _serve(request, pool, request.raw_path, _base(request, ""))
+            return await _serve(request, pool, "", request.raw_path)
         return await handler(request)
 
     return middleware
