@@ -140,7 +140,7 @@ def test_the_check_reads_the_real_tree() -> None:
     g = graph(ROOT)
     assert "router.settings" in g["sessionpool.cli"]
     assert "sessionpool.up" in g["sessionpool.cli"]
-    assert "docker" in g["workers.docker"]
+    assert any("docker" in targets for name, targets in g.items() if name.startswith("workers."))
 
 
 def plant(root: Path, files: dict[str, str]) -> Path:
