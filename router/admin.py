@@ -22,7 +22,7 @@ from router.errors import (
     RequestTooLargeError,
     UnsupportedMediaTypeError,
 )
-from router.pools import CODE_INTERPRETER_IMAGE, POOL_NAME, Pool, parse_pool
+from router.pools import POOL_NAME, Pool, parse_pool
 from router.store import Store
 
 MAX_BODY_BYTES = 1 << 20
@@ -174,9 +174,7 @@ def _keep_secret_values(props: Any, stored: dict[str, str]) -> Any:
 class AdminApi:
     """The handlers; the store is looked up under `store_key` (set up by the app)."""
 
-    def __init__(
-        self, store_key: web.AppKey[Store], code_interpreter_image: str = CODE_INTERPRETER_IMAGE
-    ) -> None:
+    def __init__(self, store_key: web.AppKey[Store], code_interpreter_image: str) -> None:
         self.store_key = store_key
         self.image = code_interpreter_image  # what PythonLTS pools without containers get
 
@@ -277,9 +275,7 @@ class AdminApi:
         return web.Response(status=204)
 
 
-def routes(
-    store_key: web.AppKey[Store], code_interpreter_image: str = CODE_INTERPRETER_IMAGE
-) -> list[web.RouteDef]:
+def routes(store_key: web.AppKey[Store], code_interpreter_image: str) -> list[web.RouteDef]:
     """The admin routes, reading the store from `app[store_key]`."""
     api = AdminApi(store_key, code_interpreter_image)
     return [

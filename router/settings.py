@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "SESSIONPOOL_"
+CODE_INTERPRETER_IMAGE = "sessionpool/code-interpreter:dev"  # what PythonLTS pools run
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -46,7 +47,7 @@ class Settings:
     jwt_audience: str = "https://dynamicsessions.io"  # comma-separated: any one matches
     jwt_leeway_s: float = 30.0
     jwks_ttl_s: float = 300.0
-    code_interpreter_image: str = "sessionpool/code-interpreter:dev"  # PythonLTS default
+    code_interpreter_image: str = CODE_INTERPRETER_IMAGE  # PythonLTS default
 
     # Workers.
     runtime: str = "docker"

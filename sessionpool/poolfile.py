@@ -9,7 +9,7 @@ import orjson
 import yaml
 
 from router.errors import InvalidPoolError
-from router.pools import CODE_INTERPRETER_IMAGE, parse_pool
+from router.pools import parse_pool
 from router.store import Store
 
 
@@ -35,7 +35,7 @@ def load_pool_file(path: Path) -> dict[str, Any]:
 
 
 async def apply_file(
-    store: Store, path: Path, code_interpreter_image: str = CODE_INTERPRETER_IMAGE
+    store: Store, path: Path, code_interpreter_image: str
 ) -> list[tuple[str, str]]:
     """Validate every pool first (nothing half-applied), then write; returns (name, change).
 
