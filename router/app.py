@@ -22,7 +22,7 @@ from router.errors import (
     SessionPoolError,
     SessionTimeoutError,
     SessionUnreachableError,
-    UnauthorizedError,
+    StoreUnavailableError,
 )
 from router.identifiers import query_identifier
 from router.keys import Keys
@@ -46,11 +46,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(
-    status: int, code: str, message: str, trace_id: str, retry_after_s: int | None = None
+    status: int, code: str, message: str, trace_id: str, extra: dict[str, str] | None = None
 ) -> web.Response:
-    headers = {"x-ms-error-code": code, "x-ms-trace-id": trace_id}
-    if retry_after_s is not None:
-        headers["Retry-After"] = str(retry_after_s)
+    headers = {"x-ms-error-code": code, "x-ms-trace-id": trace_id, **(extra or {})}
     body = {"error": {"code": code, "message": message, "traceId": trace_id}}
     return web.Response(
         status=status, body=orjson.dumps(body), headers=headers, content_type="application/json"
@@ -59,29 +57,34 @@ def error_response(
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error the router produces leaves here, in the ACA envelope."""
+    """Every error the router produces leaves here, in the ACA envelope; every response is
+    counted by status class."""
     trace_id = uuid.uuid4().hex
     request[TRACE_ID] = trace_id
     trace_id_var.set(trace_id)
+    resp = await _envelope_errors(request, handler, trace_id)
+    request.app[METRICS].responses.labels(f"{resp.status // 100}xx").inc()
+    return resp
+
+
+async def _envelope_errors(
+    request: web.Request, handler: Handler, trace_id: str
+) -> web.StreamResponse:
     metrics = request.app[METRICS]
     try:
-        return await handler(request)
+        try:
+            return await handler(request)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailableError("The session store is unavailable.") from exc
     except SessionPoolError as exc:
-        resp = error_response(exc.status, exc.code, exc.message, trace_id, exc.retry_after_s)
-        if isinstance(exc, UnauthorizedError):
-            resp.headers["WWW-Authenticate"] = auth.CHALLENGE
         if isinstance(exc, SessionUnreachableError | SessionTimeoutError):
             pool = request.match_info.get("pool", "")
             metrics.upstream_errors.labels(pool, exc.code).inc()
+        elif isinstance(exc, StoreUnavailableError):
+            metrics.store_errors.inc()
         if exc.status >= 500:
-            log.warning("%s: %s", exc.code, exc.message)
-        return resp
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        log.warning("store unavailable: %s", exc)
-        metrics.store_errors.inc()
-        return error_response(
-            503, "StoreUnavailable", "The session store is unavailable.", trace_id, 1
-        )
+            log.warning("%s: %s (%s)", exc.code, exc.message, exc.__cause__ or "")
+        return error_response(exc.status, exc.code, exc.message, trace_id, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -113,7 +116,7 @@ async def _serve(
     principal = await app[auth.AUTH].authorize(request, auth.EXECUTOR, pool_name)
     path = target.partition("?")[0]
     if not POOL_NAME.match(pool_name):
-        raise PoolNotFoundError(f"Session pool '{pool_name}' was not found.")
+        raise PoolNotFoundError(pool_name)
     if path.startswith("/.management/"):
         pool = await routing.get_pool(pool_name)
         return await management.management(request, routing, pool, path[13:], base, principal.id)
@@ -127,9 +130,7 @@ async def _serve(
     if proxy.is_websocket(request):
         proxy.check_handshake(request)  # a broken upgrade claims no session
     if (request.content_length or 0) > settings.max_body_bytes:
-        raise RequestTooLargeError(
-            f"The request body is larger than {settings.max_body_bytes} bytes."
-        )
+        raise RequestTooLargeError(settings.max_body_bytes)
     pool = await routing.get_pool(pool_name)
     if path == "/session" and pool.container_type == "PythonLTS":
         return await management.code_interpreter(request, routing, pool, path, base, principal.id)

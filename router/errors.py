@@ -5,7 +5,7 @@ SessionPoolError
 │   ├── MissingIdentifierError       400 MissingIdentifier
 │   ├── InvalidIdentifierError       400 InvalidIdentifier
 │   └── InvalidPoolError             400 InvalidPoolDefinition
-├── UnauthorizedError                401 Unauthorized
+├── UnauthorizedError                401 Unauthorized (WWW-Authenticate)
 ├── ForbiddenError                   403 Forbidden
 ├── PoolNotFoundError                404 PoolNotFound
 ├── SessionNotFoundError             404 SessionNotFound
@@ -14,11 +14,17 @@ SessionPoolError
 ├── SessionLimitError                429 SessionLimitReached (Retry-After)
 ├── SessionUnreachableError          502 SessionUnreachable
 ├── NoReadySessionError              503 NoReadySession
-├── StoreUnavailableError            503 StoreUnavailable
-└── SessionTimeoutError              504 SessionTimeout
+├── StoreUnavailableError            503 StoreUnavailable (Retry-After)
+├── SessionTimeoutError              504 SessionTimeout
+└── SandboxRuntimeError              500 (workers: a runtime could not create or inspect)
+
+Each leaf knows its status, code and response headers; the router turns any of them into the
+ACA error envelope in one place (`router.app.errors_middleware`).
 """
 
 from __future__ import annotations
+
+CHALLENGE = 'Bearer realm="sessionpool"'  # what a 401 asks for
 
 
 class SessionPoolError(Exception):
@@ -31,6 +37,13 @@ class SessionPoolError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers this error adds to the envelope (`Retry-After`, ...)."""
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class BadRequestError(SessionPoolError):
@@ -56,6 +69,10 @@ class UnauthorizedError(SessionPoolError):
     status = 401
     code = "Unauthorized"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": CHALLENGE}
+
 
 class ForbiddenError(SessionPoolError):
     status = 403
@@ -66,6 +83,10 @@ class PoolNotFoundError(SessionPoolError):
     status = 404
     code = "PoolNotFound"
 
+    def __init__(self, pool: str) -> None:
+        super().__init__(f"Session pool '{pool}' was not found.")
+        self.pool = pool
+
 
 class SessionNotFoundError(SessionPoolError):
     status = 404
@@ -75,6 +96,10 @@ class SessionNotFoundError(SessionPoolError):
 class RequestTooLargeError(SessionPoolError):
     status = 413
     code = "RequestTooLarge"
+
+    def __init__(self, limit_bytes: int) -> None:
+        super().__init__(f"The request body is larger than {limit_bytes} bytes.")
+        self.limit_bytes = limit_bytes
 
 
 class UnsupportedMediaTypeError(SessionPoolError):
@@ -108,3 +133,7 @@ class StoreUnavailableError(SessionPoolError):
 class SessionTimeoutError(SessionPoolError):
     status = 504
     code = "SessionTimeout"
+
+
+class SandboxRuntimeError(SessionPoolError):
+    """A runtime could not create, inspect or destroy a sandbox; the message says why."""

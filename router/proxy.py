@@ -117,11 +117,11 @@ class _CappedBody:
             seen += len(chunk)
             if seen > self.cap:
                 self.exceeded = True
-                raise RequestTooLargeError(f"The request body is larger than {self.cap} bytes.")
+                raise RequestTooLargeError(self.cap)
             yield chunk
 
     def error(self) -> RequestTooLargeError:
-        return RequestTooLargeError(f"The request body is larger than {self.cap} bytes.")
+        return RequestTooLargeError(self.cap)
 
 
 def client_timeout(connect_s: float, idle_s: float) -> aiohttp.ClientTimeout:
@@ -148,7 +148,7 @@ async def forward_http(
     """
     length = request.content_length
     if length is not None and length > max_body_bytes:
-        raise RequestTooLargeError(f"The request body is larger than {max_body_bytes} bytes.")
+        raise RequestTooLargeError(max_body_bytes)
     headers = upstream_headers(request, prefix)
     has_body = request.body_exists
     url = URL(f"http://{addr}{target}", encoded=True)

@@ -70,7 +70,7 @@ class Routing:
         pool = await self.store.get_pool(name)
         if pool is None:
             self._pools.pop(name, None)
-            raise PoolNotFoundError(f"Session pool '{name}' was not found.")
+            raise PoolNotFoundError(name)
         self._pools[name] = (pool, now + POOL_CACHE_TTL_S)
         return pool
 

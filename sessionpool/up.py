@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from router.errors import SandboxRuntimeError
 from router.keys import Keys
 from router.pools import parse_pool
 from router.server import start_site
@@ -23,7 +24,7 @@ from sessionpool.poolfile import apply_file
 from workers.context import REDIS_ERRORS
 from workers.main import open_runtime
 from workers.main import run as run_worker
-from workers.runtime import Runtime, RuntimeError_
+from workers.runtime import Runtime
 
 log = logging.getLogger("sessionpool.up")
 # The demo app ships inside the package, so `up --runtime process` works from a wheel too.
@@ -72,7 +73,7 @@ async def open_docker_runtime(settings: Settings) -> Runtime | None:
     runtime = open_runtime(settings.replace(runtime="docker"))
     try:
         await runtime.list(settings.key_prefix)
-    except RuntimeError_:
+    except SandboxRuntimeError:
         await runtime.close()
         return None
     return runtime

@@ -102,6 +102,8 @@ async def test_router_metrics_move_and_agree(store: Store, routers: list[str]) -
                 )
                 == 1
             )
+            assert metric(text, "sessionpool_responses_total", code="5xx") == 1
+            assert (metric(text, "sessionpool_responses_total", code="2xx") or 0) >= 3
     finally:
         await live.close()
 
