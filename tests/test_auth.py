@@ -23,9 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import RSAAlgorithm
 
-from router import auth
 from router.app import ROUTING, create_app
-from router.auth import AUTH, hash_key, load_api_keys
+from router.auth import AUTH, hash_key, keyfile, load_api_keys
 from router.identifiers import session_key
 from router.keys import Keys
 from router.settings import Settings
@@ -341,7 +340,7 @@ async def test_keys_file_is_reloaded_when_it_changes(
     r = await start_router(auth="required", api_keys_file=path)
     url = f"{r.base}/pools/demo/x?identifier=user1"
     assert (await call(http, "GET", url, bearer("sp_old-key")))[0] == 200
-    monkeypatch.setattr(auth, "KEYS_RECHECK_S", 0.0)
+    monkeypatch.setattr(keyfile, "KEYS_RECHECK_S", 0.0)
     write_keys(
         tmp_path / "k.yaml",
         [{"name": "new", "key_sha256": hash_key("sp_new-key"), "roles": ["executor"]}],
