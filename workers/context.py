@@ -15,11 +15,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from router.errors import SandboxRuntimeError
 from router.settings import Settings
 from router.store import Redis, Store
-from workers import metrics
-from workers.runtime import Runtime
+from workers.runtime import Runtime, RuntimeError_
 
 log = logging.getLogger("sessionpool.worker")
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
@@ -89,11 +87,10 @@ async def consume(
                 await handle(batch)
                 await ctx.streams.xack(stream, group, *[mid for mid, _ in batch])
         except REDIS_ERRORS as exc:
-            metrics.REDIS_ERRORS.inc()
             log.warning("stream %s: %s", stream, exc)
             created = False
             await ctx.pause(0.5)
-        except SandboxRuntimeError as exc:
+        except RuntimeError_ as exc:
             # The runtime failed (engine busy or restarting): the batch stays pending and is
             # delivered again through XAUTOCLAIM once it has idled for claim_idle_ms.
             log.warning("stream %s: %s", stream, exc)
