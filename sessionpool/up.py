@@ -7,8 +7,6 @@ import contextlib
 import logging
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +18,7 @@ from router.pools import parse_pool
 from router.server import start_site
 from router.settings import Settings
 from router.store import Store, open_redis, text, wait_redis
+from sessionpool.local_redis import RedisServer
 from sessionpool.poolfile import apply_file
 from workers.context import REDIS_ERRORS
 from workers.main import open_runtime
@@ -29,42 +28,6 @@ from workers.runtime import Runtime
 log = logging.getLogger("sessionpool.up")
 # The demo app ships inside the package, so `up --runtime process` works from a wheel too.
 ECHO = Path(__file__).resolve().parent / "demo" / "echo.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A private redis-server on a free loopback port, nothing persisted."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit(
-            "sessionpool up: redis-server not found (apt-get install "
-            "redis-server), or pass --redis-url"
-        )
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # Ctrl-C must not stop Redis before sandboxes are removed
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 async def open_docker_runtime(settings: Settings) -> Runtime | None:
@@ -121,10 +84,17 @@ async def up(
     """Run Redis (when `own_redis`), a router and a worker until SIGINT/SIGTERM, then remove
     every sandbox. `runtime_name` None means docker when an engine answers, else process."""
     tmp = tempfile.TemporaryDirectory(prefix="sessionpool-")
-    redis_proc = None
+    redis_server = None
     if own_redis:
-        redis_proc, redis_url = start_redis(Path(tmp.name))
-        settings = settings.replace(redis_url=redis_url)
+        # A private redis-server on a unix socket, nothing persisted; a session of its own,
+        # so Ctrl-C does not stop Redis before the sandboxes are removed.
+        if shutil.which("redis-server") is None:
+            raise SystemExit(
+                "sessionpool up: redis-server not found (apt-get install redis-server), "
+                "or pass --redis-url"
+            )
+        redis_server = RedisServer(Path(tmp.name)).start(new_session=True)
+        settings = settings.replace(redis_url=redis_server.url)
     runtime: Runtime | None = None
     if runtime_name is None:
         runtime = await open_docker_runtime(settings)
@@ -151,7 +121,7 @@ async def up(
         if file is not None:
             for name, change in await apply_file(store, file, settings.code_interpreter_image):
                 print(f"pool {name}: {change}", flush=True)
-        elif await store.get_pool("demo") is None or redis_proc is not None:
+        elif await store.get_pool("demo") is None or redis_server is not None:
             await store.put_pool(parse_pool("demo", demo_pool(runtime_name)))
         runner, port = await start_site(settings)
         worker = asyncio.create_task(run_worker(settings, runtime, stop))
@@ -187,9 +157,8 @@ async def up(
         if cleanup_runtime is not runtime:
             await cleanup_runtime.close()
         await redis.aclose()
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait()
+        if redis_server is not None:
+            redis_server.stop()
         tmp.cleanup()
         print("sessionpool stopped; no sandbox left behind.", flush=True)
     return 0

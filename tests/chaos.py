@@ -1,6 +1,6 @@
 """Chaos run with a checked history: real routers, workers, Redis and Docker, faults at random.
 
-    python tests/chaos.py --duration 600 [--seed 7]
+    python -m tests.chaos --duration 600 [--seed 7]
 
 Starts its own redis-server (AOF on, so a restart keeps state), two routers and two workers as
 real processes, a pool of echo sandboxes, and a bounded client load over many identifiers.
@@ -33,13 +33,12 @@ import aiohttp
 import docker
 import redis.asyncio as aioredis
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from router.keys import Keys
+from router.pools import parse_pool
+from router.store import Store, open_redis, wait_redis
+from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE
 
-from router.keys import Keys  # noqa: E402
-from router.pools import parse_pool  # noqa: E402
-from router.store import Store, open_redis, wait_redis  # noqa: E402
-from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 POOL = "chaos"
 

@@ -4,35 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 
-from router.pools import Pool, parse_pool
+from router.pools import Pool
 from router.store import Store
+from sessionpool import testing
+from sessionpool.testing import wait_until
+
+__all__ = ["FakeSandbox", "add_ready", "make_pool", "pattern_sha", "wait_until"]
 
 CHUNK = bytes(range(256)) * 256  # 64 KiB of a known pattern
-
-
-async def wait_until(
-    predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02
-) -> Any:
-    """Poll `predicate` until it returns something truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
 
 
 def pattern_sha(size: int) -> str:
@@ -154,32 +139,11 @@ def make_pool(
     cooldown_s: int = 300,
     **props: Any,
 ) -> Pool:
-    body: dict[str, Any] = {
-        "properties": {
-            "scaleConfiguration": {
-                "maxConcurrentSessions": max_sessions,
-                "readySessionInstances": ready,
-            },
-            "dynamicPoolConfiguration": {
-                "lifecycleConfiguration": {
-                    "lifecycleType": "Timed",
-                    "cooldownPeriodInSeconds": cooldown_s,
-                }
-            },
-            "customContainerTemplate": {
-                "containers": [{"name": "main", "image": "sessionpool/echo:dev"}],
-                "ingress": {"targetPort": 8080},
-            },
-            **props,
-        }
-    }
-    return parse_pool(name, body)
+    return testing.make_pool(
+        name, ready=ready, max_sessions=max_sessions, cooldown_s=cooldown_s, **props
+    )
 
 
 async def add_ready(store: Store, pool: Pool, sandbox: FakeSandbox) -> str:
     """Put a running fake sandbox in the ready set exactly as the replenisher does."""
-    sid = uuid.uuid4().hex
-    assert await store.reserve(pool, "test", [sid]) == [sid], "reserve refused: raise `ready`"
-    assert await store.set_container(pool.name, sid, f"fake-{sandbox.name}")
-    assert await store.mark_ready(pool.name, sid, f"fake-{sandbox.name}", sandbox.addr) == 1
-    return sid
+    return await testing.add_ready(store, pool, f"fake-{sandbox.name}", sandbox.addr)

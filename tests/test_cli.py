@@ -7,7 +7,6 @@ import hashlib
 import io
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -26,12 +25,6 @@ from tests.helpers import wait_until
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sessionpool.cli", *args],
@@ -44,7 +37,6 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 async def run_up(runtime: str, key_prefix: str) -> None:
-    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -53,7 +45,7 @@ async def run_up(runtime: str, key_prefix: str) -> None:
         "--runtime",
         runtime,
         "--port",
-        str(port),
+        "0",
         "--key-prefix",
         key_prefix,
         cwd=ROOT,
@@ -68,6 +60,8 @@ async def run_up(runtime: str, key_prefix: str) -> None:
             line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
             assert line, "sessionpool up exited early:\n" + "".join(lines)
             lines.append(line)
+            if line.startswith("sessionpool is up: router http://127.0.0.1:"):
+                port = int(line.split()[4].rsplit(":", 1)[1])
             if line.startswith("try:"):
                 curl = line.split("'")[1]
         assert curl == f"http://127.0.0.1:{port}/pools/demo/hello?identifier=me-1"

@@ -7,10 +7,7 @@ Every request goes through the router with the shapes the ACA client libraries s
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -29,6 +26,7 @@ from router.app import create_app
 from router.pools import parse_pool
 from router.settings import Settings
 from router.store import Store
+from sessionpool.testing import spawn_worker, stop_process
 from tests.helpers import wait_until
 from workers.runtime import LABEL_SCOPE
 
@@ -99,26 +97,10 @@ async def env(engine: Any, settings: Settings, store: Store) -> AsyncIterator[En
             },
         )
     )
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sessionpool.cli",
-        "worker",
-        "--runtime",
-        "docker",
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "SESSIONPOOL_REDIS_URL": settings.redis_url,
-            "SESSIONPOOL_KEY_PREFIX": settings.key_prefix,
-            "SESSIONPOOL_WORKER_ID": "w0",
-            "SESSIONPOOL_RECONCILE_INTERVAL_S": "1",
-            "SESSIONPOOL_ORPHAN_GRACE_S": "2",
-            "SESSIONPOOL_WARM_TIMEOUT_S": "60",
-            "SESSIONPOOL_CLAIM_IDLE_MS": "2000",
-        },
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+    worker = await spawn_worker(
+        settings.replace(
+            reconcile_interval_s=1, orphan_grace_s=2, warm_timeout_s=60, claim_idle_ms=2000
+        )
     )
     server = TestServer(
         create_app(settings.replace(allocation_wait_s=60.0)),
@@ -131,13 +113,9 @@ async def env(engine: Any, settings: Settings, store: Store) -> AsyncIterator[En
         yield Env(f"http://127.0.0.1:{server.port}", store, engine, settings.key_prefix)
     finally:
         await server.close()
-        if worker.returncode is None:
-            worker.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(worker.wait(), 30)
+            await stop_process(worker, grace_s=30)
         finally:
-            if worker.returncode is None:
-                worker.kill()
             raw = engine.api.containers(
                 all=True, filters={"label": f"{LABEL_SCOPE}={settings.key_prefix}"}
             )

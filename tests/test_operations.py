@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from router.app import create_app
 from router.settings import Settings
 from router.store import Store
+from sessionpool.testing import spawn_router, stop_process
 from tests.helpers import FakeSandbox, add_ready, make_pool, wait_until
 from tests.test_workers import process_pool
 from workers.main import run
@@ -108,33 +108,17 @@ async def test_router_metrics_move_and_agree(store: Store, routers: list[str]) -
         await live.close()
 
 
-async def test_router_logs_are_json_with_the_trace_id(settings: Settings, store: Store) -> None:
+async def test_router_logs_are_json_with_the_trace_id(
+    settings: Settings, store: Store, tmp_path: Path
+) -> None:
     pool = make_pool()
     await store.put_pool(pool)
     dead = await FakeSandbox().start()
     await add_ready(store, pool, dead)
     await dead.close()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sessionpool.cli",
-        "router",
-        "--port",
-        "0",
-        "--auth",
-        "none",
-        "--redis-url",
-        settings.redis_url,
-        "--key-prefix",
-        settings.key_prefix,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
+    log = tmp_path / "router.log"
+    proc, base = await spawn_router(settings, log=log)
     try:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        base = line.rsplit(" ", 1)[1].strip()
         async with aiohttp.ClientSession() as http:
             async with http.get(
                 f"{base}/pools/demo/x?identifier=logged",
@@ -143,9 +127,8 @@ async def test_router_logs_are_json_with_the_trace_id(settings: Settings, store:
                 assert r.status == 502
                 trace_id = (await r.json())["error"]["traceId"]
     finally:
-        proc.terminate()
-        err = (await asyncio.wait_for(proc.stderr.read(), 30)).decode()
-        await proc.wait()
+        await stop_process(proc)
+    err = log.read_text()
     records = [orjson.loads(x) for x in err.splitlines() if x.strip()]  # every line is JSON
     assert records
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)

@@ -16,6 +16,7 @@ import pytest
 
 from router.settings import Settings
 from router.store import Store
+from sessionpool.testing import spawn_router
 from tests.helpers import CHUNK, FakeSandbox, add_ready, make_pool, pattern_sha, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,28 +31,9 @@ async def router_proc(settings: Settings) -> AsyncIterator[Callable[[], Awaitabl
     procs: list[asyncio.subprocess.Process] = []
 
     async def start() -> RouterProc:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "sessionpool.cli",
-            "router",
-            "--port",
-            "0",
-            "--redis-url",
-            settings.redis_url,
-            "--key-prefix",
-            settings.key_prefix,
-            "--auth",
-            "none",
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        proc, base = await spawn_router(settings)
         procs.append(proc)
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert "listening on" in line, line
-        return proc, line.rsplit(" ", 1)[1].strip()
+        return proc, base
 
     yield start
     for proc in procs:

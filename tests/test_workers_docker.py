@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -21,6 +19,7 @@ from router.app import create_app
 from router.pools import Pool, parse_pool
 from router.settings import Settings
 from router.store import Store
+from sessionpool.testing import spawn_worker
 from tests.helpers import wait_until
 from workers.runtime import LABEL_POOL, LABEL_SANDBOX, LABEL_SCOPE, LABEL_VERSION
 
@@ -94,21 +93,8 @@ def containers(engine: Any, scope: str) -> list[Seen]:
 
 
 @pytest.fixture
-def worker_env(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "SESSIONPOOL_REDIS_URL": settings.redis_url,
-        "SESSIONPOOL_KEY_PREFIX": settings.key_prefix,
-        "SESSIONPOOL_RECONCILE_INTERVAL_S": "1",
-        "SESSIONPOOL_ORPHAN_GRACE_S": "2",
-        "SESSIONPOOL_WARM_TIMEOUT_S": "20",
-        "SESSIONPOOL_CLAIM_IDLE_MS": "2000",
-    }
-
-
-@pytest.fixture
 async def workers(
-    engine: Any, worker_env: dict[str, str], settings: Settings, tmp_path: Path
+    engine: Any, settings: Settings, tmp_path: Path
 ) -> AsyncIterator[Callable[..., Awaitable[asyncio.subprocess.Process]]]:
     procs: list[asyncio.subprocess.Process] = []
     logs: list[Path] = []
@@ -116,20 +102,10 @@ async def workers(
     async def start(*extra: str) -> asyncio.subprocess.Process:
         log = tmp_path / f"worker-{len(procs)}.log"
         logs.append(log)
-        with log.open("ab") as out:  # kept for the failure report below
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "sessionpool.cli",
-                "worker",
-                "--runtime",
-                "docker",
-                *extra,
-                cwd=ROOT,
-                env={**worker_env, "SESSIONPOOL_WORKER_ID": f"w{len(procs)}"},
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=out,
-            )
+        worker_settings = settings.replace(
+            reconcile_interval_s=1, orphan_grace_s=2, warm_timeout_s=20, claim_idle_ms=2000
+        )
+        proc = await spawn_worker(worker_settings, *extra, log=log)  # the log: failure report
         procs.append(proc)
         return proc
 
