@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -87,7 +88,10 @@ class Replenisher:
         store = ctx.store
         loop = asyncio.get_running_loop()
         started = loop.time()
+        # Wall-clock step times, logged once the sandbox is ready (bench/timeline.py reads them).
+        steps = {"reserved": time.time()}
         async with self._sem:
+            steps["slot"] = time.time()
             if ctx.stop.is_set():
                 await store.forget(pool.name, sid)
                 return
@@ -105,6 +109,7 @@ class Replenisher:
                 self._fail(pool.name)
                 await store.forget(pool.name, sid)
                 return
+        steps["started"] = time.time()
         try:
             if not await self._persist(
                 lambda: store.set_container(pool.name, sid, handle.container)
@@ -119,6 +124,7 @@ class Replenisher:
                 await ctx.runtime.destroy(handle.container)
                 await store.forget(pool.name, sid)
                 return
+            steps["probed"] = time.time()
             state = await self._persist(
                 lambda: store.mark_ready(pool.name, sid, handle.container, handle.addr)
             )
@@ -126,6 +132,14 @@ class Replenisher:
                 await ctx.runtime.destroy(handle.container)
                 await store.forget(pool.name, sid)
                 return
+            steps["ready"] = time.time()
+            log.info(
+                "pool %s: sandbox %s ready in %.0f ms",
+                pool.name,
+                sid,
+                (steps["ready"] - steps["reserved"]) * 1000,
+                extra={"pool": pool.name, "sandbox": sid, "steps": steps},
+            )
             self._backoff.pop(pool.name, None)
             metrics.CREATED.labels(pool.name).inc()
             metrics.START_SECONDS.labels(pool.name).observe(loop.time() - started)
