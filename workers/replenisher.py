@@ -19,7 +19,7 @@ from typing import TypeVar
 from router.pools import Pool
 from router.store import text
 from workers import metrics
-from workers.context import REDIS_ERRORS, Context, Event, consume
+from workers.context import REDIS_ERRORS, Context, Event
 from workers.probes import wait_started
 from workers.runtime import RuntimeError_, SandboxSpec
 
@@ -178,24 +178,24 @@ class Replenisher:
         delay = min(delay * 2, MAX_BACKOFF_S)
         self._backoff[pool] = (loop.time() + delay, delay)
 
-    async def run_pool(self, pool_name: str) -> None:
-        """Wake on the pool's events; the reconcile loop covers anything missed."""
-        stream = self.ctx.store.pk(pool_name).events
+    # Role (see workers/supervisor.py) -------------------------------------------------------
 
-        async def handle(batch: list[Event]) -> None:
-            await self.fill(pool_name)
+    group = GROUP
 
-        await consume(self.ctx, stream, GROUP, handle)
+    async def handle(self, pool: str, batch: list[Event]) -> None:
+        """Any entry (allocated, pool-empty, pool-changed, ...) is a reason to look again."""
+        await self.fill(pool)
 
-    async def run_periodic(self) -> None:
-        """Safety net: refill every pool now and then even without events."""
+    async def watch(self, pool: str) -> None:
+        """Fill at once, then now and then as a safety net for a lost entry."""
         ctx = self.ctx
-        while await ctx.pause(min(ctx.settings.reconcile_interval_s, 2.0)):
+        while True:
             try:
-                for name in await ctx.store.pool_names():
-                    await self.fill(name)
+                await self.fill(pool)
             except REDIS_ERRORS as exc:
-                log.warning("periodic fill: %s", exc)
+                log.warning("pool %s: fill: %s", pool, exc)
+            if not await ctx.pause(min(ctx.settings.reconcile_interval_s, 2.0)):
+                return
 
     async def drain(self) -> None:
         """Let sandboxes being created finish (or be cancelled) before exit."""
