@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from redis.exceptions import ResponseError
 
+from workers import metrics
 from workers.context import REDIS_ERRORS, Context, Event
 
 log = logging.getLogger("sessionpool.worker")
@@ -110,6 +111,7 @@ class StreamReader:
                     await self._autoclaim()
                 await self._read_once()
             except REDIS_ERRORS as exc:
+                metrics.REDIS_ERRORS.inc()
                 log.warning("streams (%s): %s", self.group, exc)
                 self._unready.update(self._pools)
                 await ctx.pause(0.5)
