@@ -202,12 +202,7 @@ class AdminApi:
     async def _stored_properties(self, request: web.Request, name: str) -> dict[str, Any] | None:
         """The stored properties, secrets included, read without validating them again: a
         definition that a later release validates more strictly can still be replaced."""
-        store = request.app[self.store_key]
-        raw = await store.redis.get(store.pk(name).definition)
-        if raw is None:
-            return None
-        props = orjson.loads(raw).get("properties")
-        return props if isinstance(props, dict) else {}
+        return await request.app[self.store_key].stored_properties(name)
 
     async def list_pools(self, request: web.Request) -> web.Response:
         principal = await self._authorize(request, None)

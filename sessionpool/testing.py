@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from router.pools import Pool, parse_pool
+from router.sandboxes import MarkReady
 from router.settings import ENV_PREFIX, Settings
 from router.store import Store
 from sessionpool.local_redis import RedisServer, redis_server
@@ -219,5 +220,5 @@ async def add_ready(store: Store, pool: Pool, container: str, addr: str) -> str:
     sid = uuid.uuid4().hex
     assert await store.reserve(pool, "test", [sid]) == [sid], "reserve refused: raise `ready`"
     assert await store.set_container(pool.name, sid, container)
-    assert await store.mark_ready(pool.name, sid, container, addr) == 1
+    assert await store.mark_ready(pool.name, sid, container, addr) is MarkReady.READY
     return sid

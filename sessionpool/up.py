@@ -17,7 +17,7 @@ from router.keys import Keys
 from router.pools import parse_pool
 from router.server import start_site
 from router.settings import Settings
-from router.store import Store, open_redis, text, wait_redis
+from router.store import Store, open_redis, wait_redis
 from sessionpool.local_redis import RedisServer
 from sessionpool.poolfile import apply_file
 from workers.context import REDIS_ERRORS
@@ -69,8 +69,8 @@ def demo_pool(runtime: str) -> dict[str, Any]:
 async def clean_up(store: Store, runtime: Runtime, scope: str) -> None:
     """End every session and destroy every sandbox of this scope; pool definitions stay."""
     for name in await store.pool_names():
-        for ident in await store.redis.hkeys(store.pk(name).sessions):
-            await store.stop(name, text(ident), "stopped")
+        for ident in await store.session_ids(name):
+            await store.stop(name, ident, "stopped")
         for sid in await store.sandboxes(name):
             await store.retire(name, sid, "shutdown")
             await store.forget(name, sid)

@@ -158,7 +158,7 @@ async def _gone(store: Store, ident: str) -> bool:
 async def _only_ready(store: Store, runtime: ProcessRuntime) -> bool:
     recs = await store.sandboxes("proc")
     live = {o.sandbox_id for o in await runtime.list(store.keys.prefix)}
-    return all(r["state"] == "ready" for r in recs.values()) and live == set(recs)
+    return all(r.state == "ready" for r in recs.values()) and live == set(recs)
 
 
 async def test_stop_exit_and_external_kill_end_sessions(
@@ -220,7 +220,7 @@ async def test_template_change_replaces_ready_keeps_allocated(
 
     async def replaced() -> bool:
         recs = (await store.sandboxes("proc")).values()
-        ready = [r for r in recs if r["state"] == "ready"]
+        ready = [r for r in recs if r.state == "ready"]
         return len(ready) == 2 and all(r["version"] == new.version for r in ready)
 
     await wait_until(replaced, timeout=15)

@@ -152,7 +152,7 @@ async def consistent(engine: Any, store: Store, pool: str) -> bool:
         for c in containers(engine, store.keys.prefix)
         if c.status == "running"
     }
-    return set(recs) == live and all(r["state"] in ("ready", "allocated") for r in recs.values())
+    return set(recs) == live and all(r.state in ("ready", "allocated") for r in recs.values())
 
 
 async def test_warm_pool_serves_and_refills(
@@ -288,7 +288,7 @@ async def test_killed_worker_leaks_nothing_and_orphans_are_removed(
 
 async def _warming_with_containers(store: Store, engine: Any) -> bool:
     recs = await store.sandboxes("dock")
-    return sum(1 for r in recs.values() if r["state"] == "warming" and r.get("container")) >= 1
+    return sum(1 for r in recs.values() if r.state == "warming" and r.container) >= 1
 
 
 async def test_two_replicas_keep_exactly_the_target(
@@ -348,8 +348,8 @@ async def test_reconcile_leaves_starting_and_paused_sandboxes_alone(
             assert fixed == {"orphans": 0, "lost": 0, "stale_warming": 0, "stuck": 0}
             assert await store.get_session("dock", "paused-user") is not None
             recs = await store.sandboxes("dock")
-            assert recs[sid]["state"] == "allocated"
-            assert recs[starting]["state"] == "warming"
+            assert recs[sid].state == "allocated"
+            assert recs[starting].state == "warming"
             assert engine.api.inspect_container(created["Id"])["State"]["Status"] == "created"
             engine.api.unpause(handle.container)
             # The same pass does end a session whose container really exited.
