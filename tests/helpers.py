@@ -30,7 +30,7 @@ def pattern_sha(size: int) -> str:
 
 
 class FakeSandbox:
-    """An HTTP server on loopback that plays a session container (like deploy/images/echo)."""
+    """An HTTP server on loopback that plays a session container (like the echo image)."""
 
     def __init__(self) -> None:
         self.name = f"sbx-{uuid.uuid4().hex[:8]}"

@@ -2,7 +2,7 @@
 
 Each test runs a worker process (docker runtime, its own sandbox networks), a router in this
 process listening on every address (so its admin API is a target), and a Redis on TCP
-0.0.0.0:<port> (another target). A session of `deploy/images/hostile` attacks; another session
+0.0.0.0:<port> (another target). A hostile-image session attacks; another session
 of the same pool must keep serving meanwhile, and afterwards the hostile session is ended and
 its container gone.
 
