@@ -24,15 +24,34 @@ ACA error envelope in one place (`router.app.errors_middleware`).
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 CHALLENGE = 'Bearer realm="sessionpool"'  # what a 401 asks for
 
 
 class SessionPoolError(Exception):
-    """Root of every error sessionpool raises on purpose."""
+    """Root of every error sessionpool raises on purpose.
 
-    status: int = 500
-    code: str = "InternalError"
-    retry_after_s: int | None = None
+    A leaf states its HTTP status, ACA error code and, when a retry makes sense, how many
+    seconds to wait, as class arguments: `class X(SessionPoolError, status=..., code=...)`.
+    """
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "InternalError"
+    retry_after_s: ClassVar[int | None] = None
+
+    def __init_subclass__(
+        cls,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.status = status or cls.status
+        cls.code = code or cls.code
+        cls.retry_after_s = retry_after_s or cls.retry_after_s
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -46,93 +65,62 @@ class SessionPoolError(Exception):
         return {"Retry-After": str(self.retry_after_s)}
 
 
-class BadRequestError(SessionPoolError):
-    status = 400
-    code = "BadRequest"
+class BadRequestError(SessionPoolError, status=400, code="BadRequest"): ...
 
 
-class MissingIdentifierError(BadRequestError):
-    code = "MissingIdentifier"
+class MissingIdentifierError(BadRequestError, code="MissingIdentifier"): ...
 
 
-class InvalidIdentifierError(BadRequestError):
-    code = "InvalidIdentifier"
+class InvalidIdentifierError(BadRequestError, code="InvalidIdentifier"): ...
 
 
-class InvalidPoolError(BadRequestError):
+class InvalidPoolError(BadRequestError, code="InvalidPoolDefinition"):
     """A pool definition failed validation; the message names the field."""
 
-    code = "InvalidPoolDefinition"
 
-
-class UnauthorizedError(SessionPoolError):
-    status = 401
-    code = "Unauthorized"
-
+class UnauthorizedError(SessionPoolError, status=401, code="Unauthorized"):
     @property
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": CHALLENGE}
 
 
-class ForbiddenError(SessionPoolError):
-    status = 403
-    code = "Forbidden"
+class ForbiddenError(SessionPoolError, status=403, code="Forbidden"): ...
 
 
-class PoolNotFoundError(SessionPoolError):
-    status = 404
-    code = "PoolNotFound"
-
+class PoolNotFoundError(SessionPoolError, status=404, code="PoolNotFound"):
     def __init__(self, pool: str) -> None:
         super().__init__(f"Session pool '{pool}' was not found.")
         self.pool = pool
 
 
-class SessionNotFoundError(SessionPoolError):
-    status = 404
-    code = "SessionNotFound"
+class SessionNotFoundError(SessionPoolError, status=404, code="SessionNotFound"): ...
 
 
-class RequestTooLargeError(SessionPoolError):
-    status = 413
-    code = "RequestTooLarge"
-
+class RequestTooLargeError(SessionPoolError, status=413, code="RequestTooLarge"):
     def __init__(self, limit_bytes: int) -> None:
         super().__init__(f"The request body is larger than {limit_bytes} bytes.")
         self.limit_bytes = limit_bytes
 
 
-class UnsupportedMediaTypeError(SessionPoolError):
-    status = 415
-    code = "UnsupportedMediaType"
+class UnsupportedMediaTypeError(SessionPoolError, status=415, code="UnsupportedMediaType"): ...
 
 
-class SessionLimitError(SessionPoolError):
-    status = 429
-    code = "SessionLimitReached"
-    retry_after_s = 1
+class SessionLimitError(SessionPoolError, status=429, code="SessionLimitReached", retry_after_s=1):
+    """maxConcurrentSessions sessions are allocated already."""
 
 
-class SessionUnreachableError(SessionPoolError):
-    status = 502
-    code = "SessionUnreachable"
+class SessionUnreachableError(SessionPoolError, status=502, code="SessionUnreachable"): ...
 
 
-class NoReadySessionError(SessionPoolError):
-    status = 503
-    code = "NoReadySession"
-    retry_after_s = 1
+class NoReadySessionError(SessionPoolError, status=503, code="NoReadySession", retry_after_s=1):
+    """No sandbox became ready within allocation_wait_s."""
 
 
-class StoreUnavailableError(SessionPoolError):
-    status = 503
-    code = "StoreUnavailable"
-    retry_after_s = 1
+class StoreUnavailableError(SessionPoolError, status=503, code="StoreUnavailable", retry_after_s=1):
+    """Redis is unreachable (raised by the store at its boundary)."""
 
 
-class SessionTimeoutError(SessionPoolError):
-    status = 504
-    code = "SessionTimeout"
+class SessionTimeoutError(SessionPoolError, status=504, code="SessionTimeout"): ...
 
 
 class SandboxRuntimeError(SessionPoolError):

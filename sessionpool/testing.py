@@ -29,9 +29,11 @@ from sessionpool.local_redis import RedisServer, redis_server
 
 __all__ = [
     "ECHO_IMAGE",
+    "HEALTH_PROBE",
     "RedisServer",
     "add_ready",
     "bound_socket",
+    "echo_pool",
     "make_pool",
     "pool_body",
     "port_of",
@@ -45,6 +47,8 @@ __all__ = [
 ]
 
 ECHO_IMAGE = "sessionpool/echo:dev"
+# The echo app's readiness: what a pool of sessionpool/echo:dev probes before use.
+HEALTH_PROBE: dict[str, Any] = {"type": "Startup", "httpGet": {"path": "/health", "port": 8080}}
 Process = asyncio.subprocess.Process
 PIPE, DEVNULL = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
 
@@ -184,22 +188,21 @@ def pool_body(
     cooldown_s: int = 300,
     target_port: int = 8080,
     lifecycle: str = "Timed",
+    max_alive_s: int | None = None,
     container: dict[str, Any] | None = None,
     **props: Any,
 ) -> dict[str, Any]:
     """An ARM pool body (`{"properties": ...}`) of one container; `container` adds to it."""
+    life: dict[str, Any] = {"lifecycleType": lifecycle, "cooldownPeriodInSeconds": cooldown_s}
+    if max_alive_s is not None:
+        life["maxAlivePeriodInSeconds"] = max_alive_s
     return {
         "properties": {
             "scaleConfiguration": {
                 "maxConcurrentSessions": max_sessions,
                 "readySessionInstances": ready,
             },
-            "dynamicPoolConfiguration": {
-                "lifecycleConfiguration": {
-                    "lifecycleType": lifecycle,
-                    "cooldownPeriodInSeconds": cooldown_s,
-                }
-            },
+            "dynamicPoolConfiguration": {"lifecycleConfiguration": life},
             "customContainerTemplate": {
                 "containers": [{"name": "main", "image": image, **(container or {})}],
                 "ingress": {"targetPort": target_port},
@@ -212,6 +215,31 @@ def pool_body(
 def make_pool(name: str = "demo", **body: Any) -> Pool:
     """`parse_pool(name, pool_body(**body))`."""
     return parse_pool(name, pool_body(**body))
+
+
+def echo_pool(
+    name: str,
+    *,
+    ready: int = 2,
+    max_sessions: int = 10,
+    cooldown_s: int = 300,
+    lifecycle: str = "Timed",
+    probes: list[dict[str, Any]] | None = None,
+) -> Pool:
+    """A pool of the echo image as the Docker suites and benchmarks run it (small CPU and
+    memory limits, the /health startup probe)."""
+    container = {
+        "resources": {"cpu": 0.5, "memory": "256Mi"},
+        "probes": [HEALTH_PROBE] if probes is None else probes,
+    }
+    return make_pool(
+        name,
+        ready=ready,
+        max_sessions=max_sessions,
+        cooldown_s=cooldown_s,
+        lifecycle=lifecycle,
+        container=container,
+    )
 
 
 async def add_ready(store: Store, pool: Pool, container: str, addr: str) -> str:

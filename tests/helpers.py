@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
 import uuid
+from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -15,8 +17,9 @@ from router.store import Store
 from sessionpool import testing
 from sessionpool.testing import wait_until
 
-__all__ = ["FakeSandbox", "add_ready", "make_pool", "pattern_sha", "wait_until"]
+__all__ = ["FakeSandbox", "add_ready", "make_pool", "open_engine", "pattern_sha", "wait_until"]
 
+ROOT = Path(__file__).resolve().parent.parent
 CHUNK = bytes(range(256)) * 256  # 64 KiB of a known pattern
 
 
@@ -147,3 +150,18 @@ def make_pool(
 async def add_ready(store: Store, pool: Pool, sandbox: FakeSandbox) -> str:
     """Put a running fake sandbox in the ready set exactly as the replenisher does."""
     return await testing.add_ready(store, pool, f"fake-{sandbox.name}", sandbox.addr)
+
+
+def open_engine(image: str) -> Any:
+    """A Docker client, with `image` built by deploy/images/build.sh if it is missing. No
+    engine: the caller fails here (Docker tests never skip)."""
+    import docker
+
+    client = docker.from_env()
+    client.ping()
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        name = image.split("/", 1)[1].split(":", 1)[0]  # sessionpool/<name>:<tag>
+        subprocess.run(["bash", str(ROOT / "deploy/images/build.sh"), name], check=True)
+    return client

@@ -7,7 +7,6 @@ Every request goes through the router with the shapes the ACA client libraries s
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -16,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import docker
-import docker.errors
 import pytest
 from aiohttp.test_utils import TestServer
 from yarl import URL
@@ -27,7 +24,7 @@ from router.pools import parse_pool
 from router.settings import Settings
 from router.store import Store
 from sessionpool.testing import spawn_worker, stop_process
-from tests.helpers import wait_until
+from tests.helpers import open_engine, wait_until
 from workers.runtime import LABEL_SCOPE
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
@@ -49,14 +46,7 @@ BINARY = bytes(range(256)) * 8 + b"\r\n\x00end"
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Any]:
-    client = docker.from_env()
-    client.ping()  # no engine: the tests fail here, they never skip
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run(
-            ["bash", str(ROOT / "deploy/images/build.sh"), "code-interpreter"], check=True
-        )
+    client = open_engine(IMAGE)
     yield client
     client.close()
 

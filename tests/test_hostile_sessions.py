@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import docker
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -35,7 +34,7 @@ from router.pools import Pool, parse_pool
 from router.settings import Settings
 from router.store import Store, open_redis
 from sessionpool.testing import spawn_worker, stop_process
-from tests.helpers import wait_until
+from tests.helpers import open_engine, wait_until
 from workers.docker import DockerRuntime
 from workers.runtime import LABEL_SCOPE
 
@@ -55,12 +54,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Any]:
-    client = docker.from_env()
-    client.ping()  # no engine: the tests fail here, they never skip
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run(["bash", str(ROOT / "deploy/images/build.sh"), "hostile"], check=True)
+    client = open_engine(IMAGE)
     yield client
     asyncio.run(_remove_networks())
     client.close()

@@ -16,9 +16,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from router.app import create_app
-from router.pools import Pool, parse_pool
+from router.pools import Pool
 from router.settings import Settings
 from router.store import Store
+from sessionpool.testing import make_pool
 from tests.helpers import wait_until
 from workers.main import run
 from workers.process import ProcessRuntime
@@ -35,34 +36,15 @@ def process_pool(
     lifecycle: str = "Timed",
     **extra: Any,
 ) -> Pool:
-    life: dict[str, Any] = {"lifecycleType": lifecycle}
-    if lifecycle == "Timed":
-        life["cooldownPeriodInSeconds"] = cooldown_s
-    else:
-        life["maxAlivePeriodInSeconds"] = extra.pop("max_alive_s", 3600)
-    return parse_pool(
+    return make_pool(
         name,
-        {
-            "properties": {
-                "scaleConfiguration": {
-                    "maxConcurrentSessions": max_sessions,
-                    "readySessionInstances": ready,
-                },
-                "dynamicPoolConfiguration": {"lifecycleConfiguration": life},
-                "customContainerTemplate": {
-                    "containers": [
-                        {
-                            "name": "main",
-                            "image": "local",
-                            "command": [sys.executable],
-                            "args": [APP],
-                            **extra,
-                        }
-                    ],
-                    "ingress": {"targetPort": 8080},
-                },
-            }
-        },
+        image="local",
+        ready=ready,
+        max_sessions=max_sessions,
+        cooldown_s=cooldown_s,
+        lifecycle=lifecycle,
+        max_alive_s=extra.pop("max_alive_s", None),
+        container={"command": [sys.executable], "args": [APP], **extra},
     )
 
 

@@ -3,79 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import docker
 import pytest
 from aiohttp.test_utils import TestServer
 
 from router.app import create_app
-from router.pools import Pool, parse_pool
 from router.settings import Settings
 from router.store import Store
+from sessionpool import testing
 from sessionpool.testing import spawn_worker
-from tests.helpers import wait_until
+from tests.helpers import open_engine, wait_until
 from workers.runtime import LABEL_POOL, LABEL_SANDBOX, LABEL_SCOPE, LABEL_VERSION
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(180)]
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/echo:dev"
+echo_pool = functools.partial(testing.echo_pool, "dock")
 
 
 @pytest.fixture(scope="module")
 def engine() -> Any:
-    client = docker.from_env()
-    client.ping()  # no engine: the tests fail here, they never skip
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run(["bash", str(ROOT / "deploy/images/build.sh"), "echo"], check=True)
+    client = open_engine(IMAGE)
     yield client
     client.close()
-
-
-def echo_pool(
-    name: str = "dock",
-    *,
-    ready: int = 2,
-    max_sessions: int = 10,
-    cooldown_s: int = 300,
-    lifecycle: str = "Timed",
-    probes: list[dict[str, Any]] | None = None,
-) -> Pool:
-    life: dict[str, Any] = {"lifecycleType": lifecycle}
-    if lifecycle == "Timed":
-        life["cooldownPeriodInSeconds"] = cooldown_s
-    return parse_pool(
-        name,
-        {
-            "properties": {
-                "scaleConfiguration": {
-                    "maxConcurrentSessions": max_sessions,
-                    "readySessionInstances": ready,
-                },
-                "dynamicPoolConfiguration": {"lifecycleConfiguration": life},
-                "customContainerTemplate": {
-                    "containers": [
-                        {
-                            "name": "main",
-                            "image": IMAGE,
-                            "resources": {"cpu": 0.5, "memory": "256Mi"},
-                            "probes": probes
-                            or [{"type": "Startup", "httpGet": {"path": "/health", "port": 8080}}],
-                        }
-                    ],
-                    "ingress": {"targetPort": 8080},
-                },
-            }
-        },
-    )
 
 
 class Seen:
