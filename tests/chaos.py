@@ -31,8 +31,8 @@ from typing import Any
 
 import aiohttp
 import docker
-import redis.asyncio as aioredis
 
+from router.errors import StoreUnavailableError
 from router.keys import Keys
 from router.pools import parse_pool
 from router.store import Store, open_redis, wait_redis
@@ -369,7 +369,7 @@ class Chaos:
             try:
                 recs = await store.sandboxes(POOL)
                 counts = await store.counts(POOL)
-            except (aioredis.ConnectionError, aioredis.TimeoutError):
+            except StoreUnavailableError:
                 await asyncio.sleep(0.5)  # our own client met a Redis restart: ask again
                 continue
             live = {

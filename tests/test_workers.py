@@ -203,7 +203,7 @@ async def test_template_change_replaces_ready_keeps_allocated(
     async def replaced() -> bool:
         recs = (await store.sandboxes("proc")).values()
         ready = [r for r in recs if r.state == "ready"]
-        return len(ready) == 2 and all(r["version"] == new.version for r in ready)
+        return len(ready) == 2 and all(r.version == new.version for r in ready)
 
     await wait_until(replaced, timeout=15)
     assert await get_host(f"{router_url}/pools/proc/?identifier=keeper") == host
