@@ -22,11 +22,15 @@ DISCOVERY_INTERVAL_S = 1.0
 
 
 def open_runtime(settings: Settings) -> Runtime:
-    """The runtime the settings name; only the docker one imports the docker SDK."""
+    """The runtime the settings name; only that runtime's module imports its SDK."""
     if settings.runtime == "docker":
         from workers.docker import DockerRuntime
 
         return DockerRuntime(network_prefix=settings.network_prefix)
+    if settings.runtime == "kubernetes":
+        from workers.kubernetes import KubernetesRuntime
+
+        return KubernetesRuntime(settings)
     from workers.process import ProcessRuntime
 
     return ProcessRuntime()
