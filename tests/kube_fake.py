@@ -590,8 +590,23 @@ class FakeKube:
             return
         try:
             cid, ip = await asyncio.to_thread(self._start_container, c["image"], kwargs)
-        except Exception as exc:
-            waiting("CreateContainerError", str(exc))
+        except Exception as exc:  # the runtime could not start it: the pod fails, as in a kubelet
+            self._event(ns, name, "Failed", f"Error: {exc}")
+            terminated = {"exitCode": 128, "reason": "StartError", "message": str(exc)[:300]}
+            self._update_status(
+                key,
+                phase="Failed",
+                containerStatuses=[
+                    {
+                        "name": c["name"],
+                        "image": c["image"],
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {"terminated": terminated},
+                    }
+                ],
+            )
             return
         self.containers[f"{ns}/{name}"] = cid
         if key not in self.store["pods"]:  # deleted meanwhile: the terminator missed it
