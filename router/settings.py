@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from router.addresses import parse_networks
+
 ENV_PREFIX = "SESSIONPOOL_"
 GiB = 1 << 30
 MiB = 1 << 20
@@ -48,6 +50,11 @@ class Settings:
     jwt_leeway_s: float = 30.0
     jwks_ttl_s: float = 300.0
     code_interpreter_image: str = "sessionpool/code-interpreter:dev"  # PythonLTS default
+    # Comma-separated CIDRs whose X-Forwarded-*/Forwarded/X-Real-IP are believed (appended
+    # to); from any other peer those headers are replaced by what the router saw.
+    trusted_proxies: str = ""
+    tls_cert: str = ""  # PEM certificate chain: with tls_key, serve HTTPS and WSS
+    tls_key: str = field(default="", repr=False)  # a path, but say nothing more about it
 
     # Workers.
     runtime: str = "docker"
@@ -125,6 +132,12 @@ class Settings:
                 raise ValueError(f"k8s_cluster_cidrs: {cidr!r} is not a CIDR range") from None
         if self.k8s_ephemeral_storage_bytes < 16 * MiB:
             raise ValueError("k8s_ephemeral_storage_bytes: must be at least 16 MiB")
+        try:
+            parse_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies: {exc}") from None
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key: give both or neither")
         if self.create_concurrency < 1:
             raise ValueError("create_concurrency: must be at least 1")
 

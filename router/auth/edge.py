@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from router.addresses import is_loopback
 from router.auth.keyfile import ApiKeys
 from router.auth.principals import ROLES, Principal
 from router.auth.tokens import JwtVerifier
@@ -43,7 +45,18 @@ class Authenticator:
         jwks = settings.jwt_jwks
         if jwks and not jwks.startswith(("http://", "https://")) and not Path(jwks).is_file():
             raise ValueError(f"jwt_jwks: {jwks!r} is neither an http(s) URL nor a file")
+        if jwks.startswith("http://") and not is_loopback(urlsplit(jwks).hostname or ""):
+            # Whoever sits on the path could hand us their own signing keys.
+            raise ValueError(
+                f"jwt_jwks: {jwks!r} is plain http to another host: use https:// "
+                "(http:// is accepted for a loopback address only)"
+            )
         verifier = JwtVerifier(settings) if settings.jwt_hs256_secret or jwks else None
+        if verifier is not None and not settings.jwt_issuer:
+            log.warning(
+                "jwt_issuer is not set: tokens of ANY issuer are accepted as long as they are "
+                "signed with the configured key and name the audience; set jwt_issuer"
+            )
         return cls(required=True, keys=keys, jwt_verifier=verifier)
 
     async def authenticate(self, request: web.Request) -> Principal:

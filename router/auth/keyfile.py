@@ -20,6 +20,7 @@ from router.pools import POOL_NAME
 log = logging.getLogger("sessionpool.auth")
 
 KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
+ALL_POOLS = "*"  # `pools: ["*"]`: a key for every pool, said explicitly
 KEYS_RECHECK_S = 5.0  # how often the API keys file's mtime is looked at
 
 
@@ -74,12 +75,17 @@ def load_api_keys(path: str) -> tuple[ApiKey, ...]:
             or not all(isinstance(r, str) and r in ROLES for r in roles)
         ):
             raise ValueError(f"{at}.roles: a non-empty list of {sorted(ROLES)}")
-        pools = e.get("pools")
-        if pools is not None and (
+        if "pools" not in e:
+            # An entry that names no pools once meant every pool: a truncated or hand-edited
+            # entry must not silently become an unscoped key.
+            raise ValueError(f'{at}.pools: required: the pools this key may use, or ["*"]')
+        pools = e["pools"]
+        if pools != [ALL_POOLS] and (
             not isinstance(pools, list)
+            or not pools
             or not all(isinstance(p, str) and POOL_NAME.match(p) for p in pools)
         ):
-            raise ValueError(f"{at}.pools: a list of pool names")
+            raise ValueError(f'{at}.pools: a non-empty list of pool names, or ["*"] for all')
         digest = bytes.fromhex(digest_hex)
         if name in names:
             raise ValueError(f"{at}.name: {name!r} appears twice")
@@ -87,7 +93,7 @@ def load_api_keys(path: str) -> tuple[ApiKey, ...]:
             raise ValueError(f"{at}.key_sha256: the same key appears twice")
         names.add(name)
         digests.add(digest)
-        scope = None if pools is None else frozenset(pools)
+        scope = None if pools == [ALL_POOLS] else frozenset(pools)
         out.append(ApiKey(digest, Principal(f"key:{name}", frozenset(roles), scope)))
     return tuple(out)
 
