@@ -31,11 +31,15 @@ _SIZED_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 def open_runtime(settings: Settings) -> Runtime:
-    """The runtime the settings name; only the docker one imports the docker SDK."""
+    """The runtime the settings name; only that runtime's module imports its SDK."""
     if settings.runtime == "docker":
         from workers.docker import DockerRuntime
 
         return DockerRuntime(network_prefix=settings.network_prefix)
+    if settings.runtime == "kubernetes":
+        from workers.kubernetes import KubernetesRuntime
+
+        return KubernetesRuntime(settings)
     from workers.process import ProcessRuntime
 
     return ProcessRuntime()
