@@ -22,6 +22,10 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "sp"
     redis_timeout_s: float = 2.0
+    # The router's Redis client pool: callers wait (up to redis_pool_wait_s) for a free
+    # connection rather than failing when all are busy.
+    redis_max_connections: int = 64
+    redis_pool_wait_s: float = 10.0
 
     # Router.
     host: str = "127.0.0.1"
@@ -72,6 +76,7 @@ class Settings:
             raise ValueError("processes: must be at least 1")
         for name in (
             "redis_timeout_s",
+            "redis_pool_wait_s",
             "upstream_connect_timeout_s",
             "upstream_idle_timeout_s",
             "route_cache_ttl_s",
@@ -99,6 +104,8 @@ class Settings:
             raise ValueError("jwt_audience: must name at least one audience")
         if self.jwt_leeway_s < 0:
             raise ValueError("jwt_leeway_s: must not be negative")
+        if self.redis_max_connections < 4:
+            raise ValueError("redis_max_connections: must be at least 4")
         if self.create_concurrency < 1:
             raise ValueError("create_concurrency: must be at least 1")
 

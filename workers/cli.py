@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--processes", type=int, help="processes sharing the port")
     router.add_argument("--host-suffix", help="serve http://{pool}.{suffix}/… too")
     router.add_argument("--auth", choices=["none", "required"])
+    router.add_argument("--redis-max-connections", type=int, help="Redis client pool size")
+    router.add_argument(
+        "--redis-pool-wait-s", type=float, help="wait for a free Redis connection this long"
+    )
 
     worker = sub.add_parser("worker", help="replenisher and/or reaper")
     _common(worker)
@@ -95,6 +99,8 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "runtime",
         "role",
         "metrics_port",
+        "redis_max_connections",
+        "redis_pool_wait_s",
     }
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     overrides.update(extra)
