@@ -22,12 +22,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.errors import (
-    ForbiddenError,
     NoReadySessionError,
     PoolNotFoundError,
     SessionLimitError,
     SessionUnreachableError,
 )
+from router.identifiers import session_key
 from router.keys import SEP
 from router.pools import Pool
 from router.settings import Settings
@@ -88,13 +88,15 @@ class Routing:
 
         Concurrent misses for one identifier share one CLAIM (single flight), and a route in
         use is refreshed in the background before it expires, so a busy identifier never
-        sends a herd of CLAIMs to Redis.
+        sends a herd of CLAIMs to Redis. On a tenant-bound pool the identifier is scoped to
+        `principal` (`session_key`): the session returned is the caller's own, and its
+        `identifier` is the scoped name.
 
         Raises:
             SessionLimitError: the pool is at maxConcurrentSessions.
             NoReadySessionError: no sandbox became ready within the allocation wait.
-            ForbiddenError: tenant binding is on and the session belongs to someone else.
         """
+        identifier = session_key(identifier, principal if pool.tenant_binding else None)
         key = (pool.name, identifier)
         route = self._routes.get(key)
         now = time.monotonic()
@@ -106,8 +108,6 @@ class Routing:
             self.misses += 1
             claim = self._claims.get(key) or self._start_claim(key, pool, principal)
             session = await asyncio.shield(claim)
-        if pool.tenant_binding and session.owner != principal:
-            raise ForbiddenError("This session belongs to another principal.")
         return session
 
     def _start_claim(
@@ -306,8 +306,8 @@ class Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if isinstance(exc, SessionUnreachableError):
-            self.routing.forget(self.pool.name, self.identifier)
+        if isinstance(exc, SessionUnreachableError):  # the route may be stale: look it up again
+            self.routing.forget(self.pool.name, self.session.identifier)
         self.routing.end(self.session, self.pool.name)
 
     def activity(self) -> None:

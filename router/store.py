@@ -58,7 +58,7 @@ def open_redis(
             raise ValueError("redis+sentinel URL needs a master name: .../<master>[/<db>]")
         db = int(path[1]) if len(path) > 1 else 0
         password = parts.password or parse_qs(parts.query).get("password", [None])[0]
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             hosts, sentinel_kwargs={"socket_timeout": 1.0}, password=password, db=db, **common
         )
         client = sentinel.master_for(
@@ -246,11 +246,22 @@ class Store:
         k = self.pk(pool)
         return [k.sessions, k.expiry, k.sandboxes, k.events, k.log]
 
-    async def stop(self, pool: str, identifier: str, reason: str, sandbox: str = "") -> bool:
-        """End a session; with `sandbox`, only if that sandbox still holds it."""
+    async def stop(
+        self, pool: str, identifier: str, reason: str, sandbox: str = "", owner: str = ""
+    ) -> bool:
+        """End a session; with `sandbox`, only if that sandbox still holds it; with `owner`,
+        only if that principal owns it (checked and stopped in one script)."""
         ended = await self._stop(
             keys=self._stop_keys(pool),
-            args=[identifier, reason, sandbox, STREAM_MAXLEN, self.keys.invalidation_channel, pool],
+            args=[
+                identifier,
+                reason,
+                sandbox,
+                STREAM_MAXLEN,
+                self.keys.invalidation_channel,
+                pool,
+                owner,
+            ],
         )
         return bool(int(ended))
 
@@ -401,4 +412,4 @@ async def iter_pubsub(
             )
     finally:
         with contextlib.suppress(aioredis.ConnectionError, aioredis.TimeoutError, OSError):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]

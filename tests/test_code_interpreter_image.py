@@ -277,6 +277,33 @@ async def test_matplotlib_figure_is_an_image_result(http: aiohttp.ClientSession)
     assert base64.b64decode(new_image["base64_data"]).startswith(PNG_MAGIC)
 
 
+async def test_figure_after_agg_backend_is_an_image_result_and_is_closed(
+    http: aiohttp.ClientSession,
+) -> None:
+    code = (
+        "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+        "plt.plot([1, 3, 2])\nplt.show()"
+    )
+    try:
+        props = await legacy_exec(http, code)
+        assert props["status"] == "Success"
+        image = props["result"]
+        assert image["type"] == "image"
+        assert image["format"] == "png"
+        assert base64.b64decode(image["base64_data"]).startswith(PNG_MAGIC)
+        assert "cannot be shown" not in props["stderr"]
+        # Closed once sent: the next execution does not send it again.
+        after = await legacy_exec(http, "import matplotlib.pyplot as plt\nlen(plt.get_fignums())")
+        assert after["result"] == 0
+        # Without show() and through the new contract too.
+        new = await new_exec(http, {"code": "fig, ax = plt.subplots(); ax.bar([1], [2])"})
+        assert new["result"]["executionResult"]["type"] == "image"
+    finally:
+        await legacy_exec(
+            http, "import matplotlib\nmatplotlib.use('module://matplotlib_inline.backend_inline')"
+        )
+
+
 # --- new contract --------------------------------------------------------------------------
 
 

@@ -51,12 +51,46 @@ def __sessionpool_setup(preload):
     ip.display_formatter.formatters[formatter.format_type] = formatter
     for name in preload:
         importlib.import_module(name)
+    # `plt.show()` under Agg warns that it cannot show; the figure is returned anyway.
+    import warnings
+    warnings.filterwarnings("ignore", message=".*non-interactive, and thus cannot be shown")
     if any(name.startswith("matplotlib") for name in preload):
         ip.run_line_magic("matplotlib", "inline")
 
 __sessionpool_setup(%(preload)r)
 del __sessionpool_setup
 """
+
+# Run after every user execution that finished. Any matplotlib figure still open is sent as an
+# image and closed, whatever the backend: code that picked `Agg` (as much generated code does)
+# draws figures that `plt.show()` never displays. The inline backend has already shown and
+# closed its figures by then, so nothing is sent twice.
+_FIGURES_CODE = """
+def __sessionpool_figures():
+    import sys
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return
+    import base64, io
+    from IPython.display import display
+    try:
+        for num in plt.get_fignums():
+            buf = io.BytesIO()
+            plt.figure(num).savefig(buf, format="png", bbox_inches="tight")
+            data = base64.b64encode(buf.getvalue()).decode()
+            display({"image/png": data}, raw=True)
+    finally:
+        plt.close("all")
+
+try:
+    __sessionpool_figures()
+finally:
+    del __sessionpool_figures
+"""
+
+# How long the figure pass may take after the user's code; a figure that takes longer to
+# render is dropped rather than holding the execution past its answer.
+_FIGURES_TIMEOUT_S = 20.0
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
@@ -240,9 +274,7 @@ class Kernel:
                 # Repeated: an interrupt that lands before the kernel starts running the
                 # code (a loaded machine) is lost, and the loop would then run on.
                 await km.interrupt_kernel()
-                grace = await self._collect(
-                    kc, msg_id, collector, min(deadline, loop.time() + 0.5)
-                )
+                grace = await self._collect(kc, msg_id, collector, min(deadline, loop.time() + 0.5))
             note = f"Execution timed out after {timeout_s:g} seconds and was interrupted."
             if grace != "idle":
                 note = (
@@ -254,7 +286,28 @@ class Kernel:
             collector.stderr.append(note + "\n")
             outcome = collector.outcome(started, timed_out=True, kernel_restarted=restarted)
             return replace(outcome, error_name="TimeoutError", error_message=note)
+        if user_code:
+            await self._collect_figures(kc, collector)
         return collector.outcome(started)
+
+    async def _collect_figures(self, kc: AsyncKernelClient, collector: _Collector) -> None:
+        """Send figures left open by the code just run, whatever the backend, then close them."""
+        await self._drain_shell(kc)
+        msg_id = kc.execute(_FIGURES_CODE, silent=False, store_history=False, allow_stdin=False)
+        figures = _Collector(collector.limit)
+        deadline = asyncio.get_running_loop().time() + _FIGURES_TIMEOUT_S
+        state = await self._collect(kc, msg_id, figures, deadline)
+        if state != "idle":
+            log.warning("figure collection did not finish (%s); figures dropped", state)
+            if state == "died":
+                await self.restart()
+            elif self._km is not None:
+                await self._km.interrupt_kernel()
+            return
+        if figures.image is not None:
+            collector.image = figures.image
+        if figures.error_name:
+            log.warning("figure collection failed: %s", figures.error_message)
 
     async def _collect(
         self, kc: AsyncKernelClient, msg_id: str, collector: _Collector, deadline: float
