@@ -40,6 +40,12 @@ class Settings:
     route_cache_ttl_s: float = 2.0
     activity_flush_s: float = 0.5
     shutdown_timeout_s: float = 30.0
+    # Client connections: a request's line and headers must arrive within header_timeout_s;
+    # idle keep-alive connections close after keepalive_timeout_s; past max_connections per
+    # process a new connection is answered 503 with Retry-After.
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
+    max_connections: int = 16_384
     # "required": every request but /healthz, /readyz, /metrics needs a credential; "none"
     # must be asked for explicitly (a router with no credential configured refuses to start).
     auth: str = "required"
@@ -77,6 +83,8 @@ class Settings:
         for name in (
             "redis_timeout_s",
             "redis_pool_wait_s",
+            "header_timeout_s",
+            "keepalive_timeout_s",
             "upstream_connect_timeout_s",
             "upstream_idle_timeout_s",
             "route_cache_ttl_s",
@@ -104,6 +112,8 @@ class Settings:
             raise ValueError("jwt_audience: must name at least one audience")
         if self.jwt_leeway_s < 0:
             raise ValueError("jwt_leeway_s: must not be negative")
+        if self.max_connections < 1:
+            raise ValueError("max_connections: must be at least 1")
         if self.redis_max_connections < 4:
             raise ValueError("redis_max_connections: must be at least 4")
         if self.create_concurrency < 1:
