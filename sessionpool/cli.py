@@ -56,7 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="replenisher and/or reaper")
     _common(worker)
-    worker.add_argument("--runtime", choices=["docker", "process"])
+    worker.add_argument("--runtime", choices=["docker", "process", "kubernetes"])
+    worker.add_argument("--k8s-namespace", help="sandbox namespace (SESSIONPOOL_K8S_NAMESPACE)")
+    worker.add_argument("--k8s-kubeconfig", help="kubeconfig file; none: in-cluster or default")
+    worker.add_argument("--k8s-context", help="kubeconfig context (SESSIONPOOL_K8S_CONTEXT)")
+    worker.add_argument(
+        "--k8s-control-namespace", help="namespace of routers and workers (ingress source)"
+    )
+    worker.add_argument(
+        "--k8s-cluster-cidrs", help="pod/service ranges EgressEnabled pools cannot reach"
+    )
     worker.add_argument("--role", choices=["all", "replenisher", "reaper"])
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
 
@@ -112,6 +121,11 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "keepalive_timeout_s",
         "max_connections",
         "redis_pool_wait_s",
+        "k8s_namespace",
+        "k8s_kubeconfig",
+        "k8s_context",
+        "k8s_control_namespace",
+        "k8s_cluster_cidrs",
     }
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     overrides.update(extra)
