@@ -17,6 +17,7 @@ from aiohttp import web
 from router.app import METRICS, create_app
 from router.connections import BoundedRunner, ConnectionBounds
 from router.settings import Settings
+from router.tls import ReloadingTLS
 
 log = logging.getLogger("sessionpool.router")
 
@@ -54,9 +55,15 @@ async def start_site(
         shutdown_timeout=settings.shutdown_timeout_s,
         keepalive_timeout=settings.keepalive_timeout_s,
     )
+    tls = ReloadingTLS(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     await runner.setup()
     site = web.TCPSite(
-        runner, settings.host, settings.port, reuse_port=reuse_port or None, backlog=1024
+        runner,
+        settings.host,
+        settings.port,
+        reuse_port=reuse_port or None,
+        backlog=1024,
+        ssl_context=tls.context if tls is not None else None,
     )
     try:
         await site.start()
@@ -74,7 +81,8 @@ async def serve(settings: Settings, reuse_port: bool = False) -> None:
         loop.add_signal_handler(sig, stop.set)
     runner, port = await start_site(settings, reuse_port=reuse_port)
     try:
-        print(f"sessionpool router listening on http://{settings.host}:{port}", flush=True)
+        scheme = "https" if settings.tls_cert else "http"
+        print(f"sessionpool router listening on {scheme}://{settings.host}:{port}", flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()

@@ -17,13 +17,18 @@ from router.settings import Settings
 from router.store import Store, open_redis, text
 from sessionpool import keys
 from sessionpool.poolfile import apply_file
-from sessionpool.up import up
+from sessionpool.up import up, up_settings
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", help="Redis URL (SESSIONPOOL_REDIS_URL)")
     p.add_argument("--key-prefix", help="key prefix of this deployment (SESSIONPOOL_KEY_PREFIX)")
     p.add_argument("--log-level", default="INFO")
+
+
+def _tls(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS/WSS (re-read on change)")
+    p.add_argument("--tls-key", help="its private key (PEM)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host")
     up.add_argument("--port", type=int)
     up.add_argument("--runtime", choices=["docker", "process"])
+    up.add_argument(
+        "--auth",
+        choices=["none", "required"],
+        help="default: required when a credential source is given, else none (loopback only)",
+    )
+    up.add_argument("--api-keys-file", help="API keys (sessionpool new-key NAME --file F)")
+    _tls(up)
 
     router = sub.add_parser("router", help="an edge (data plane, management, admin API)")
     _common(router)
@@ -53,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument(
         "--redis-pool-wait-s", type=float, help="wait for a free Redis connection this long"
     )
+    router.add_argument("--api-keys-file", help="API keys (sessionpool new-key NAME --file F)")
+    router.add_argument(
+        "--trusted-proxies", help="CIDRs whose X-Forwarded-*/Forwarded headers are believed"
+    )
+    _tls(router)
 
     worker = sub.add_parser("worker", help="replenisher and/or reaper")
     _common(worker)
@@ -121,6 +138,10 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "keepalive_timeout_s",
         "max_connections",
         "redis_pool_wait_s",
+        "api_keys_file",
+        "trusted_proxies",
+        "tls_cert",
+        "tls_key",
         "k8s_namespace",
         "k8s_kubeconfig",
         "k8s_context",
@@ -207,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             install_uvloop()
             asyncio.run(run(settings_from(args)))
         elif args.command == "up":
-            # auth is off and the port is 8080 unless asked: `up` is the laptop command.
-            settings = settings_from(args, auth="none")
+            # `up` is the laptop command: port 8080, and auth off unless credentials are
+            # given; check_listener then keeps an open stack on loopback.
+            settings = up_settings(settings_from(args), args.auth)
             if args.port is None:
                 settings = settings.replace(port=8080)
             own_redis = args.redis_url is None
