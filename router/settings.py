@@ -73,7 +73,7 @@ class Settings:
     reconcile_interval_s: float = 10.0
     orphan_grace_s: float = 30.0
     warm_timeout_s: float = 120.0
-    create_concurrency: int = 4
+    create_concurrency: int = 8
     network_prefix: str = "sessionpool"
     claim_idle_ms: int = 30_000
     metrics_port: int = 0  # worker's Prometheus port; 0 = not served
