@@ -24,7 +24,7 @@ ACA error envelope in one place (`router.app.errors_middleware`).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 CHALLENGE = 'Bearer realm="sessionpool"'  # what a 401 asks for
 
@@ -36,9 +36,9 @@ class SessionPoolError(Exception):
     seconds to wait, as class arguments: `class X(SessionPoolError, status=..., code=...)`.
     """
 
-    status: ClassVar[int] = 500
-    code: ClassVar[str] = "InternalError"
-    retry_after_s: ClassVar[int | None] = None
+    status: int = 500
+    code: str = "InternalError"
+    retry_after_s: int | None = None
 
     def __init_subclass__(
         cls,

@@ -12,16 +12,26 @@ import orjson
 from router.errors import InvalidPoolError
 from router.fields import Fields
 from router.settings import CODE_INTERPRETER_IMAGE
-from router.templates import EnvVar, Probe, Template, parse_template
+from router.templates import EnvVar, Probe, Registry, Template, parse_template
 
-__all__ = ["POOL_NAME", "EnvVar", "Pool", "Probe", "parse_pool"]
+__all__ = ["POOL_NAME", "EnvVar", "Placement", "Pool", "Probe", "Registry", "parse_pool"]
 
 POOL_NAME = re.compile(r"^[a-z][a-z0-9-]{2,62}$")
 CONTAINER_TYPES = {"CustomContainer", "PythonLTS"}
 OCI_RUNTIMES = {"runc", "runsc", "kata", "kata-runtime", "io.containerd.kata.v2"}
+TOLERATION_FIELDS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 
 
 @dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a sandbox may run (kubernetes runtime only): `sandboxConfiguration.nodeSelector`
+    and `.tolerations`, passed to the pod as they are."""
+
+    node_selector: tuple[tuple[str, str], ...] = ()
+    tolerations: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Pool(Template):
     """One validated pool: its template (what a sandbox is made from) and how many to keep.
 
@@ -41,6 +51,7 @@ class Pool(Template):
     secrets: dict[str, str] = field(repr=False)
     properties: dict[str, Any] = field(repr=False)
     version: str  # sha256 prefix of what a new sandbox is made from (see _version)
+    placement: Placement = Placement()
 
     def probe(self, kind: str) -> Probe | None:
         return next((p for p in self.probes if p.type == kind), None)
@@ -112,6 +123,7 @@ def parse_pool(
     sandbox = props.obj("sandboxConfiguration")
     runtime = sandbox.optional_choice("runtime", OCI_RUNTIMES)
     pids = sandbox.integer("pidsLimit", 256, 16, 65_536)
+    placement = _placement(sandbox)
     tenant = props.flag("tenantBinding", False)
 
     return Pool(
@@ -130,21 +142,28 @@ def parse_pool(
         memory_bytes=template.memory_bytes,
         target_port=template.target_port,
         probes=template.probes,
+        registry=template.registry,
         egress_enabled=status == "EgressEnabled",
         oci_runtime=runtime,
         pids_limit=pids,
         tenant_binding=tenant,
         secrets=secrets,
         properties=props.data,
-        version=_version(template, secrets, status, runtime, pids),
+        version=_version(template, secrets, status, runtime, pids, placement),
+        placement=placement,
     )
 
 
 def _version(
-    template: Template, secrets: dict[str, str], status: str, runtime: str | None, pids: int
+    template: Template,
+    secrets: dict[str, str],
+    status: str,
+    runtime: str | None,
+    pids: int,
+    placement: Placement,
 ) -> str:
     """What a new sandbox is made from, hashed: not scale or lifecycle settings."""
-    t = template
+    t, registry = template, template.registry
     fingerprint = orjson.dumps(
         [
             t.image,
@@ -159,6 +178,10 @@ def _version(
             status,
             runtime,
             pids,
+            placement.node_selector,
+            placement.tolerations,
+            registry
+            and (registry.server, registry.username, secrets[registry.password_secret_ref]),
         ],
     )
     return hashlib.sha256(fingerprint).hexdigest()[:12]
@@ -178,3 +201,29 @@ def _secrets(props: Fields) -> dict[str, str]:
             raise InvalidPoolError(f"{at}.name: {s['name']!r} appears twice")
         out[s["name"]] = s["value"]
     return out
+
+
+def _placement(sandbox: Fields) -> Placement:
+    selector = sandbox.get("nodeSelector") or {}
+    if not isinstance(selector, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in selector.items()
+    ):
+        raise sandbox.error("nodeSelector", "must map strings to strings")
+    tolerations = sandbox.get("tolerations") or []
+    if not isinstance(tolerations, list) or len(tolerations) > 16:
+        raise sandbox.error("tolerations", "must be a list of at most 16")
+    for at, t in sandbox.items("tolerations"):
+        if not isinstance(t, dict) or not set(t) <= TOLERATION_FIELDS:
+            raise InvalidPoolError(f"{at}: an object with only {sorted(TOLERATION_FIELDS)}")
+        tol = Fields(t, at)
+        if tol.get("operator", "Equal") not in ("Equal", "Exists"):
+            raise tol.error("operator", "Equal or Exists")
+        if tol.get("effect", "") not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+            raise tol.error("effect", "NoSchedule, PreferNoSchedule or NoExecute")
+        for key in ("key", "value"):
+            if not isinstance(tol.get(key, ""), str):
+                raise tol.error(key, "must be a string")
+        seconds = tol.get("tolerationSeconds")
+        if seconds is not None and (not isinstance(seconds, int) or isinstance(seconds, bool)):
+            raise tol.error("tolerationSeconds", "an integer")
+    return Placement(tuple(sorted(selector.items())), tuple(tolerations))

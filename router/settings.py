@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -25,6 +26,10 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "sp"
     redis_timeout_s: float = 2.0
+    # The router's Redis client pool: callers wait (up to redis_pool_wait_s) for a free
+    # connection rather than failing when all are busy.
+    redis_max_connections: int = 64
+    redis_pool_wait_s: float = 10.0
 
     # Router.
     host: str = "127.0.0.1"
@@ -39,6 +44,12 @@ class Settings:
     route_cache_ttl_s: float = 2.0
     activity_flush_s: float = 0.5
     shutdown_timeout_s: float = 30.0
+    # Client connections: a request's line and headers must arrive within header_timeout_s;
+    # idle keep-alive connections close after keepalive_timeout_s; past max_connections per
+    # process a new connection is answered 503 with Retry-After.
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
+    max_connections: int = 16_384
     # "required": every request but /healthz, /readyz, /metrics needs a credential; "none"
     # must be asked for explicitly (a router with no credential configured refuses to start).
     auth: str = "required"
@@ -63,10 +74,23 @@ class Settings:
     reconcile_interval_s: float = 10.0
     orphan_grace_s: float = 30.0
     warm_timeout_s: float = 120.0
-    create_concurrency: int = 4
+    create_concurrency: int = 8
     network_prefix: str = "sessionpool"
     claim_idle_ms: int = 30_000
     metrics_port: int = 0  # worker's Prometheus port; 0 = not served
+    # Kubernetes runtime (workers/kubernetes.py). No kubeconfig: in-cluster config when the
+    # worker runs in a pod, else the default kubeconfig ($KUBECONFIG or ~/.kube/config).
+    k8s_namespace: str = "sessionpool-sandboxes"  # where sandbox pods, Secrets, policies live
+    k8s_kubeconfig: str = ""
+    k8s_context: str = ""
+    k8s_control_namespace: str = "sessionpool"  # routers and workers: the only ingress allowed
+    # EgressEnabled pools reach anything but these (the cluster's pod and service ranges) and
+    # link-local metadata, which is always excluded.
+    k8s_cluster_cidrs: str = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10"
+    k8s_api_timeout_s: float = 10.0  # every API call but watches, which re-open each minute
+    k8s_schedule_timeout_s: float = 60.0  # a pod not scheduled by then fails creation
+    k8s_start_timeout_s: float = 120.0  # a pod not running with an IP by then fails creation
+    k8s_ephemeral_storage_bytes: int = GiB  # kubelet-enforced disk per sandbox (logs, layer)
 
     # Logs.
     log_json: bool = True
@@ -80,12 +104,18 @@ class Settings:
             raise ValueError("processes: must be at least 1")
         for name in (
             "redis_timeout_s",
+            "redis_pool_wait_s",
+            "header_timeout_s",
+            "keepalive_timeout_s",
             "upstream_connect_timeout_s",
             "upstream_idle_timeout_s",
             "route_cache_ttl_s",
             "activity_flush_s",
             "reconcile_interval_s",
             "jwks_ttl_s",
+            "k8s_api_timeout_s",
+            "k8s_schedule_timeout_s",
+            "k8s_start_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive")
@@ -95,8 +125,8 @@ class Settings:
             raise ValueError("activity_flush_s: must be at most 1 s to keep expiry exact")
         if self.max_body_bytes < 0 or self.ws_max_msg_bytes <= 0:
             raise ValueError("max_body_bytes / ws_max_msg_bytes: must be positive")
-        if self.runtime not in ("docker", "process"):
-            raise ValueError(f"runtime: {self.runtime!r} is not docker or process")
+        if self.runtime not in ("docker", "process", "kubernetes"):
+            raise ValueError(f"runtime: {self.runtime!r} is not docker, process or kubernetes")
         if self.role not in ("all", "replenisher", "reaper"):
             raise ValueError(f"role: {self.role!r} is not all, replenisher or reaper")
         if self.auth not in ("none", "required"):
@@ -107,6 +137,19 @@ class Settings:
             raise ValueError("jwt_audience: must name at least one audience")
         if self.jwt_leeway_s < 0:
             raise ValueError("jwt_leeway_s: must not be negative")
+        if self.max_connections < 1:
+            raise ValueError("max_connections: must be at least 1")
+        if self.redis_max_connections < 4:
+            raise ValueError("redis_max_connections: must be at least 4")
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", self.k8s_namespace):
+            raise ValueError(f"k8s_namespace: {self.k8s_namespace!r} is not a namespace name")
+        for cidr in self.k8s_cluster_cidrs.split(","):
+            try:
+                ipaddress.ip_network(cidr.strip())
+            except ValueError:
+                raise ValueError(f"k8s_cluster_cidrs: {cidr!r} is not a CIDR range") from None
+        if self.k8s_ephemeral_storage_bytes < 16 * MiB:
+            raise ValueError("k8s_ephemeral_storage_bytes: must be at least 16 MiB")
         try:
             parse_networks(self.trusted_proxies)
         except ValueError as exc:

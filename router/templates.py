@@ -47,6 +47,15 @@ class EnvVar:
 
 
 @dataclass(frozen=True, slots=True)
+class Registry:
+    """`registryCredentials`: where the image comes from and the secret holding the password."""
+
+    server: str
+    username: str
+    password_secret_ref: str
+
+
+@dataclass(frozen=True, slots=True)
 class Template:
     """What every sandbox of a pool is made from (its one container)."""
 
@@ -58,6 +67,7 @@ class Template:
     memory_bytes: int | None
     target_port: int
     probes: tuple[Probe, ...]
+    registry: Registry | None = None
 
 
 def parse_template(
@@ -100,7 +110,8 @@ def parse_template(
         probes = (
             Probe(type="Startup", port=port, path="/health", period_s=0.1, failure_threshold=600),
         )
-    return Template(image, command, args, env, cpu, memory, port, probes)
+    registry = _registry(template, secrets)
+    return Template(image, command, args, env, cpu, memory, port, probes, registry)
 
 
 def _env(c: Fields, secrets: dict[str, str]) -> tuple[EnvVar, ...]:
@@ -190,3 +201,17 @@ def _http_get(action: Fields) -> tuple[str, str, tuple[tuple[str, str], ...]]:
     ):
         raise action.error("httpHeaders", "list of {name, value}")
     return path, scheme, tuple((h["name"], h["value"]) for h in hdrs)
+
+
+def _registry(template: Fields, secrets: dict[str, str]) -> Registry | None:
+    if template.get("registryCredentials") is None:
+        return None
+    raw = template.obj("registryCredentials")
+    server, user = raw.get("server"), raw.get("username")
+    for key, value in (("server", server), ("username", user)):
+        if not isinstance(value, str) or not value or any(ch.isspace() for ch in value):
+            raise raw.error(key, "required, a non-empty string")
+    ref = raw.get("passwordSecretRef")
+    if not isinstance(ref, str) or ref not in secrets:
+        raise raw.error("passwordSecretRef", f"no secret named {ref!r}")
+    return Registry(str(server), str(user), ref)
