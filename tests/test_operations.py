@@ -57,6 +57,17 @@ async def scrape(http: aiohttp.ClientSession, base: str) -> str:
         return await r.text()
 
 
+async def shows(
+    http: aiohttp.ClientSession, base: str, name: str, value: float, **labels: str
+) -> None:
+    """Wait until a scrape of `base` shows `name{labels} == value` (/metrics is cached briefly)."""
+
+    async def seen() -> bool:
+        return metric(await scrape(http, base), name, **labels) == value
+
+    await wait_until(seen, timeout=5)
+
+
 async def test_router_metrics_move_and_agree(store: Store, routers: list[str]) -> None:
     pool = make_pool()
     await store.put_pool(pool)
@@ -65,45 +76,31 @@ async def test_router_metrics_move_and_agree(store: Store, routers: list[str]) -
         await add_ready(store, pool, live)
         async with aiohttp.ClientSession() as http:
             for base in routers:  # the gauges come from Redis: every router agrees
-                text = await scrape(http, base)
-                assert metric(text, "sessionpool_pool_ready", pool="demo") == 1
-                assert metric(text, "sessionpool_pool_allocated", pool="demo") == 0
-                assert metric(text, "sessionpool_pool_warming", pool="demo") == 0
+                await shows(http, base, "sessionpool_pool_ready", 1, pool="demo")
+                await shows(http, base, "sessionpool_pool_allocated", 0, pool="demo")
+                await shows(http, base, "sessionpool_pool_warming", 0, pool="demo")
             async with http.get(f"{routers[0]}/pools/demo/x?identifier=metered") as r:
                 assert r.status == 200
             for base in routers:
-                text = await scrape(http, base)
-                assert metric(text, "sessionpool_pool_ready", pool="demo") == 0
-                assert metric(text, "sessionpool_pool_allocated", pool="demo") == 1
-            text = await scrape(http, routers[0])
-            assert metric(text, "sessionpool_allocation_seconds_count", pool="demo") == 1
-            assert metric(text, "sessionpool_proxy_seconds_count", pool="demo") == 1
+                await shows(http, base, "sessionpool_pool_ready", 0, pool="demo")
+                await shows(http, base, "sessionpool_pool_allocated", 1, pool="demo")
+            await shows(http, routers[0], "sessionpool_allocation_seconds_count", 1, pool="demo")
+            await shows(http, routers[0], "sessionpool_proxy_seconds_count", 1, pool="demo")
             await store.reserve(pool, "test", ["warm-1"])
-            text = await scrape(http, routers[1])
-            assert metric(text, "sessionpool_pool_warming", pool="demo") == 1
+            await shows(http, routers[1], "sessionpool_pool_warming", 1, pool="demo")
             await store.forget("demo", "warm-1")
             async with http.post(
                 f"{routers[1]}/pools/demo/.management/stopSession?identifier=metered"
             ) as r:
                 assert r.status == 200
-            text = await scrape(http, routers[0])
-            assert metric(text, "sessionpool_pool_allocated", pool="demo") == 0
+            await shows(http, routers[0], "sessionpool_pool_allocated", 0, pool="demo")
             await add_ready(store, pool, dead)
             await dead.close()  # its port now refuses connections
             async with http.get(f"{routers[0]}/pools/demo/x?identifier=unlucky") as r:
                 assert r.status == 502
-            text = await scrape(http, routers[0])
-            assert (
-                metric(
-                    text,
-                    "sessionpool_upstream_errors_total",
-                    pool="demo",
-                    kind="SessionUnreachable",
-                )
-                == 1
-            )
-            assert metric(text, "sessionpool_responses_total", code="5xx") == 1
-            assert (metric(text, "sessionpool_responses_total", code="2xx") or 0) >= 3
+            unreachable = {"pool": "demo", "kind": "SessionUnreachable"}
+            await shows(http, routers[0], "sessionpool_upstream_errors_total", 1, **unreachable)
+            await shows(http, routers[0], "sessionpool_responses_total", 1, code="5xx")
     finally:
         await live.close()
 
