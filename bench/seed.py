@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Sequence
 
 from router.pools import Pool
+from router.sandboxes import MarkReady
 from router.store import Store
 from sessionpool.testing import echo_pool
 
@@ -36,7 +37,10 @@ async def seed_ready(
             if got != [sid]:
                 raise RuntimeError("RESERVE refused: the pool's readySessionInstances is too low")
             await store.set_container(pool.name, sid, f"fake-{sid[:12]}")
-            if await store.mark_ready(pool.name, sid, f"fake-{sid[:12]}", addr) != 1:
+            if (
+                await store.mark_ready(pool.name, sid, f"fake-{sid[:12]}", addr)
+                is not MarkReady.READY
+            ):
                 raise RuntimeError("MARK_READY refused")
 
     await asyncio.gather(*(one(s, a) for s, a in zip(sids, addrs, strict=True)))

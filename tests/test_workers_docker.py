@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +14,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from router.app import create_app
+from router.pools import Pool
+from router.sandboxes import MarkReady
 from router.settings import Settings
 from router.store import Store
 from sessionpool import testing
@@ -25,7 +26,10 @@ from workers.runtime import LABEL_POOL, LABEL_SANDBOX, LABEL_SCOPE, LABEL_VERSIO
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(180)]
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/echo:dev"
-echo_pool = functools.partial(testing.echo_pool, "dock")
+
+
+def echo_pool(name: str = "dock", **kwargs: Any) -> Pool:
+    return testing.echo_pool(name, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +290,10 @@ async def test_reconcile_leaves_starting_and_paused_sandboxes_alone(
             sid = "pausedsandbox0001"
             assert await store.reserve(pool, "test", [sid]) == [sid]
             handle = await runtime.create(SandboxSpec(store.keys.prefix, pool, sid))
-            assert await store.mark_ready("dock", sid, handle.container, handle.addr) == 1
+            assert (
+                await store.mark_ready("dock", sid, handle.container, handle.addr)
+                is MarkReady.READY
+            )
             assert (await store.claim(pool, "paused-user")).created
             engine.api.pause(handle.container)
             # A sandbox whose container exists but has not been started yet.
