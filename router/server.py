@@ -14,8 +14,10 @@ import sys
 import aiohttp.http_parser
 from aiohttp import web
 
-from router.app import create_app
+from router.app import METRICS, create_app
+from router.connections import BoundedRunner, ConnectionBounds
 from router.settings import Settings
+from router.tls import ReloadingTLS
 
 log = logging.getLogger("sessionpool.router")
 
@@ -38,15 +40,30 @@ async def start_site(
     """Start serving; returns the runner and the bound port (useful with port 0)."""
     if not c_parser_loaded():
         log.warning("aiohttp's C HTTP parser is not loaded: slower, and less strict")
-    runner = web.AppRunner(
-        app or create_app(settings),
+    app = app or create_app(settings)
+    bounds = ConnectionBounds(
+        app[METRICS],
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections,
+    )
+    app[METRICS].open_connections.set_function(lambda: bounds.open)
+    runner = BoundedRunner(
+        app,
+        bounds,
         access_log=None,
         handler_cancellation=True,
         shutdown_timeout=settings.shutdown_timeout_s,
+        keepalive_timeout=settings.keepalive_timeout_s,
     )
+    tls = ReloadingTLS(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     await runner.setup()
     site = web.TCPSite(
-        runner, settings.host, settings.port, reuse_port=reuse_port or None, backlog=1024
+        runner,
+        settings.host,
+        settings.port,
+        reuse_port=reuse_port or None,
+        backlog=1024,
+        ssl_context=tls.context if tls is not None else None,
     )
     try:
         await site.start()
@@ -64,7 +81,8 @@ async def serve(settings: Settings, reuse_port: bool = False) -> None:
         loop.add_signal_handler(sig, stop.set)
     runner, port = await start_site(settings, reuse_port=reuse_port)
     try:
-        print(f"sessionpool router listening on http://{settings.host}:{port}", flush=True)
+        scheme = "https" if settings.tls_cert else "http"
+        print(f"sessionpool router listening on {scheme}://{settings.host}:{port}", flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()

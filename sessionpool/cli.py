@@ -17,13 +17,18 @@ from router.settings import Settings
 from router.store import Store, open_redis, text
 from sessionpool import keys
 from sessionpool.poolfile import apply_file
-from sessionpool.up import up
+from sessionpool.up import up, up_settings
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", help="Redis URL (SESSIONPOOL_REDIS_URL)")
     p.add_argument("--key-prefix", help="key prefix of this deployment (SESSIONPOOL_KEY_PREFIX)")
     p.add_argument("--log-level", default="INFO")
+
+
+def _tls(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS/WSS (re-read on change)")
+    p.add_argument("--tls-key", help="its private key (PEM)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host")
     up.add_argument("--port", type=int)
     up.add_argument("--runtime", choices=["docker", "process"])
+    up.add_argument(
+        "--auth",
+        choices=["none", "required"],
+        help="default: required when a credential source is given, else none (loopback only)",
+    )
+    up.add_argument("--api-keys-file", help="API keys (sessionpool new-key NAME --file F)")
+    _tls(up)
 
     router = sub.add_parser("router", help="an edge (data plane, management, admin API)")
     _common(router)
@@ -44,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--processes", type=int, help="processes sharing the port")
     router.add_argument("--host-suffix", help="serve http://{pool}.{suffix}/… too")
     router.add_argument("--auth", choices=["none", "required"])
+    router.add_argument(
+        "--header-timeout-s", type=float, help="a request's headers must arrive this fast"
+    )
+    router.add_argument("--keepalive-timeout-s", type=float, help="idle keep-alive close")
+    router.add_argument("--max-connections", type=int, help="connection cap per process")
+    router.add_argument("--redis-max-connections", type=int, help="Redis client pool size")
+    router.add_argument(
+        "--redis-pool-wait-s", type=float, help="wait for a free Redis connection this long"
+    )
+    router.add_argument("--api-keys-file", help="API keys (sessionpool new-key NAME --file F)")
+    router.add_argument(
+        "--trusted-proxies", help="CIDRs whose X-Forwarded-*/Forwarded headers are believed"
+    )
+    _tls(router)
 
     worker = sub.add_parser("worker", help="replenisher and/or reaper")
     _common(worker)
@@ -107,6 +133,15 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "runtime",
         "role",
         "metrics_port",
+        "redis_max_connections",
+        "header_timeout_s",
+        "keepalive_timeout_s",
+        "max_connections",
+        "redis_pool_wait_s",
+        "api_keys_file",
+        "trusted_proxies",
+        "tls_cert",
+        "tls_key",
         "k8s_namespace",
         "k8s_kubeconfig",
         "k8s_context",
@@ -193,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             install_uvloop()
             asyncio.run(run(settings_from(args)))
         elif args.command == "up":
-            # auth is off and the port is 8080 unless asked: `up` is the laptop command.
-            settings = settings_from(args, auth="none")
+            # `up` is the laptop command: port 8080, and auth off unless credentials are
+            # given; check_listener then keeps an open stack on loopback.
+            settings = up_settings(settings_from(args), args.auth)
             if args.port is None:
                 settings = settings.replace(port=8080)
             own_redis = args.redis_url is None
