@@ -265,7 +265,7 @@ def run(redis_url: str, prefix: str, cold_n: int, refill_n: int, log_dir: Path) 
             [
                 python(),
                 "-m",
-                "workers.cli",
+                "sessionpool.cli",
                 "worker",
                 "--runtime",
                 "docker",

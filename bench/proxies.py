@@ -113,11 +113,11 @@ def python_upstream(count: int, workdir: Path, log: Path | None = None) -> tuple
 
 
 def echo_app(log: Path | None = None) -> tuple[Proc, str]:
-    """deploy/images/echo/echo.py on the host: the session image's own app."""
+    """sessionpool/demo/echo.py on the host: the session image's own app."""
     port = free_port()
     proc = spawn(
         "echo-app",
-        [python(), "deploy/images/echo/echo.py"],
+        [python(), "sessionpool/demo/echo.py"],
         env={"HOST": "127.0.0.1", "PORT": str(port)},
         log=log,
     )
@@ -142,7 +142,7 @@ def router(
         [
             python(),
             "-m",
-            "workers.cli",
+            "sessionpool.cli",
             "router",
             "--port",
             str(port),

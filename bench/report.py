@@ -352,7 +352,7 @@ def markdown(r: Results, header: str) -> str:
         if r.proxy.representative:
             out += [
                 "Representative sandbox: the echo image's aiohttp app "
-                "(deploy/images/echo/echo.py, `/health`) on the host.",
+                "(sessionpool/demo/echo.py, `/health`) on the host.",
                 "",
                 _load_table(r.proxy.representative),
                 "",

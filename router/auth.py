@@ -4,11 +4,11 @@ A caller sends one credential, `Authorization: Bearer <api key or JWT>` or, for 
 only, `x-api-key: <key>`. API keys live in `api_keys_file` as SHA-256 hashes only:
 
     - name: ci                      # the principal is `key:ci`
-      key_sha256: 9f86d081...       # python -m router.auth hash-key < key.txt
+      key_sha256: 9f86d081...       # sessionpool hash-key < key.txt
       roles: [executor]             # executor: data plane + session management; admin: /admin
       pools: [demo]                 # optional; absent = every pool
 
-`python -m router.auth new-key ci --role executor` makes a key and prints its entry. The
+`sessionpool new-key ci --role executor` makes a key and prints its entry. The
 file is re-read when it changes. JWTs are verified with `jwt_hs256_secret` (HS256) or the
 keys of `jwt_jwks` (RS256, a file or an http(s) URL, cached `jwks_ttl_s` and fetched again
 when a token names an unknown `kid`), against `jwt_audience` and, if set, `jwt_issuer`.
@@ -19,7 +19,6 @@ a space-separated string) scopes them. The principal is `jwt:<sub>` (or `jwt:<oi
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import hmac
@@ -27,9 +26,7 @@ import logging
 import os
 import re
 import secrets
-import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -444,44 +441,3 @@ def _credential(request: web.Request) -> tuple[str, bool]:
     if not TOKEN.fullmatch(token):
         raise UnauthorizedError("The credential is malformed.")
     return token, not bearer
-
-
-# python -m router.auth ---------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m router.auth", description="API keys for sessionpool's api_keys_file."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("hash-key", help="print the key_sha256 of a key read from stdin")
-    new = sub.add_parser("new-key", help="make a key; print it (stderr) and its entry (stdout)")
-    new.add_argument("name")
-    new.add_argument(
-        "--role", action="append", choices=sorted(ROLES), help="repeatable; default executor"
-    )
-    new.add_argument("--pool", action="append", help="repeatable; default every pool")
-    args = parser.parse_args(argv)
-    if args.command == "hash-key":
-        key = sys.stdin.readline().strip()
-        if not key:
-            parser.error("no key on stdin")
-        print(hash_key(key))
-        return 0
-    if not KEY_NAME.fullmatch(args.name):
-        parser.error("name: 1-128 of [A-Za-z0-9_.@-]")
-    key = new_key()
-    entry: dict[str, Any] = {
-        "name": args.name,
-        "key_sha256": hash_key(key),
-        "roles": args.role or [EXECUTOR],
-    }
-    if args.pool:
-        entry["pools"] = args.pool
-    print(f"# the key (shown once, give it to the client): {key}", file=sys.stderr)
-    print(yaml.safe_dump([entry], sort_keys=False), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -50,7 +50,7 @@ def open_redis(url: str, *, timeout_s: float | None = 2.0, max_connections: int 
             raise ValueError("redis+sentinel URL needs a master name: .../<master>[/<db>]")
         db = int(path[1]) if len(path) > 1 else 0
         password = parts.password or parse_qs(parts.query).get("password", [None])[0]
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             hosts, sentinel_kwargs={"socket_timeout": 1.0}, password=password, db=db, **common
         )
         client = sentinel.master_for(
@@ -388,4 +388,4 @@ async def iter_pubsub(
             )
     finally:
         with contextlib.suppress(aioredis.ConnectionError, aioredis.TimeoutError, OSError):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]

@@ -121,7 +121,7 @@ class Cluster:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "workers.cli",
+            "sessionpool.cli",
             "router",
             "--port",
             str(self.router_ports[i]),
@@ -139,7 +139,7 @@ class Cluster:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "workers.cli",
+            "sessionpool.cli",
             "worker",
             "--runtime",
             "docker",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import io
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -214,22 +213,6 @@ def test_keys_file_forms_and_duplicates(tmp_path: Path, settings: Settings) -> N
         load_api_keys(str(tmp_path / "missing.yaml"))
     with pytest.raises(ValueError, match="jwt_jwks"):
         create_app(settings.replace(auth="required", jwt_jwks=str(tmp_path / "nope.json")))
-
-
-def test_cli_makes_and_hashes_keys(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    assert auth.main(["new-key", "ci", "--role", "admin", "--pool", "demo"]) == 0
-    out, err = capsys.readouterr()
-    key = err.rsplit(" ", 1)[1].strip()
-    path = tmp_path / "keys.yaml"
-    path.write_text(out)
-    (entry,) = load_api_keys(str(path))
-    assert entry.principal == auth.Principal("key:ci", frozenset({"admin"}), frozenset({"demo"}))
-    assert key not in out  # only the hash goes to the file
-    monkeypatch.setattr("sys.stdin", io.StringIO(key + "\n"))
-    assert auth.main(["hash-key"]) == 0
-    assert capsys.readouterr().out.strip() == yaml.safe_load(out)[0]["key_sha256"]
 
 
 # API keys ----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import socket
@@ -12,9 +13,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
+from router.auth import Principal, load_api_keys
 from router.settings import Settings
 from router.store import Store
+from sessionpool import cli as sessionpool_cli
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +32,7 @@ def free_port() -> int:
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "sessionpool.cli", *args],
         cwd=ROOT,
         text=True,
         capture_output=True,
@@ -42,7 +46,7 @@ async def run_up(runtime: str, key_prefix: str) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "workers.cli",
+        "sessionpool.cli",
         "up",
         "--runtime",
         runtime,
@@ -80,7 +84,7 @@ async def run_up(runtime: str, key_prefix: str) -> None:
 async def test_up_with_the_process_runtime(key_prefix: str) -> None:
     await run_up("process", key_prefix)
     out = subprocess.run(
-        ["pgrep", "-f", str(ROOT / "deploy/images/echo/echo.py")], capture_output=True, text=True
+        ["pgrep", "-f", str(ROOT / "sessionpool/demo/echo.py")], capture_output=True, text=True
     )
     assert out.stdout.strip() == "", "an echo process was left behind"
 
@@ -189,3 +193,19 @@ async def test_events_lists_the_lifecycle(settings: Settings, store: Store) -> N
         ("allocated", "evt-user", "demo"),
         ("stopped", "evt-user", "demo"),
     ]
+
+
+def test_cli_makes_and_hashes_keys(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert sessionpool_cli.main(["new-key", "ci", "--role", "admin", "--pool", "demo"]) == 0
+    out, err = capsys.readouterr()
+    key = err.rsplit(" ", 1)[1].strip()
+    path = tmp_path / "keys.yaml"
+    path.write_text(out)
+    (entry,) = load_api_keys(str(path))
+    assert entry.principal == Principal("key:ci", frozenset({"admin"}), frozenset({"demo"}))
+    assert key not in out  # only the hash goes to the file
+    monkeypatch.setattr("sys.stdin", io.StringIO(key + "\n"))
+    assert sessionpool_cli.main(["hash-key"]) == 0
+    assert capsys.readouterr().out.strip() == yaml.safe_load(out)[0]["key_sha256"]

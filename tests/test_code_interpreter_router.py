@@ -102,7 +102,7 @@ async def env(engine: Any, settings: Settings, store: Store) -> AsyncIterator[En
     worker = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "workers.cli",
+        "sessionpool.cli",
         "worker",
         "--runtime",
         "docker",

@@ -20,7 +20,8 @@ import pytest
 
 from router.pools import Pool
 from tests.helpers import make_pool, wait_until
-from workers.docker import DockerRuntime, bridge_name, firewall_rules
+from workers.docker import DockerRuntime
+from workers.docker_firewall import bridge_name, firewall_rules
 from workers.runtime import (
     LABEL_POOL,
     LABEL_SANDBOX,
@@ -312,7 +313,7 @@ async def test_missing_image_is_a_clear_error_leaving_nothing(runtime: DockerRun
 
 
 async def test_cancelled_create_leaves_no_container(runtime: DockerRuntime) -> None:
-    await runtime._ensure_network(False)
+    await runtime.ensure_network(False)
     s = spec(echo_pool("cancelled"))
     since = f"{time.time() - 1:.3f}"
     task = asyncio.create_task(runtime.create(s))
@@ -348,7 +349,7 @@ async def test_networks_are_created_once_under_concurrency(engine: None) -> None
     runtimes = [DockerRuntime(network_prefix=prefix) for _ in range(3)]
     try:
         names = await asyncio.gather(
-            *(rt._ensure_network(e) for rt in runtimes for e in (True, False))
+            *(rt.ensure_network(e) for rt in runtimes for e in (True, False))
         )
         assert set(names) == {f"{prefix}-egress-enabled", f"{prefix}-egress-disabled"}
         for egress in (True, False):

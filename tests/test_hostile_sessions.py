@@ -212,7 +212,7 @@ async def cluster(engine: Any, tcp_redis: int, settings: Settings) -> AsyncItera
     worker = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "workers.cli",
+        "sessionpool.cli",
         "worker",
         "--runtime",
         "docker",

@@ -115,7 +115,7 @@ async def test_router_logs_are_json_with_the_trace_id(settings: Settings, store:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "workers.cli",
+        "sessionpool.cli",
         "router",
         "--port",
         "0",

@@ -33,7 +33,7 @@ async def router_proc(settings: Settings) -> AsyncIterator[Callable[[], Awaitabl
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "workers.cli",
+            "sessionpool.cli",
             "router",
             "--port",
             "0",
@@ -182,7 +182,7 @@ async def test_processes_share_one_port(settings: Settings, store: Store) -> Non
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "workers.cli",
+        "sessionpool.cli",
         "router",
         "--port",
         str(port),

@@ -120,7 +120,7 @@ async def workers(
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "workers.cli",
+                "sessionpool.cli",
                 "worker",
                 "--runtime",
                 "docker",

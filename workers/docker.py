@@ -1,46 +1,24 @@
-"""The `docker` runtime: each sandbox is a hardened container on a per-policy bridge network.
+"""The `docker` runtime: each sandbox is a hardened container of one Docker engine.
 
-Every sandbox joins one of two user-defined bridge networks per `network_prefix`:
-`<prefix>-egress-disabled` (`internal`: no route out) or `<prefix>-egress-enabled`, both with
-inter-container traffic off. The router reaches a sandbox at its container IP on that network
-and the pool's target port (`Handle.addr`), which is routable from the Docker host itself: run
-the router on the host, or in a container with `network_mode: host`. No ports are published.
-
-Docker's `internal` and `enable_icc` settings do not stop a container from connecting to the
-host through its bridge's gateway (that traffic meets the host's INPUT chain, not FORWARD), so
-when it runs as root next to a local engine this runtime also installs, per sandbox bridge:
-
-    iptables -I INPUT -i <bridge> -m conntrack ! --ctstate ESTABLISHED,RELATED -j DROP
-    iptables -I DOCKER-USER -i <bridge> -d 169.254.0.0/16 \
-        -m conntrack ! --ctstate ESTABLISHED,RELATED -j DROP
-    # egress-enabled bridge only, for each of 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16
-    # 100.64.0.0/10:
-    iptables -I DOCKER-USER -i <bridge> -d <range> -m conntrack ! --ctstate ESTABLISHED,RELATED \
-        -j DROP
-
-Connections the host opens to a sandbox keep working (their replies are ESTABLISHED); what a
-sandbox opens towards the host, metadata services or private networks is dropped. Where the
-rules cannot be installed, a warning lists the exact commands for the operator.
-
-This is the only module that imports `docker`; every blocking SDK call runs in a thread.
+The runtime is split by noun: this module creates, lists and removes containers;
+`docker_firewall` owns the sandbox networks and the host firewall rules that keep sandboxes
+away from the host (its docstring says why they are needed); `docker_events` follows the
+engine's event stream for exits; `docker_engine` holds the client and its errors. Only these
+modules import `docker`, and every blocking SDK call runs in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import logging
-import os
-import shutil
-import threading
-import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
-import docker
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.errors import APIError, ImageNotFound, NotFound
 
+from workers.docker_engine import ENGINE_ERRORS, connect, explain
+from workers.docker_events import ExitFollower
+from workers.docker_firewall import SandboxNetworks
 from workers.runtime import (
     LABEL_POOL,
     LABEL_SANDBOX,
@@ -53,33 +31,7 @@ from workers.runtime import (
     SandboxSpec,
 )
 
-log = logging.getLogger("sessionpool.docker")
-T = TypeVar("T")
-
-LINK_LOCAL = "169.254.0.0/16"
-PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
-NOT_REPLY = ("-m", "conntrack", "!", "--ctstate", "ESTABLISHED,RELATED", "-j", "DROP")
-# requests' connection errors (engine down) are OSErrors, not DockerExceptions.
-ENGINE_ERRORS = (DockerException, OSError)
 TMP_MAX_BYTES = 256 << 20
-EVENT_RETRY_MAX_S = 2.0
-
-
-def bridge_name(network_prefix: str, egress: bool) -> str:
-    """The Linux bridge of a sandbox network: fixed, so firewall rules can name it (≤15 chars)."""
-    digest = hashlib.sha256(network_prefix.encode()).hexdigest()[:9]
-    return f"spb-{digest}{'e' if egress else 'i'}"
-
-
-def firewall_rules(bridge: str, egress: bool) -> list[tuple[str, ...]]:
-    """The iptables rules (chain first) that keep a sandbox bridge away from the host."""
-    rules = [
-        ("INPUT", "-i", bridge, *NOT_REPLY),
-        ("DOCKER-USER", "-i", bridge, "-d", LINK_LOCAL, *NOT_REPLY),
-    ]
-    if egress:
-        rules += [("DOCKER-USER", "-i", bridge, "-d", net, *NOT_REPLY) for net in PRIVATE_RANGES]
-    return rules
 
 
 class DockerRuntime:
@@ -94,17 +46,20 @@ class DockerRuntime:
         self._client: Any = client
         self._base_url = base_url
         self._client_lock = asyncio.Lock()
-        self._networks: dict[bool, str] = {}  # egress enabled → network id
-        self._network_locks = {True: asyncio.Lock(), False: asyncio.Lock()}
-        self._streams: set[Any] = set()  # open event streams, closed by close()
-        self._stops: set[threading.Event] = set()  # one per exits() iterator
-        self._closed = False
+        self._networks = SandboxNetworks(network_prefix)
+        self._exits = ExitFollower()
         self._cleanups: set[asyncio.Task[None]] = set()
 
     def network_name(self, egress: bool) -> str:
-        return f"{self.network_prefix}-egress-{'enabled' if egress else 'disabled'}"
+        return self._networks.name(egress)
 
-    # Runtime ----------------------------------------------------------------------------------
+    async def ensure_network(self, egress: bool) -> str:
+        """The sandbox network for this egress policy, made with its firewall on first use.
+
+        Raises:
+            RuntimeError_: the engine is unreachable or refused the network.
+        """
+        return await self._networks.ensure(await self._docker(), egress)
 
     async def create(self, spec: SandboxSpec) -> Handle:
         """Create and start a sandbox; return its container id and `<ip>:<target port>`.
@@ -113,7 +68,8 @@ class DockerRuntime:
             RuntimeError_: the image is missing, the engine refused or is unreachable.
         """
         pool = spec.pool
-        network = await self._ensure_network(pool.egress_enabled)
+        network = await self.ensure_network(pool.egress_enabled)
+        client = await self._docker()
         env = {e.name: e.value for e in pool.env if e.value is not None}
         env.update(spec.env)
         labels = {
@@ -151,7 +107,6 @@ class DockerRuntime:
             kwargs["nano_cpus"] = int(pool.cpu * 1e9)
         if pool.oci_runtime is not None:
             kwargs["runtime"] = pool.oci_runtime
-        client = await self._docker()
         creating = asyncio.ensure_future(
             asyncio.to_thread(self._create_sync, client, kwargs, network, spec)
         )
@@ -171,9 +126,9 @@ class DockerRuntime:
             ) from exc
         except ENGINE_ERRORS as exc:
             if isinstance(exc, NotFound):
-                self._networks.pop(pool.egress_enabled, None)  # removed behind our back?
+                self._networks.forget(pool.egress_enabled)  # removed behind our back?
             raise RuntimeError_(
-                f"pool {pool.name}: docker refused the sandbox: {_explain(exc)}"
+                f"pool {pool.name}: docker refused the sandbox: {explain(exc)}"
             ) from exc
         return Handle(ip[0], f"{ip[1]}:{pool.target_port}")
 
@@ -241,9 +196,9 @@ class DockerRuntime:
         except APIError as exc:
             if exc.status_code == 409 and "already in progress" in str(exc):
                 return
-            raise RuntimeError_(f"destroy {container[:12]}: {_explain(exc)}") from exc
+            raise RuntimeError_(f"destroy {container[:12]}: {explain(exc)}") from exc
         except ENGINE_ERRORS as exc:
-            raise RuntimeError_(f"destroy {container[:12]}: {_explain(exc)}") from exc
+            raise RuntimeError_(f"destroy {container[:12]}: {explain(exc)}") from exc
 
     async def list(self, scope: str) -> list[Observed]:
         """Every container of this scope, running or not."""
@@ -253,7 +208,7 @@ class DockerRuntime:
                 client.api.containers, all=True, filters={"label": f"{LABEL_SCOPE}={scope}"}
             )
         except ENGINE_ERRORS as exc:
-            raise RuntimeError_(f"list: {_explain(exc)}") from exc
+            raise RuntimeError_(f"list: {explain(exc)}") from exc
         out = []
         for row in rows:
             labels = row.get("Labels") or {}
@@ -272,97 +227,17 @@ class DockerRuntime:
         return out
 
     async def exits(self, scope: str) -> AsyncIterator[Exit]:
-        """Containers of this scope that die, as they die; ends when the runtime closes.
-
-        A thread follows Docker's event stream and hands events to the loop. When the stream
-        breaks (engine restart) it reconnects with `since` the last event, so none is lost in
-        between (one may come twice: consumers are idempotent).
-        """
+        """Containers of this scope that die, as they die; ends when the runtime closes."""
         client = await self._docker()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Exit | None] = asyncio.Queue()
-        stop = threading.Event()
-        self._stops.add(stop)
-        if self._closed:
-            stop.set()
-        opened = threading.Event()
-        current: list[Any] = []  # the follower's open stream, for closing it from outside
-        filters = {"type": "container", "event": "die", "label": f"{LABEL_SCOPE}={scope}"}
-
-        def deliver(item: Exit | None) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def follow() -> None:
-            since: str | None = None
-            delay_s = 0.1
-            try:
-                while not stop.is_set():
-                    try:
-                        stream = client.api.events(decode=True, filters=filters, since=since)
-                    except ENGINE_ERRORS as exc:
-                        log.warning("docker events (scope %s): %s", scope, _explain(exc))
-                        opened.set()
-                        stop.wait(delay_s)
-                        delay_s = min(EVENT_RETRY_MAX_S, delay_s * 2)
-                        continue
-                    if since is None:  # resume point should the stream break before an event
-                        since = f"{time.time() - 1:.9f}"
-                    # Register, then check: close() and the iterator's end either see the
-                    # stream here or this thread sees their flag.
-                    current.append(stream)
-                    self._streams.add(stream)
-                    opened.set()
-                    try:
-                        if stop.is_set():
-                            break
-                        for event in stream:
-                            delay_s = 0.1
-                            nanos = int(event.get("timeNano") or 0)
-                            if nanos:
-                                since = f"{nanos // 10**9}.{nanos % 10**9:09d}"
-                            attrs = (event.get("Actor") or {}).get("Attributes") or {}
-                            deliver(
-                                Exit(
-                                    str(event.get("id", "")),
-                                    attrs.get(LABEL_POOL, ""),
-                                    attrs.get(LABEL_SANDBOX, ""),
-                                )
-                            )
-                    finally:
-                        current.remove(stream)
-                        self._streams.discard(stream)
-                        _close_stream(stream)
-                    stop.wait(delay_s)
-            finally:
-                opened.set()
-                deliver(None)
-
-        thread = threading.Thread(target=follow, name=f"docker-events-{scope}", daemon=True)
-        thread.start()
-        # Subscribed before the first item is awaited: a later exit is never missed.
-        await asyncio.to_thread(opened.wait, 10.0)
-        try:
-            while (item := await queue.get()) is not None:
+        async with contextlib.aclosing(self._exits.follow(client, scope)) as exits:
+            async for item in exits:
                 yield item
-        finally:
-            stop.set()
-            self._stops.discard(stop)
-            for stream in list(current):
-                _close_stream(stream)
-            await asyncio.to_thread(thread.join, 5.0)
 
     async def close(self) -> None:
         """End every `exits()` iterator and release the engine connection."""
-        self._closed = True
-        for stop in list(self._stops):
-            stop.set()
-        for stream in list(self._streams):
-            await asyncio.to_thread(_close_stream, stream)
+        await self._exits.close()
         if self._client is not None:
             await asyncio.to_thread(self._client.close)
-
-    # Networks ---------------------------------------------------------------------------------
 
     async def remove_networks(self) -> None:
         """Remove this prefix's sandbox networks and their firewall rules (tests, uninstall).
@@ -370,91 +245,7 @@ class DockerRuntime:
         Raises:
             RuntimeError_: a network still has containers attached.
         """
-        client = await self._docker()
-        for egress in (False, True):
-            name = self.network_name(egress)
-            try:
-                await asyncio.to_thread(client.api.remove_network, name)
-            except NotFound:
-                pass
-            except ENGINE_ERRORS as exc:
-                raise RuntimeError_(f"remove network {name}: {_explain(exc)}") from exc
-            self._networks.pop(egress, None)
-            if self._can_firewall(client):
-                bridge = bridge_name(self.network_prefix, egress)
-                for rule in firewall_rules(bridge, egress):
-                    while await _iptables("-C", *rule) == 0:
-                        await _iptables("-D", *rule)
-
-    async def _ensure_network(self, egress: bool) -> str:
-        """The sandbox network for this policy, created (with its firewall) on first use."""
-        if egress in self._networks:
-            return self.network_name(egress)
-        async with self._network_locks[egress]:
-            if egress in self._networks:
-                return self.network_name(egress)
-            client = await self._docker()
-            name = self.network_name(egress)
-            bridge = bridge_name(self.network_prefix, egress)
-            try:
-                net_id = await asyncio.to_thread(self._network_sync, client, name, bridge, egress)
-            except ENGINE_ERRORS as exc:
-                raise RuntimeError_(f"network {name}: {_explain(exc)}") from exc
-            await self._install_firewall(client, bridge, egress)
-            self._networks[egress] = net_id
-            return name
-
-    def _network_sync(self, client: Any, name: str, bridge: str, egress: bool) -> str:
-        found = _find_network(client, name)
-        if found is not None:
-            return found
-        try:
-            created = client.api.create_network(
-                name,
-                driver="bridge",
-                internal=not egress,
-                check_duplicate=True,
-                options={
-                    "com.docker.network.bridge.enable_icc": "false",
-                    "com.docker.network.bridge.name": bridge,
-                },
-                labels={"io.sessionpool.network-prefix": self.network_prefix},
-            )
-            return str(created["Id"])
-        except APIError:
-            # Another worker won the race (same name, or the same bridge name): use its network.
-            found = _find_network(client, name)
-            if found is None:
-                raise
-            return found
-
-    def _can_firewall(self, client: Any) -> bool:
-        local = str(getattr(client.api, "base_url", "")).startswith("http+docker://")
-        return local and os.geteuid() == 0 and shutil.which("iptables") is not None
-
-    async def _install_firewall(self, client: Any, bridge: str, egress: bool) -> None:
-        rules = firewall_rules(bridge, egress)
-        if self._can_firewall(client):
-            failed = []
-            for rule in rules:
-                if await _iptables("-C", *rule) != 0 and await _iptables("-I", *rule) != 0:
-                    failed.append(rule)
-            if not failed:
-                return
-            rules = failed
-            why = "iptables refused them"
-        else:
-            why = "not root, no iptables, or the Docker engine is not local"
-        commands = "; ".join("iptables -I " + " ".join(rule) for rule in rules)
-        log.warning(
-            "sandbox network %s: firewall rules not installed (%s); sandboxes can "
-            "reach this host's services until the operator runs on the Docker host: %s",
-            bridge,
-            why,
-            commands,
-        )
-
-    # Client -----------------------------------------------------------------------------------
+        await self._networks.remove(await self._docker())
 
     async def _docker(self) -> Any:
         """The SDK client, made on first use (making one asks the engine for its version)."""
@@ -462,43 +253,5 @@ class DockerRuntime:
             return self._client
         async with self._client_lock:
             if self._client is None:
-                make: Callable[[], Any] = (
-                    (lambda: docker.DockerClient(base_url=self._base_url))
-                    if self._base_url
-                    else docker.from_env
-                )
-                try:
-                    self._client = await asyncio.to_thread(make)
-                except ENGINE_ERRORS as exc:
-                    raise RuntimeError_(f"docker engine unreachable: {_explain(exc)}") from exc
+                self._client = await asyncio.to_thread(connect, self._base_url)
             return self._client
-
-
-def _find_network(client: Any, name: str) -> str | None:
-    """The id of the network called exactly `name` (the engine's filter matches substrings)."""
-    rows = client.api.networks(names=[name])
-    matches = sorted((r.get("Created", ""), r["Id"]) for r in rows if r.get("Name") == name)
-    return str(matches[0][1]) if matches else None
-
-
-def _close_stream(stream: Any) -> None:
-    with contextlib.suppress(*ENGINE_ERRORS, AttributeError):
-        stream.close()
-
-
-async def _iptables(*args: str) -> int:
-    proc = await asyncio.create_subprocess_exec(
-        "iptables",
-        "-w",
-        "5",
-        *args,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    return await proc.wait()
-
-
-def _explain(exc: BaseException) -> str:
-    if isinstance(exc, APIError) and exc.explanation:
-        return str(exc.explanation)
-    return str(exc) or type(exc).__name__

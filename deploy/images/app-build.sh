@@ -45,7 +45,7 @@ platforms+=(--platform "manylinux2014_${machine}" --platform "manylinux2010_${ma
 echo "app-build.sh: wheels for CPython $pyver, $machine, glibc $glibc" >&2
 
 # Build from a copy: setuptools would leave build/ and *.egg-info in the work tree.
-tar -C "$root" --exclude=__pycache__ -cf - pyproject.toml README.md router workers \
+tar -C "$root" --exclude=__pycache__ -cf - pyproject.toml README.md router workers sessionpool \
   | tar -C "$tmp" -xf -
 mkdir -p "$tmp/wheels"
 "$python" -m pip wheel --quiet --no-deps --wheel-dir "$tmp/wheels" "$tmp"

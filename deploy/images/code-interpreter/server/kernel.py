@@ -274,9 +274,7 @@ class Kernel:
                 # Repeated: an interrupt that lands before the kernel starts running the
                 # code (a loaded machine) is lost, and the loop would then run on.
                 await km.interrupt_kernel()
-                grace = await self._collect(
-                    kc, msg_id, collector, min(deadline, loop.time() + 0.5)
-                )
+                grace = await self._collect(kc, msg_id, collector, min(deadline, loop.time() + 0.5))
             note = f"Execution timed out after {timeout_s:g} seconds and was interrupted."
             if grace != "idle":
                 note = (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -20,13 +19,15 @@ from router.pools import parse_pool
 from router.server import start_site
 from router.settings import Settings
 from router.store import Store, open_redis, text, wait_redis
-from workers.cli import apply_file, settings_from
+from sessionpool.poolfile import apply_file
 from workers.context import REDIS_ERRORS
+from workers.main import open_runtime
 from workers.main import run as run_worker
-from workers.runtime import Runtime
+from workers.runtime import Runtime, RuntimeError_
 
 log = logging.getLogger("sessionpool.up")
-ECHO = Path(__file__).resolve().parent.parent / "deploy" / "images" / "echo" / "echo.py"
+# The demo app ships inside the package, so `up --runtime process` works from a wheel too.
+ECHO = Path(__file__).resolve().parent / "demo" / "echo.py"
 
 
 def _free_port() -> int:
@@ -65,17 +66,16 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-def docker_reachable() -> bool:
-    import docker
-    from docker.errors import DockerException
-
+async def open_docker_runtime(settings: Settings) -> Runtime | None:
+    """The docker runtime when an engine answers, else None (through the runtime: only
+    runtime modules import an engine's SDK)."""
+    runtime = open_runtime(settings.replace(runtime="docker"))
     try:
-        client = docker.from_env(timeout=3)
-        client.ping()
-        client.close()
-        return True
-    except (DockerException, OSError):  # no engine (or no access to it): fall back
-        return False
+        await runtime.list(settings.key_prefix)
+    except RuntimeError_:
+        await runtime.close()
+        return None
+    return runtime
 
 
 def demo_pool(runtime: str) -> dict[str, Any]:
@@ -114,37 +114,41 @@ async def clean_up(store: Store, runtime: Runtime, scope: str) -> None:
         await runtime.destroy(obs.container)
 
 
-async def up(args: argparse.Namespace) -> int:
+async def up(
+    settings: Settings, file: Path | None, runtime_name: str | None, own_redis: bool = True
+) -> int:
+    """Run Redis (when `own_redis`), a router and a worker until SIGINT/SIGTERM, then remove
+    every sandbox. `runtime_name` None means docker when an engine answers, else process."""
     tmp = tempfile.TemporaryDirectory(prefix="sessionpool-")
     redis_proc = None
-    extra: dict[str, Any] = {}
-    if args.redis_url is None:
-        redis_proc, extra["redis_url"] = start_redis(Path(tmp.name))
-    runtime_name = args.runtime or ("docker" if docker_reachable() else "process")
-    if runtime_name == "process" and args.runtime is None:
-        log.warning(
-            "no Docker engine reachable: using the process runtime (NOT a security "
-            "boundary; for development only)"
-        )
-    log.warning("auth is off (--auth none): anyone who reaches this port can run sessions")
-    settings: Settings = settings_from(args, runtime=runtime_name, auth="none", **extra)
-    if args.port is None:
-        settings = settings.replace(port=8080)
+    if own_redis:
+        redis_proc, redis_url = start_redis(Path(tmp.name))
+        settings = settings.replace(redis_url=redis_url)
+    runtime: Runtime | None = None
+    if runtime_name is None:
+        runtime = await open_docker_runtime(settings)
+        if runtime is None:
+            log.warning(
+                "no Docker engine reachable: using the process runtime (NOT a security "
+                "boundary; for development only)"
+            )
+    runtime_name = runtime_name or ("docker" if runtime is not None else "process")
+    settings = settings.replace(runtime=runtime_name)
+    if settings.auth == "none":
+        log.warning("auth is off (--auth none): anyone who reaches this port can run sessions")
     redis = open_redis(settings.redis_url)
     store = Store(redis, Keys(settings.key_prefix))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    from workers.main import open_runtime
-
-    runtime = open_runtime(settings)
+    runtime = runtime or open_runtime(settings)
     worker = None
     runner = None
     try:
         await wait_redis(redis, 10.0)
-        if args.file:
-            for name, change in await apply_file(store, args.file, settings.code_interpreter_image):
+        if file is not None:
+            for name, change in await apply_file(store, file, settings.code_interpreter_image):
                 print(f"pool {name}: {change}", flush=True)
         elif await store.get_pool("demo") is None or redis_proc is not None:
             await store.put_pool(parse_pool("demo", demo_pool(runtime_name)))

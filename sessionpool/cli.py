@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
 from router.errors import InvalidPoolError
 from router.keys import Keys
-from router.pools import CODE_INTERPRETER_IMAGE, parse_pool
+from router.logs import configure
 from router.settings import Settings
 from router.store import Store, open_redis, text
+from sessionpool import keys
+from sessionpool.poolfile import apply_file
+from sessionpool.up import up
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(events)
     events.add_argument("pool", nargs="?", help="one pool (default: every pool)")
     events.add_argument("--follow", action="store_true", help="keep printing new events")
+    keys.add_commands(sub)
     return parser
 
 
@@ -99,52 +102,6 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     overrides.update(extra)
     return Settings.from_env(**overrides)
-
-
-def load_pool_file(path: Path) -> dict[str, Any]:
-    """`{name: definition}` from `pools:` (a list of {name, properties} or a mapping).
-
-    Raises:
-        InvalidPoolError: the file is not a pool file.
-    """
-    text = path.read_text()
-    doc = orjson.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    pools = doc.get("pools", doc) if isinstance(doc, dict) else doc
-    if isinstance(pools, dict):
-        return {str(k): v for k, v in pools.items()}
-    if isinstance(pools, list):
-        out = {}
-        for i, item in enumerate(pools):
-            if not isinstance(item, dict) or "name" not in item:
-                raise InvalidPoolError(f"pools[{i}]: needs a name")
-            out[str(item["name"])] = {k: v for k, v in item.items() if k != "name"}
-        return out
-    raise InvalidPoolError(f"{path}: expected `pools:` as a list or a mapping")
-
-
-async def apply_file(
-    store: Store, path: Path, code_interpreter_image: str = CODE_INTERPRETER_IMAGE
-) -> list[tuple[str, str]]:
-    """Validate every pool first (nothing half-applied), then write; returns (name, change)."""
-    parsed = []
-    for name, body in load_pool_file(path).items():
-        try:
-            parsed.append(parse_pool(name, body, code_interpreter_image=code_interpreter_image))
-        except InvalidPoolError as exc:
-            raise InvalidPoolError(f"pool {name}: {exc.message}") from None
-    changes = []
-    for pool in parsed:
-        old = await store.get_pool(pool.name)
-        if old is None:
-            change = "created"
-        elif old.dumps() == pool.dumps():
-            changes.append((pool.name, "unchanged"))
-            continue
-        else:
-            change = "updated" if old.version == pool.version else "updated (new template)"
-        await store.put_pool(pool)
-        changes.append((pool.name, change))
-    return changes
 
 
 def print_table(rows: list[list[str]], header: list[str]) -> None:
@@ -205,10 +162,12 @@ async def _with_store(settings: Settings, action: str, args: argparse.Namespace)
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from router.logs import configure
-
-    configure(args.log_level, json=Settings.from_env().log_json)
     try:
+        if args.command == "new-key":
+            return keys.run_new_key(args)
+        if args.command == "hash-key":
+            return keys.run_hash_key()
+        configure(args.log_level, json=Settings.from_env().log_json)
         if args.command == "router":
             from router.server import run_router
 
@@ -220,9 +179,12 @@ def main(argv: list[str] | None = None) -> int:
             install_uvloop()
             asyncio.run(run(settings_from(args)))
         elif args.command == "up":
-            from workers.up import up
-
-            return asyncio.run(up(args))
+            # auth is off and the port is 8080 unless asked: `up` is the laptop command.
+            settings = settings_from(args, auth="none")
+            if args.port is None:
+                settings = settings.replace(port=8080)
+            own_redis = args.redis_url is None
+            return asyncio.run(up(settings, args.file, args.runtime, own_redis=own_redis))
         else:
             return asyncio.run(_with_store(settings_from(args), args.command, args))
     except (InvalidPoolError, ValueError) as exc:

@@ -1,0 +1,1 @@
+"""The demo session app `sessionpool up` runs (and the echo test image copies): `echo.py`."""

@@ -1,0 +1,45 @@
+"""The Docker engine connection shared by the docker runtime's modules: client and errors."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import docker
+from docker.errors import APIError, DockerException
+
+from workers.runtime import RuntimeError_
+
+# requests' connection errors (engine down) are OSErrors, not DockerExceptions.
+ENGINE_ERRORS = (DockerException, OSError)
+
+
+def connect(base_url: str | None) -> Any:
+    """A blocking SDK client (making one asks the engine for its version): run it in a thread.
+
+    Raises:
+        RuntimeError_: the engine is unreachable.
+    """
+    try:
+        if base_url:
+            return docker.DockerClient(base_url=base_url)
+        return docker.from_env()
+    except ENGINE_ERRORS as exc:
+        raise RuntimeError_(f"docker engine unreachable: {explain(exc)}") from exc
+
+
+def is_local(client: Any) -> bool:
+    """Whether the engine listens on this host's unix socket (so its iptables are ours)."""
+    return str(getattr(client.api, "base_url", "")).startswith("http+docker://")
+
+
+def close_stream(stream: Any) -> None:
+    with contextlib.suppress(*ENGINE_ERRORS, AttributeError):
+        stream.close()
+
+
+def explain(exc: BaseException) -> str:
+    """The engine's own explanation of an error, else the exception's text."""
+    if isinstance(exc, APIError) and exc.explanation:
+        return str(exc.explanation)
+    return str(exc) or type(exc).__name__
