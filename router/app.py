@@ -159,7 +159,7 @@ async def _serve(
             on_headers=lambda: proxy_seconds.observe(time.monotonic() - started),
         )
     except SessionUnreachableError:
-        routing.forget(pool_name, ident)  # the route may be stale; look it up next time
+        routing.forget(pool_name, session.identifier)  # the route may be stale: look it up again
         raise
     finally:
         routing.end(session, pool_name)

@@ -233,11 +233,22 @@ class Store:
         k = self.pk(pool)
         return [k.sessions, k.expiry, k.sandboxes, k.events, k.log]
 
-    async def stop(self, pool: str, identifier: str, reason: str, sandbox: str = "") -> bool:
-        """End a session; with `sandbox`, only if that sandbox still holds it."""
+    async def stop(
+        self, pool: str, identifier: str, reason: str, sandbox: str = "", owner: str = ""
+    ) -> bool:
+        """End a session; with `sandbox`, only if that sandbox still holds it; with `owner`,
+        only if that principal owns it (checked and stopped in one script)."""
         ended = await self._stop(
             keys=self._stop_keys(pool),
-            args=[identifier, reason, sandbox, STREAM_MAXLEN, self.keys.invalidation_channel, pool],
+            args=[
+                identifier,
+                reason,
+                sandbox,
+                STREAM_MAXLEN,
+                self.keys.invalidation_channel,
+                pool,
+                owner,
+            ],
         )
         return bool(int(ended))
 
