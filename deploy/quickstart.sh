@@ -39,7 +39,11 @@ if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[dev]'
+if [[ $cmd == test ]]; then  # the tests also drive real client libraries
+  .venv/bin/python -m pip install -q -e '.[dev,clients]'
+else
+  .venv/bin/python -m pip install -q -e '.[dev]'
+fi
 
 if [[ $cmd == test ]] && command -v npm >/dev/null && [[ ! -d bench/node_modules ]]; then
   # configurable-http-proxy, an anchor of the benchmarks (they say "not run" without it)

@@ -15,7 +15,7 @@ from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from router import admin, auth, management, proxy
+from router import admin, auth, management, mcp, proxy
 from router.errors import (
     PoolNotFoundError,
     RequestTooLargeError,
@@ -28,7 +28,7 @@ from router.identifiers import query_identifier
 from router.keys import Keys
 from router.logs import trace_id_var
 from router.metrics import RouterMetrics
-from router.pools import POOL_NAME
+from router.pools import BUILTIN_TYPES, POOL_NAME
 from router.routing import Routing
 from router.settings import Settings
 from router.store import Store, open_redis
@@ -119,7 +119,7 @@ async def _serve(
         return await management.management(request, routing, pool, path[13:], base, principal.id)
     if path in management.CODE_INTERPRETER_PATHS and path != "/session":
         pool = await routing.get_pool(pool_name)
-        if pool.container_type == "PythonLTS":
+        if pool.container_type in BUILTIN_TYPES:
             return await management.code_interpreter(
                 request, routing, pool, path, base, principal.id
             )
@@ -131,7 +131,7 @@ async def _serve(
             f"The request body is larger than {settings.max_body_bytes} bytes."
         )
     pool = await routing.get_pool(pool_name)
-    if path == "/session" and pool.container_type == "PythonLTS":
+    if path == "/session" and pool.container_type in BUILTIN_TYPES:
         return await management.code_interpreter(request, routing, pool, path, base, principal.id)
     session = await routing.resolve(pool, ident, principal.id)
     routing.begin(session, pool_name)
@@ -224,8 +224,12 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_routes(admin.routes(STORE, settings.code_interpreter_image))
+    images = (settings.code_interpreter_image, settings.shell_image)
+    app.router.add_routes(admin.routes(STORE, *images))
     app.router.add_route("*", "/pools/{pool}", pool_endpoint)
+    # Before the catch-all: a pool's platform MCP endpoint (other pools' /mcp is forwarded).
+    mcp_endpoint = mcp.McpEndpoint(ROUTING, CLIENT, fallback=pool_endpoint)
+    app.router.add_route("*", "/pools/{pool}/mcp", mcp_endpoint.handle)
     app.router.add_route("*", "/pools/{pool}/{tail:.*}", pool_endpoint)
     aca = "/subscriptions/{sub}/resourceGroups/{rg}/sessionPools/{pool}"
     app.router.add_route("*", aca, aca_endpoint)

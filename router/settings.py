@@ -47,6 +47,7 @@ class Settings:
     jwt_leeway_s: float = 30.0
     jwks_ttl_s: float = 300.0
     code_interpreter_image: str = "sessionpool/code-interpreter:dev"  # PythonLTS default
+    shell_image: str = "sessionpool/shell:dev"  # Shell default
 
     # Workers.
     runtime: str = "docker"
