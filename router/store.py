@@ -287,6 +287,16 @@ class Store:
         )
         return [text(e) for e in ended]
 
+    async def next_expiry_ms(self, pool: str) -> int | None:
+        """Milliseconds until the pool's earliest expiresAt by Redis' clock; None: no session."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(self.pk(pool).expiry, 0, 0, withscores=True)
+            pipe.time()
+            first, (sec, usec) = await pipe.execute()
+        if not first:
+            return None
+        return max(int(first[0][1]) - (int(sec) * 1000 + int(usec) // 1000), 0)
+
     async def get_session(self, pool: str, identifier: str) -> Session | None:
         k = self.pk(pool)
         async with self.redis.pipeline(transaction=False) as pipe:

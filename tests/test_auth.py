@@ -23,9 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import RSAAlgorithm
 
-from router import auth
 from router.app import ROUTING, create_app
-from router.auth import AUTH, hash_key, load_api_keys
+from router.auth import AUTH, hash_key, keyfile, load_api_keys
 from router.identifiers import session_key
 from router.keys import Keys
 from router.settings import Settings
@@ -61,16 +60,21 @@ def keys_file(tmp_path: Path) -> str:
     return write_keys(
         tmp_path / "keys.yaml",
         [
-            {"name": "exec", "key_sha256": hash_key(EXEC_KEY), "roles": ["executor"]},
-            {"name": "ops", "key_sha256": hash_key(ADMIN_KEY), "roles": ["admin"]},
+            {
+                "name": "exec",
+                "key_sha256": hash_key(EXEC_KEY),
+                "roles": ["executor"],
+                "pools": ["*"],
+            },
+            {"name": "ops", "key_sha256": hash_key(ADMIN_KEY), "roles": ["admin"], "pools": ["*"]},
             {
                 "name": "scoped",
                 "key_sha256": hash_key(SCOPED_KEY),
                 "roles": ["executor"],
                 "pools": ["demo"],
             },
-            {"name": "p", "key_sha256": hash_key(TENANT_P), "roles": ["executor"]},
-            {"name": "q", "key_sha256": hash_key(TENANT_Q), "roles": ["executor"]},
+            {"name": "p", "key_sha256": hash_key(TENANT_P), "roles": ["executor"], "pools": ["*"]},
+            {"name": "q", "key_sha256": hash_key(TENANT_Q), "roles": ["executor"], "pools": ["*"]},
         ],
     )
 
@@ -192,6 +196,10 @@ def test_settings_refuse_required_auth_without_a_credential_source(tmp_path: Pat
         ({"name": "x", "key_sha256": "0" * 64, "roles": ["root"]}, "roles"),
         ({"name": "x", "key_sha256": "0" * 64, "roles": []}, "roles"),
         ({"name": "x", "key_sha256": "0" * 64, "roles": ["admin"], "pools": ["Bad!"]}, "pools"),
+        # No `pools` once silently meant every pool: now it must be said.
+        ({"name": "x", "key_sha256": "0" * 64, "roles": ["admin"]}, r"keys\[0\]\.pools: required"),
+        ({"name": "x", "key_sha256": "0" * 64, "roles": ["admin"], "pools": []}, "pools"),
+        ({"name": "x", "key_sha256": "0" * 64, "roles": ["admin"], "pools": ["*", "a"]}, "pools"),
     ],
 )
 def test_bad_api_keys_file_refuses_to_start(
@@ -203,7 +211,7 @@ def test_bad_api_keys_file_refuses_to_start(
 
 
 def test_keys_file_forms_and_duplicates(tmp_path: Path, settings: Settings) -> None:
-    entry = {"name": "a", "key_sha256": hash_key("k1"), "roles": ["admin"]}
+    entry = {"name": "a", "key_sha256": hash_key("k1"), "roles": ["admin"], "pools": ["*"]}
     path = tmp_path / "keys.json"
     path.write_bytes(orjson.dumps({"keys": [entry]}))  # JSON and the {keys: [...]} form
     (key,) = load_api_keys(str(path))
@@ -215,6 +223,22 @@ def test_keys_file_forms_and_duplicates(tmp_path: Path, settings: Settings) -> N
         load_api_keys(str(tmp_path / "missing.yaml"))
     with pytest.raises(ValueError, match="jwt_jwks"):
         create_app(settings.replace(auth="required", jwt_jwks=str(tmp_path / "nope.json")))
+
+
+def test_plain_http_jwks_only_on_loopback_and_issuer_warning(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    for url in ("http://keys.example/jwks.json", "http://10.0.0.1:8080/jwks"):
+        with pytest.raises(ValueError, match="plain http to another host"):
+            create_app(settings.replace(auth="required", jwt_jwks=url))
+    with caplog.at_level(logging.WARNING, logger="sessionpool.auth"):
+        create_app(settings.replace(auth="required", jwt_jwks="http://127.0.0.1:9/jwks"))
+        create_app(settings.replace(auth="required", jwt_jwks="https://keys.example/jwks"))
+    assert sum("tokens of ANY issuer are accepted" in r.message for r in caplog.records) == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sessionpool.auth"):
+        create_app(settings.replace(auth="required", jwt_hs256_secret=HS_SECRET, jwt_issuer=ISSUER))
+    assert not any("ANY issuer" in r.message for r in caplog.records)
 
 
 # API keys ----------------------------------------------------------------------------------
@@ -336,15 +360,29 @@ async def test_keys_file_is_reloaded_when_it_changes(
     await seed(store, sandboxes)
     path = write_keys(
         tmp_path / "k.yaml",
-        [{"name": "old", "key_sha256": hash_key("sp_old-key"), "roles": ["executor"]}],
+        [
+            {
+                "name": "old",
+                "key_sha256": hash_key("sp_old-key"),
+                "roles": ["executor"],
+                "pools": ["*"],
+            }
+        ],
     )
     r = await start_router(auth="required", api_keys_file=path)
     url = f"{r.base}/pools/demo/x?identifier=user1"
     assert (await call(http, "GET", url, bearer("sp_old-key")))[0] == 200
-    monkeypatch.setattr(auth, "KEYS_RECHECK_S", 0.0)
+    monkeypatch.setattr(keyfile, "KEYS_RECHECK_S", 0.0)
     write_keys(
         tmp_path / "k.yaml",
-        [{"name": "new", "key_sha256": hash_key("sp_new-key"), "roles": ["executor"]}],
+        [
+            {
+                "name": "new",
+                "key_sha256": hash_key("sp_new-key"),
+                "roles": ["executor"],
+                "pools": ["*"],
+            }
+        ],
     )
     assert (await call(http, "GET", url, bearer("sp_old-key")))[0] == 401
     assert (await call(http, "GET", url, bearer("sp_new-key")))[0] == 200

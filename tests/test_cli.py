@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +211,32 @@ def test_cli_makes_and_hashes_keys(
     monkeypatch.setattr("sys.stdin", io.StringIO(key + "\n"))
     assert sessionpool_cli.main(["hash-key"]) == 0
     assert capsys.readouterr().out.strip() == yaml.safe_load(out)[0]["key_sha256"]
+
+
+def test_new_key_adds_to_the_file_atomically(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "keys.yaml"
+    assert sessionpool_cli.main(["new-key", "first", "--file", str(path)]) == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # a new keys file is the owner's only
+    path.write_text("# ops keys\n" + path.read_text())
+    inode = path.stat().st_ino
+    assert sessionpool_cli.main(["new-key", "second", "--pool", "demo", "--file", str(path)]) == 0
+    err = capsys.readouterr().err
+    second_key = err.rsplit(" ", 1)[1].strip()
+    assert second_key not in path.read_text()
+    # Replaced by a rename (a reader sees the old file or the new one, never half of one),
+    # with the comment kept and every entry saying its pools.
+    assert path.stat().st_ino != inode
+    assert path.read_text().startswith("# ops keys\n")
+    first, second = load_api_keys(str(path))
+    assert first.principal == Principal("key:first", frozenset({"executor"}), None)
+    assert yaml.safe_load(path.read_text())[0]["pools"] == ["*"]
+    assert second.principal.pools == frozenset({"demo"})
+    assert second.digest == hashlib.sha256(second_key.encode()).digest()
+    # A name already there: refused, and the file is untouched, with no temporary left.
+    before = path.read_bytes()
+    assert sessionpool_cli.main(["new-key", "first", "--file", str(path)]) == 2
+    assert "twice" in capsys.readouterr().err
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.yaml"]
