@@ -16,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router import admin, auth, management, mcp, proxy
+from router.addresses import parse_networks
 from router.errors import (
     PoolNotFoundError,
     RequestTooLargeError,
@@ -24,6 +25,7 @@ from router.errors import (
     SessionUnreachableError,
     UnauthorizedError,
 )
+from router.forwarding import TRUSTED_PROXIES
 from router.identifiers import query_identifier
 from router.keys import Keys
 from router.logs import trace_id_var
@@ -218,6 +220,7 @@ def create_app(settings: Settings) -> web.Application:
     app[WEBSOCKETS] = set()
     app.on_shutdown.append(_close_websockets)
     app[auth.AUTH] = auth.Authenticator.from_settings(settings)
+    app[TRUSTED_PROXIES] = parse_networks(settings.trusted_proxies)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_client_ctx)
     app.cleanup_ctx.append(_background_ctx)

@@ -43,7 +43,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-async def run_up(runtime: str, key_prefix: str) -> None:
+async def run_up(runtime: str, key_prefix: str, *extra: str, key: str = "") -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -56,6 +56,7 @@ async def run_up(runtime: str, key_prefix: str) -> None:
         str(port),
         "--key-prefix",
         key_prefix,
+        *extra,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -70,9 +71,14 @@ async def run_up(runtime: str, key_prefix: str) -> None:
             lines.append(line)
             if line.startswith("try:"):
                 curl = line.split("'")[1]
+                assert ("Authorization: Bearer $KEY" in line) == bool(key), line
         assert curl == f"http://127.0.0.1:{port}/pools/demo/hello?identifier=me-1"
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         async with aiohttp.ClientSession() as http:
-            async with http.get(curl) as r:  # the printed line works as printed
+            if key:  # auth on: an anonymous caller is refused
+                async with http.get(curl) as r:
+                    assert r.status == 401
+            async with http.get(curl, headers=headers) as r:  # works as printed
                 assert r.status == 200, await r.text()
                 body = await r.json()
         assert body["path"] == "/hello" and body["query"] == "identifier=me-1"
@@ -89,6 +95,35 @@ async def test_up_with_the_process_runtime(key_prefix: str) -> None:
         ["pgrep", "-f", str(ROOT / "sessionpool/demo/echo.py")], capture_output=True, text=True
     )
     assert out.stdout.strip() == "", "an echo process was left behind"
+
+
+async def test_up_with_auth_on(key_prefix: str, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    made = cli("new-key", "me", "--role", "executor", "--file", str(keys))
+    assert made.returncode == 0, made.stderr
+    key = made.stderr.rsplit(" ", 1)[1].strip()
+    await run_up("process", key_prefix, "--api-keys-file", str(keys), key=key)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "example.test"])
+def test_up_refuses_a_public_address_without_auth(host: str) -> None:
+    out = cli("up", "--host", host, "--port", "0", "--runtime", "process")
+    assert out.returncode == 2
+    assert f"refusing --host {host} with auth off" in out.stderr
+    assert "--api-keys-file" in out.stderr  # says how to turn auth on
+    assert "sessionpool is up" not in out.stdout
+
+
+def test_up_never_falls_back_to_the_process_runtime_on_a_public_address(
+    tmp_path: Path,
+) -> None:
+    keys = tmp_path / "keys.yaml"
+    assert cli("new-key", "me", "--file", str(keys)).returncode == 0
+    no_docker = {"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
+    out = cli("up", "--host", "0.0.0.0", "--port", "0", "--api-keys-file", str(keys), env=no_docker)
+    assert out.returncode == 2
+    assert "process runtime" in out.stderr and "--runtime process" in out.stderr
+    assert "sessionpool is up" not in out.stdout
 
 
 @pytest.mark.docker

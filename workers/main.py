@@ -27,11 +27,15 @@ STOP_GRACE_S = 0.2
 
 
 def open_runtime(settings: Settings) -> Runtime:
-    """The runtime the settings name; only the docker one imports the docker SDK."""
+    """The runtime the settings name; only that runtime's module imports its SDK."""
     if settings.runtime == "docker":
         from workers.docker import DockerRuntime
 
         return DockerRuntime(network_prefix=settings.network_prefix)
+    if settings.runtime == "kubernetes":
+        from workers.kubernetes import KubernetesRuntime
+
+        return KubernetesRuntime(settings)
     from workers.process import ProcessRuntime
 
     return ProcessRuntime()

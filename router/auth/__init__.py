@@ -6,7 +6,7 @@ only, `x-api-key: <key>`. API keys live in `api_keys_file` as SHA-256 hashes onl
     - name: ci                      # the principal is `key:ci`
       key_sha256: 9f86d081...       # sessionpool hash-key < key.txt
       roles: [executor]             # executor: data plane + session management; admin: /admin
-      pools: [demo]                 # optional; absent = every pool
+      pools: [demo]                 # required: a list, or ["*"] for every pool
 
 `sessionpool new-key ci --role executor` makes a key and prints its entry. The
 file is re-read when it changes. JWTs are verified with `jwt_hs256_secret` (HS256) or the
