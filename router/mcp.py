@@ -24,7 +24,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 from mcp_types import (
@@ -52,6 +51,7 @@ from router.errors import (
 )
 from router.mcp_tools import Environments, ToolError, tools_for
 from router.pools import BUILTIN_TYPES, POOL_NAME, Pool
+from router.proxy import Upstream
 from router.routing import Routing
 
 MAX_BODY_BYTES = 4 << 20
@@ -103,11 +103,11 @@ class McpEndpoint:
     def __init__(
         self,
         routing_key: web.AppKey[Routing],
-        client_key: web.AppKey[aiohttp.ClientSession],
+        upstream_key: web.AppKey[Upstream],
         fallback: Handler,
     ) -> None:
         self.routing_key = routing_key
-        self.client_key = client_key
+        self.upstream_key = upstream_key
         self.fallback = fallback
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -119,8 +119,11 @@ class McpEndpoint:
             # No server-initiated messages, so no GET stream; no state, so nothing to DELETE.
             raise web.HTTPMethodNotAllowed(request.method, ["POST"])
         body = await self._read_body(request)
-        routing = request.app[self.routing_key]
-        envs = Environments(routing, request.app[self.client_key], pool, f"mcp:{pool.name}")
+        client = request.app[self.upstream_key].client
+        # The principal behind the key, for tenant binding: the key's holder, whatever its
+        # current value (a rotation does not cut a holder off its environments).
+        principal = f"mcp:{pool.name}"
+        envs = Environments(request.app[self.routing_key], client, pool, principal)
         answers, initialized = await self._dispatch(body, envs)
         if answers is None:
             return web.Response(status=202)

@@ -26,9 +26,9 @@ from mcp_types import (
 )
 
 from router.errors import (
-    ForbiddenError,
     NoReadySessionError,
     SessionLimitError,
+    SessionUnreachableError,
 )
 from router.identifiers import IDENTIFIER, session_key
 from router.pools import Pool
@@ -183,27 +183,11 @@ class Environments:
                 "its state is gone. Call launchShell for a new one.",
             )
         try:
-            session = await self.routing.resolve(pool, env, self.principal)
-        except (SessionLimitError, NoReadySessionError, ForbiddenError) as exc:
+            async with self.routing.lease(pool, env, self.principal) as lease:
+                await store.set_mcp_env(pool.name, env, "live", LIVE_ENV_TTL_S)
+                raw, status = await self._post(lease.session.addr, env, body)
+        except (SessionLimitError, NoReadySessionError, SessionUnreachableError) as exc:
             raise ToolError(SESSION_UNAVAILABLE, exc.message) from None
-        await store.set_mcp_env(pool.name, env, "live", LIVE_ENV_TTL_S)
-        self.routing.begin(session, pool.name)
-        try:
-            async with self.client.post(
-                f"http://{session.addr}/executions",
-                params={"api-version": EXECUTIONS_API_VERSION, "identifier": env},
-                json=body,
-                timeout=aiohttp.ClientTimeout(total=EXECUTION_TIMEOUT_S),
-            ) as resp:
-                raw = await resp.read()
-                status = resp.status
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            self.routing.forget(pool.name, session.identifier)
-            raise ToolError(
-                SESSION_UNAVAILABLE, f"The environment's session did not answer: {exc!r}"
-            ) from None
-        finally:
-            self.routing.end(session, pool.name)
         try:
             answer = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -215,6 +199,27 @@ class Environments:
             message = error.get("message") if isinstance(error, dict) else None
             raise ToolError(INVALID_PARAMS, f"The session refused the call: {message or status}")
         return answer
+
+    async def _post(self, addr: str, env: str, body: dict[str, Any]) -> tuple[bytes, int]:
+        """One execution on the session's own executions API.
+
+        Raises:
+            SessionUnreachableError: the sandbox refused, dropped or did not answer (the lease
+                then forgets its route).
+        """
+        try:
+            async with self.client.post(
+                f"http://{addr}/executions",
+                params={"api-version": EXECUTIONS_API_VERSION, "identifier": env},
+                json=body,
+                headers={"Accept-Encoding": "identity"},
+                timeout=aiohttp.ClientTimeout(total=EXECUTION_TIMEOUT_S),
+            ) as resp:
+                return await resp.read(), resp.status
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise SessionUnreachableError(
+                f"The environment's session did not answer: {type(exc).__name__}"
+            ) from None
 
 
 def _check_arguments(arguments: dict[str, Any], names: set[str]) -> tuple[str, str]:
