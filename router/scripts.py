@@ -207,13 +207,14 @@ return out
 )
 
 SET_CONTAINER = """
--- Remember the container of a warming sandbox as soon as it exists.
--- KEYS[1] sandboxes hash   ARGV[1] sandbox id  ARGV[2] container id
+-- Remember the container of a warming sandbox as soon as it exists, and its engine.
+-- KEYS[1] sandboxes hash   ARGV[1] sandbox id  ARGV[2] container id  ARGV[3] engine id
 -- Returns 1, or 0 when the record is gone (the sandbox was cancelled meanwhile).
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return 0 end
 local sb = cjson.decode(raw)
 sb.container = ARGV[2]
+if ARGV[3] and ARGV[3] ~= '' then sb.engine = ARGV[3] end
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(sb))
 return 1
 """

@@ -352,12 +352,11 @@ class Store:
         )
         return [text(s) for s in out]
 
-    async def set_container(self, pool: str, sandbox: str, container: str) -> bool:
-        return bool(
-            int(
-                await self._set_container(keys=[self.pk(pool).sandboxes], args=[sandbox, container])
-            )
-        )
+    async def set_container(
+        self, pool: str, sandbox: str, container: str, engine: str = ""
+    ) -> bool:
+        args = [sandbox, container, engine]
+        return bool(int(await self._set_container(keys=[self.pk(pool).sandboxes], args=args)))
 
     async def mark_ready(self, pool: str, sandbox: str, container: str, addr: str) -> int:
         k = self.pk(pool)

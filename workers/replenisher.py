@@ -102,6 +102,7 @@ class Replenisher:
                 env={e.name: pool.secrets[e.secret_ref] for e in pool.env if e.secret_ref},
             )
             try:
+                engine = await ctx.runtime.engine_id()
                 handle = await ctx.runtime.create(spec)
             except RuntimeError_ as exc:
                 log.error("pool %s: cannot create a sandbox: %s", pool.name, exc)
@@ -112,7 +113,7 @@ class Replenisher:
         steps["started"] = time.time()
         try:
             if not await self._persist(
-                lambda: store.set_container(pool.name, sid, handle.container)
+                lambda: store.set_container(pool.name, sid, handle.container, engine)
             ):
                 await ctx.runtime.destroy(handle.container)  # reservation withdrawn meanwhile
                 return
