@@ -58,8 +58,10 @@ def open_redis(
             raise ValueError("redis+sentinel URL needs a master name: .../<master>[/<db>]")
         db = int(path[1]) if len(path) > 1 else 0
         password = parts.password or parse_qs(parts.query).get("password", [None])[0]
+        # The sentinels share the password (deploy/k8s: requirepass on both, one Secret).
+        sentinel_kwargs = {"socket_timeout": 1.0, "password": password}
         sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
-            hosts, sentinel_kwargs={"socket_timeout": 1.0}, password=password, db=db, **common
+            hosts, sentinel_kwargs=sentinel_kwargs, password=password, db=db, **common
         )
         client = sentinel.master_for(
             path[0], redis_class=_SentinelRedis, max_connections=max_connections
