@@ -26,6 +26,7 @@ from router.errors import (
 )
 from router.identifiers import query_identifier
 from router.keys import Keys
+from router.limits import LimitPolicy
 from router.logs import trace_id_var
 from router.metrics import RouterMetrics
 from router.pools import POOL_NAME
@@ -224,7 +225,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_routes(admin.routes(STORE, settings.code_interpreter_image))
+    app.router.add_routes(
+        admin.routes(STORE, settings.code_interpreter_image, LimitPolicy.from_settings(settings))
+    )
     app.router.add_route("*", "/pools/{pool}", pool_endpoint)
     app.router.add_route("*", "/pools/{pool}/{tail:.*}", pool_endpoint)
     aca = "/subscriptions/{sub}/resourceGroups/{rg}/sessionPools/{pool}"

@@ -26,7 +26,7 @@ def open_runtime(settings: Settings) -> Runtime:
     if settings.runtime == "docker":
         from workers.docker import DockerRuntime
 
-        return DockerRuntime(network_prefix=settings.network_prefix)
+        return DockerRuntime.from_settings(settings)
     from workers.process import ProcessRuntime
 
     return ProcessRuntime()
