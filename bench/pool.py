@@ -94,8 +94,13 @@ async def _wait(predicate: Any, limit_s: float, what: str, interval: float = 0.0
         await asyncio.sleep(interval)
 
 
-async def bare_docker_run(http: aiohttp.ClientSession, scope: str) -> float:
-    """ms from `docker run` until the container's port answers HTTP (then it is removed)."""
+async def bare_docker_run(
+    http: aiohttp.ClientSession, scope: str, extra: tuple[str, ...] = ()
+) -> float:
+    """ms from `docker run` until the container's port answers HTTP (then it is removed).
+
+    `extra` goes before the image (e.g. the pool's `--cpus`/`--memory`).
+    """
     name = f"spbench-{scope}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
     run = await asyncio.create_subprocess_exec(
@@ -107,6 +112,7 @@ async def bare_docker_run(http: aiohttp.ClientSession, scope: str) -> float:
         name,
         "--label",
         f"{LABEL_SCOPE}={scope}",
+        *extra,
         IMAGE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -16,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router import admin, auth, management, proxy
+from router.addresses import parse_networks
 from router.errors import (
     PoolNotFoundError,
     RequestTooLargeError,
@@ -24,6 +25,7 @@ from router.errors import (
     SessionUnreachableError,
     UnauthorizedError,
 )
+from router.forwarding import TRUSTED_PROXIES
 from router.identifiers import query_identifier
 from router.keys import Keys
 from router.limits import LimitPolicy
@@ -160,7 +162,7 @@ async def _serve(
             on_headers=lambda: proxy_seconds.observe(time.monotonic() - started),
         )
     except SessionUnreachableError:
-        routing.forget(pool_name, ident)  # the route may be stale; look it up next time
+        routing.forget(pool_name, session.identifier)  # the route may be stale: look it up again
         raise
     finally:
         routing.end(session, pool_name)
@@ -219,6 +221,7 @@ def create_app(settings: Settings) -> web.Application:
     app[WEBSOCKETS] = set()
     app.on_shutdown.append(_close_websockets)
     app[auth.AUTH] = auth.Authenticator.from_settings(settings)
+    app[TRUSTED_PROXIES] = parse_networks(settings.trusted_proxies)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_client_ctx)
     app.cleanup_ctx.append(_background_ctx)

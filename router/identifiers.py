@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from multidict import MultiMapping
@@ -40,3 +41,23 @@ def query_identifier(query: MultiMapping[str]) -> str:
     if len(values) > 1:
         raise InvalidIdentifierError("The query parameter 'identifier' must be given only once.")
     return check_identifier(values[0] if values else None)
+
+
+def session_key(identifier: str, owner: str | None) -> str:
+    """The name a session is stored under: the identifier itself, or, on a tenant-bound pool
+    (`owner` given), the identifier scoped to its owner.
+
+    Two principals sending the same identifier to a tenant-bound pool get two sessions, and
+    neither can reach, extend, stop or detect the other's. The scope is a fixed-length digest
+    of the principal and a space, a character identifiers cannot contain, so no identifier
+    sent to a pool without binding can ever name a bound session.
+    """
+    if owner is None:
+        return identifier
+    digest = hashlib.sha256(owner.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{digest} {identifier}"
+
+
+def shown_identifier(key: str) -> str:
+    """The identifier a caller sent, from the name its session is stored under."""
+    return key.partition(" ")[2] or key

@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from router.errors import BadRequestError, ForbiddenError, SessionNotFoundError
-from router.identifiers import query_identifier
+from router.errors import BadRequestError, SessionNotFoundError
+from router.identifiers import query_identifier, session_key, shown_identifier
 from router.pools import Pool
 from router.routing import Routing
 from router.store import Session
@@ -28,7 +28,7 @@ def session_view(s: Session) -> dict[str, Any]:
     """Both spellings ACA uses: docs say `expiresAt`, the swagger `expireAt`."""
     expires = iso(s.expires_ms)
     return {
-        "identifier": s.identifier,
+        "identifier": shown_identifier(s.identifier),
         "etag": s.sandbox,
         "createdAt": iso(s.created_ms),
         "lastAccessedAt": iso(s.last_accessed_ms),
@@ -49,10 +49,13 @@ def _skip(request: web.Request) -> int:
     return int(raw)
 
 
-def _check_owner(pool: Pool, session: Session, principal: str) -> None:
-    """Tenant binding: only the principal that created a session may see or stop it."""
-    if pool.tenant_binding and session.owner != principal:
-        raise ForbiddenError("This session belongs to another principal.")
+def _owner(pool: Pool, principal: str) -> str | None:
+    """Whose sessions the caller may see: its own on a tenant-bound pool, else everyone's."""
+    return principal if pool.tenant_binding else None
+
+
+def _not_found(pool: Pool, ident: str) -> SessionNotFoundError:
+    return SessionNotFoundError(f"Session {ident} was not found in session pool {pool.name}.")
 
 
 async def _list(
@@ -75,24 +78,22 @@ async def _list(
 
 async def _get(request: web.Request, routing: Routing, pool: Pool, principal: str) -> web.Response:
     ident = query_identifier(request.query)
-    session = await routing.store.get_session(pool.name, ident)
-    if session is None:
-        raise SessionNotFoundError(f"Session {ident} was not found in session pool {pool.name}.")
-    _check_owner(pool, session, principal)
+    owner = _owner(pool, principal)
+    session = await routing.store.get_session(pool.name, session_key(ident, owner))
+    # Another principal's session is exactly as absent as one that never existed.
+    if session is None or (owner is not None and session.owner != owner):
+        raise _not_found(pool, ident)
     return json_response(session_view(session))
 
 
 async def _stop(request: web.Request, routing: Routing, pool: Pool, principal: str) -> str:
     ident = query_identifier(request.query)
-    sandbox = ""
-    if pool.tenant_binding:
-        session = await routing.store.get_session(pool.name, ident)
-        if session is not None:
-            _check_owner(pool, session, principal)
-            sandbox = session.sandbox  # stop exactly the session that was checked
-    if not await routing.store.stop(pool.name, ident, "stopped", sandbox):
-        raise SessionNotFoundError(f"Session {ident} was not found in session pool {pool.name}.")
-    routing.forget(pool.name, ident)
+    owner = _owner(pool, principal)
+    key = session_key(ident, owner)
+    # One script checks the owner and stops: no window between the check and the stop.
+    if not await routing.store.stop(pool.name, key, "stopped", owner=owner or ""):
+        raise _not_found(pool, ident)
+    routing.forget(pool.name, key)
     return ident
 
 

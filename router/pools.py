@@ -29,6 +29,7 @@ CONTAINER_TYPES = {"CustomContainer", "PythonLTS"}
 OCI_RUNTIMES = {"runc", "runsc", "kata", "kata-runtime", "io.containerd.kata.v2"}
 CODE_INTERPRETER_IMAGE = "sessionpool/code-interpreter:dev"
 CODE_INTERPRETER_PORT = 6000
+TOLERATION_FIELDS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,24 @@ class EnvVar:
     name: str
     value: str | None = None
     secret_ref: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    """`registryCredentials`: where the image comes from and the secret holding the password."""
+
+    server: str
+    username: str
+    password_secret_ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a sandbox may run (kubernetes runtime only): `sandboxConfiguration.nodeSelector`
+    and `.tolerations`, passed to the pod as they are."""
+
+    node_selector: tuple[tuple[str, str], ...] = ()
+    tolerations: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +99,8 @@ class Pool:
     secrets: dict[str, str] = field(repr=False)
     properties: dict[str, Any] = field(repr=False)
     version: str = ""
+    placement: Placement = Placement()
+    registry: Registry | None = None
 
     def probe(self, kind: str) -> Probe | None:
         return next((p for p in self.probes if p.type == kind), None)
@@ -237,6 +258,8 @@ def parse_pool(
         pids = _int(
             sandbox, "properties.sandboxConfiguration.pidsLimit", "pidsLimit", 0, 16, 65_536
         )
+    placement = _placement(sandbox)
+    registry = _registry(template, secrets)
     tenant = props.get("tenantBinding", False)
     if not isinstance(tenant, bool):
         raise InvalidPoolError("properties.tenantBinding: must be true or false")
@@ -264,6 +287,8 @@ def parse_pool(
         tenant_binding=tenant,
         secrets=secrets,
         properties=props,
+        placement=placement,
+        registry=registry,
     )
     # The version covers what a new sandbox is made from, not scale or lifecycle settings.
     fingerprint = orjson.dumps(
@@ -281,10 +306,60 @@ def parse_pool(
             runtime,
             pids,
             storage,
+            placement.node_selector,
+            placement.tolerations,
+            registry
+            and (registry.server, registry.username, secrets[registry.password_secret_ref]),
         ],
     )
     object.__setattr__(pool, "version", hashlib.sha256(fingerprint).hexdigest()[:12])
     return pool
+
+
+def _placement(sandbox: dict[str, Any]) -> Placement:
+    where = "properties.sandboxConfiguration"
+    selector = sandbox.get("nodeSelector") or {}
+    if not isinstance(selector, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in selector.items()
+    ):
+        raise InvalidPoolError(f"{where}.nodeSelector: must map strings to strings")
+    tolerations = sandbox.get("tolerations") or []
+    if not isinstance(tolerations, list) or len(tolerations) > 16:
+        raise InvalidPoolError(f"{where}.tolerations: must be a list of at most 16")
+    for i, t in enumerate(tolerations):
+        if not isinstance(t, dict) or not set(t) <= TOLERATION_FIELDS:
+            raise InvalidPoolError(
+                f"{where}.tolerations[{i}]: an object with only {sorted(TOLERATION_FIELDS)}"
+            )
+        if t.get("operator", "Equal") not in ("Equal", "Exists"):
+            raise InvalidPoolError(f"{where}.tolerations[{i}].operator: Equal or Exists")
+        if t.get("effect", "") not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+            raise InvalidPoolError(
+                f"{where}.tolerations[{i}].effect: NoSchedule, PreferNoSchedule or NoExecute"
+            )
+        for key in ("key", "value"):
+            if not isinstance(t.get(key, ""), str):
+                raise InvalidPoolError(f"{where}.tolerations[{i}].{key}: must be a string")
+        seconds = t.get("tolerationSeconds")
+        if seconds is not None and (not isinstance(seconds, int) or isinstance(seconds, bool)):
+            raise InvalidPoolError(f"{where}.tolerations[{i}].tolerationSeconds: an integer")
+    return Placement(tuple(sorted(selector.items())), tuple(tolerations))
+
+
+def _registry(template: dict[str, Any], secrets: dict[str, str]) -> Registry | None:
+    where = "properties.customContainerTemplate.registryCredentials"
+    raw = template.get("registryCredentials")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InvalidPoolError(f"{where}: must be an object")
+    server, user, ref = raw.get("server"), raw.get("username"), raw.get("passwordSecretRef")
+    for key, value in (("server", server), ("username", user)):
+        if not isinstance(value, str) or not value or any(ch.isspace() for ch in value):
+            raise InvalidPoolError(f"{where}.{key}: required, a non-empty string")
+    if not isinstance(ref, str) or ref not in secrets:
+        raise InvalidPoolError(f"{where}.passwordSecretRef: no secret named {ref!r}")
+    return Registry(str(server), str(user), ref)
 
 
 def _get(d: dict[str, Any], key: str, typ: type, default: Any) -> Any:

@@ -18,6 +18,7 @@ from router.errors import (
     SessionTimeoutError,
     SessionUnreachableError,
 )
+from router.forwarding import FORWARDING, set_forwarding
 
 log = logging.getLogger("sessionpool.proxy")
 
@@ -36,13 +37,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Never forwarded to the session: the caller's credentials and headers the router sets itself.
-DROPPED_UPSTREAM = HOP_BY_HOP | {
-    "host",
-    "authorization",
-    "x-api-key",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-}
+DROPPED_UPSTREAM = HOP_BY_HOP | FORWARDING | {"host", "authorization", "x-api-key"}
 WS_HANDSHAKE = frozenset(
     {
         "sec-websocket-key",
@@ -68,11 +63,8 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 def upstream_headers(
     request: web.Request, prefix: str, drop: frozenset[str] = frozenset()
 ) -> CIMultiDict[str]:
-    """The caller's headers as the sandbox should see them.
-
-    `prefix` is the path the router stripped (`/pools/demo`), sent as X-Forwarded-Prefix so a
-    session can build links (e.g. Operation-Location) that work through the router.
-    """
+    """The caller's headers as the sandbox should see them (forwarding headers: see
+    `router.forwarding`)."""
     named = _connection_tokens(request.headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
@@ -80,12 +72,7 @@ def upstream_headers(
         if low in DROPPED_UPSTREAM or low in named or low in drop:
             continue
         out.add(name, value)
-    peer = request.remote or ""
-    prior = out.popall("X-Forwarded-For", [])
-    out["X-Forwarded-For"] = ", ".join([*prior, peer]) if prior else peer
-    out["X-Forwarded-Proto"] = request.scheme
-    out["X-Forwarded-Host"] = request.host
-    out["X-Forwarded-Prefix"] = prefix
+    set_forwarding(request, out, prefix)
     return out
 
 
@@ -169,6 +156,7 @@ async def forward_http(
         except RequestTooLargeError:
             raise
         except TimeoutError as exc:  # before ClientError: ServerTimeoutError is both
+            log.warning("session at %s did not answer in time: %r", addr, exc)
             raise SessionTimeoutError("The session did not answer in time.") from exc
         except aiohttp.ServerDisconnectedError as exc:
             if body.exceeded:
@@ -176,11 +164,14 @@ async def forward_http(
             # A pooled keep-alive connection the sandbox had closed: try once more.
             if attempt + 1 < attempts:
                 continue
-            raise SessionUnreachableError(f"The session dropped the connection: {exc}") from exc
+            log.warning("session at %s dropped the connection: %r", addr, exc)
+            raise SessionUnreachableError("The session dropped the connection.") from exc
         except aiohttp.ClientError as exc:
             if body.exceeded:
                 raise body.error() from None
-            raise SessionUnreachableError(f"The session is unreachable: {exc}") from exc
+            # The caller never learns a sandbox's address (the operator's log does).
+            log.warning("session at %s is unreachable: %r", addr, exc)
+            raise SessionUnreachableError("The session is unreachable.") from exc
         break
     if on_headers is not None:
         on_headers()
@@ -265,9 +256,11 @@ async def forward_websocket(
             f"The session refused the WebSocket upgrade ({exc.status})."
         ) from exc
     except TimeoutError as exc:
+        log.warning("session at %s did not answer the upgrade in time: %r", addr, exc)
         raise SessionTimeoutError("The session did not answer in time.") from exc
     except aiohttp.ClientError as exc:
-        raise SessionUnreachableError(f"The session is unreachable: {exc}") from exc
+        log.warning("session at %s is unreachable: %r", addr, exc)
+        raise SessionUnreachableError("The session is unreachable.") from exc
     ws = web.WebSocketResponse(
         protocols=[up.protocol] if up.protocol else [],
         max_msg_size=max_msg_bytes,

@@ -21,11 +21,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.errors import (
-    ForbiddenError,
     NoReadySessionError,
     PoolNotFoundError,
     SessionLimitError,
 )
+from router.identifiers import session_key
 from router.keys import SEP
 from router.pools import Pool
 from router.settings import Settings
@@ -79,11 +79,14 @@ class Routing:
     async def resolve(self, pool: Pool, identifier: str, principal: str = "") -> Session:
         """The session of `identifier`, allocating a ready sandbox on first use.
 
+        On a tenant-bound pool the identifier is scoped to `principal` (`session_key`): the
+        session returned is the caller's own, and its `identifier` is the scoped name.
+
         Raises:
             SessionLimitError: the pool is at maxConcurrentSessions.
             NoReadySessionError: no sandbox became ready within the allocation wait.
-            ForbiddenError: tenant binding is on and the session belongs to someone else.
         """
+        identifier = session_key(identifier, principal if pool.tenant_binding else None)
         key = (pool.name, identifier)
         route = self._routes.get(key)
         if route is not None and route.valid_until > time.monotonic() and self.cache_enabled:
@@ -97,8 +100,6 @@ class Routing:
             flush_s = self.settings.activity_flush_s
             ttl = min(self.settings.route_cache_ttl_s, session.cooldown_ms / 1000 - 2 * flush_s)
             self._routes[key] = Route(session, time.monotonic() + ttl)
-        if pool.tenant_binding and session.owner != principal:
-            raise ForbiddenError("This session belongs to another principal.")
         return session
 
     async def _claim(self, pool: Pool, identifier: str, principal: str) -> Session:

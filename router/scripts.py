@@ -135,10 +135,14 @@ STOP = (
 -- KEYS[5] log stream
 -- ARGV[1] identifier  ARGV[2] reason  ARGV[3] sandbox id that must still hold it, or ''
 -- ARGV[4] stream maxlen  ARGV[5] invalidation channel  ARGV[6] pool name
--- Returns 1 when the session was ended, 0 when there was none (or it moved on).
+-- ARGV[7] the principal that must own it (tenant binding), or ''
+-- Returns 1 when the session was ended, 0 when there was none (or it moved on, or it is
+-- someone else's: the caller cannot tell that from absence, by design).
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return 0 end
-if ARGV[3] ~= '' and cjson.decode(raw).sandbox ~= ARGV[3] then return 0 end
+local sess = cjson.decode(raw)
+if ARGV[3] ~= '' and sess.sandbox ~= ARGV[3] then return 0 end
+if ARGV[7] and ARGV[7] ~= '' and sess.owner ~= ARGV[7] then return 0 end
 end_session(ARGV[1], raw, ARGV[2], ARGV[4], ARGV[5], ARGV[6])
 return 1
 """

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from router.app import create_app
 from router.settings import Settings
+from router.tls import ReloadingTLS
 
 log = logging.getLogger("sessionpool.router")
 
@@ -44,9 +45,15 @@ async def start_site(
         handler_cancellation=True,
         shutdown_timeout=settings.shutdown_timeout_s,
     )
+    tls = ReloadingTLS(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     await runner.setup()
     site = web.TCPSite(
-        runner, settings.host, settings.port, reuse_port=reuse_port or None, backlog=1024
+        runner,
+        settings.host,
+        settings.port,
+        reuse_port=reuse_port or None,
+        backlog=1024,
+        ssl_context=tls.context if tls is not None else None,
     )
     try:
         await site.start()
@@ -64,7 +71,8 @@ async def serve(settings: Settings, reuse_port: bool = False) -> None:
         loop.add_signal_handler(sig, stop.set)
     runner, port = await start_site(settings, reuse_port=reuse_port)
     try:
-        print(f"sessionpool router listening on http://{settings.host}:{port}", flush=True)
+        scheme = "https" if settings.tls_cert else "http"
+        print(f"sessionpool router listening on {scheme}://{settings.host}:{port}", flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()

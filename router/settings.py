@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from router.addresses import parse_networks
 
 ENV_PREFIX = "SESSIONPOOL_"
 GiB = 1 << 30
@@ -47,6 +50,11 @@ class Settings:
     jwt_leeway_s: float = 30.0
     jwks_ttl_s: float = 300.0
     code_interpreter_image: str = "sessionpool/code-interpreter:dev"  # PythonLTS default
+    # Comma-separated CIDRs whose X-Forwarded-*/Forwarded/X-Real-IP are believed (appended
+    # to); from any other peer those headers are replaced by what the router saw.
+    trusted_proxies: str = ""
+    tls_cert: str = ""  # PEM certificate chain: with tls_key, serve HTTPS and WSS
+    tls_key: str = field(default="", repr=False)  # a path, but say nothing more about it
 
     # Workers.
     runtime: str = "docker"
@@ -75,6 +83,19 @@ class Settings:
     # Start sandboxes even where the host firewall rules cannot be installed: sandboxes can
     # then reach this host's services and metadata addresses. Warned about at every start.
     insecure_skip_host_firewall: bool = False
+    # Kubernetes runtime (workers/kubernetes.py). No kubeconfig: in-cluster config when the
+    # worker runs in a pod, else the default kubeconfig ($KUBECONFIG or ~/.kube/config).
+    k8s_namespace: str = "sessionpool-sandboxes"  # where sandbox pods, Secrets, policies live
+    k8s_kubeconfig: str = ""
+    k8s_context: str = ""
+    k8s_control_namespace: str = "sessionpool"  # routers and workers: the only ingress allowed
+    # EgressEnabled pools reach anything but these (the cluster's pod and service ranges) and
+    # link-local metadata, which is always excluded.
+    k8s_cluster_cidrs: str = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10"
+    k8s_api_timeout_s: float = 10.0  # every API call but watches, which re-open each minute
+    k8s_schedule_timeout_s: float = 60.0  # a pod not scheduled by then fails creation
+    k8s_start_timeout_s: float = 120.0  # a pod not running with an IP by then fails creation
+    k8s_ephemeral_storage_bytes: int = GiB  # kubelet-enforced disk per sandbox (logs, layer)
 
     # Logs.
     log_json: bool = True
@@ -95,6 +116,9 @@ class Settings:
             "reconcile_interval_s",
             "jwks_ttl_s",
             "firewall_check_s",
+            "k8s_api_timeout_s",
+            "k8s_schedule_timeout_s",
+            "k8s_start_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive")
@@ -104,8 +128,8 @@ class Settings:
             raise ValueError("activity_flush_s: must be at most 1 s to keep expiry exact")
         if self.max_body_bytes < 0 or self.ws_max_msg_bytes <= 0:
             raise ValueError("max_body_bytes / ws_max_msg_bytes: must be positive")
-        if self.runtime not in ("docker", "process"):
-            raise ValueError(f"runtime: {self.runtime!r} is not docker or process")
+        if self.runtime not in ("docker", "process", "kubernetes"):
+            raise ValueError(f"runtime: {self.runtime!r} is not docker, process or kubernetes")
         if self.role not in ("all", "replenisher", "reaper"):
             raise ValueError(f"role: {self.role!r} is not all, replenisher or reaper")
         if self.auth not in ("none", "required"):
@@ -116,6 +140,21 @@ class Settings:
             raise ValueError("jwt_audience: must name at least one audience")
         if self.jwt_leeway_s < 0:
             raise ValueError("jwt_leeway_s: must not be negative")
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", self.k8s_namespace):
+            raise ValueError(f"k8s_namespace: {self.k8s_namespace!r} is not a namespace name")
+        for cidr in self.k8s_cluster_cidrs.split(","):
+            try:
+                ipaddress.ip_network(cidr.strip())
+            except ValueError:
+                raise ValueError(f"k8s_cluster_cidrs: {cidr!r} is not a CIDR range") from None
+        if self.k8s_ephemeral_storage_bytes < 16 * MiB:
+            raise ValueError("k8s_ephemeral_storage_bytes: must be at least 16 MiB")
+        try:
+            parse_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies: {exc}") from None
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key: give both or neither")
         if self.create_concurrency < 1:
             raise ValueError("create_concurrency: must be at least 1")
         for kind in ("cpu", "memory_bytes", "pids", "storage_bytes"):

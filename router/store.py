@@ -233,11 +233,22 @@ class Store:
         k = self.pk(pool)
         return [k.sessions, k.expiry, k.sandboxes, k.events, k.log]
 
-    async def stop(self, pool: str, identifier: str, reason: str, sandbox: str = "") -> bool:
-        """End a session; with `sandbox`, only if that sandbox still holds it."""
+    async def stop(
+        self, pool: str, identifier: str, reason: str, sandbox: str = "", owner: str = ""
+    ) -> bool:
+        """End a session; with `sandbox`, only if that sandbox still holds it; with `owner`,
+        only if that principal owns it (checked and stopped in one script)."""
         ended = await self._stop(
             keys=self._stop_keys(pool),
-            args=[identifier, reason, sandbox, STREAM_MAXLEN, self.keys.invalidation_channel, pool],
+            args=[
+                identifier,
+                reason,
+                sandbox,
+                STREAM_MAXLEN,
+                self.keys.invalidation_channel,
+                pool,
+                owner,
+            ],
         )
         return bool(int(ended))
 
@@ -247,6 +258,16 @@ class Store:
             args=[limit, STREAM_MAXLEN, self.keys.invalidation_channel, pool],
         )
         return [text(e) for e in ended]
+
+    async def next_expiry_ms(self, pool: str) -> int | None:
+        """Milliseconds until the pool's earliest expiresAt by Redis' clock; None: no session."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(self.pk(pool).expiry, 0, 0, withscores=True)
+            pipe.time()
+            first, (sec, usec) = await pipe.execute()
+        if not first:
+            return None
+        return max(int(first[0][1]) - (int(sec) * 1000 + int(usec) // 1000), 0)
 
     async def get_session(self, pool: str, identifier: str) -> Session | None:
         k = self.pk(pool)

@@ -18,7 +18,7 @@ from router.settings import Settings, parse_bytes
 from router.store import Store, open_redis, text
 from sessionpool import keys
 from sessionpool.poolfile import apply_file
-from sessionpool.up import up
+from sessionpool.up import up, up_settings
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -65,6 +65,11 @@ def _firewall(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _tls(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS/WSS (re-read on change)")
+    p.add_argument("--tls-key", help="its private key (PEM)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sessionpool", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--runtime", choices=["docker", "process"])
     _limits(up)
     _firewall(up)
+    up.add_argument(
+        "--auth",
+        choices=["none", "required"],
+        help="default: required when a credential source is given, else none (loopback only)",
+    )
+    up.add_argument("--api-keys-file", help="API keys (sessionpool new-key NAME --file F)")
+    _tls(up)
 
     router = sub.add_parser("router", help="an edge (data plane, management, admin API)")
     _common(router)
@@ -86,10 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--host-suffix", help="serve http://{pool}.{suffix}/… too")
     router.add_argument("--auth", choices=["none", "required"])
     _limits(router)
+    router.add_argument("--api-keys-file", help="API keys (sessionpool new-key NAME --file F)")
+    router.add_argument(
+        "--trusted-proxies", help="CIDRs whose X-Forwarded-*/Forwarded headers are believed"
+    )
+    _tls(router)
 
     worker = sub.add_parser("worker", help="replenisher and/or reaper")
     _common(worker)
-    worker.add_argument("--runtime", choices=["docker", "process"])
+    worker.add_argument("--runtime", choices=["docker", "process", "kubernetes"])
+    worker.add_argument("--k8s-namespace", help="sandbox namespace (SESSIONPOOL_K8S_NAMESPACE)")
+    worker.add_argument("--k8s-kubeconfig", help="kubeconfig file; none: in-cluster or default")
+    worker.add_argument("--k8s-context", help="kubeconfig context (SESSIONPOOL_K8S_CONTEXT)")
+    worker.add_argument(
+        "--k8s-control-namespace", help="namespace of routers and workers (ingress source)"
+    )
+    worker.add_argument(
+        "--k8s-cluster-cidrs", help="pod/service ranges EgressEnabled pools cannot reach"
+    )
     worker.add_argument("--role", choices=["all", "replenisher", "reaper"])
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
     _limits(worker)
@@ -143,6 +169,15 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "runtime",
         "role",
         "metrics_port",
+        "api_keys_file",
+        "trusted_proxies",
+        "tls_cert",
+        "tls_key",
+        "k8s_namespace",
+        "k8s_kubeconfig",
+        "k8s_context",
+        "k8s_control_namespace",
+        "k8s_cluster_cidrs",
     }
     fields |= SANDBOX_FIELDS
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -226,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             install_uvloop()
             asyncio.run(run(settings_from(args)))
         elif args.command == "up":
-            # auth is off and the port is 8080 unless asked: `up` is the laptop command.
-            settings = settings_from(args, auth="none")
+            # `up` is the laptop command: port 8080, and auth off unless credentials are
+            # given; check_listener then keeps an open stack on loopback.
+            settings = up_settings(settings_from(args), args.auth)
             if args.port is None:
                 settings = settings.replace(port=8080)
             own_redis = args.redis_url is None

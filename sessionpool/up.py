@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from router.addresses import is_loopback
 from router.keys import Keys
 from router.limits import LimitPolicy
 from router.pools import parse_pool
@@ -115,28 +116,68 @@ async def clean_up(store: Store, runtime: Runtime, scope: str) -> None:
         await runtime.destroy(obs.container)
 
 
+def up_settings(settings: Settings, auth: str | None) -> Settings:
+    """`up`'s settings: auth `required` when a credential source is configured, else `none`
+    (unless `auth` says), and an open stack only ever on a loopback address.
+
+    Raises:
+        ValueError: auth is off and the listener is not loopback (the message says what to do).
+    """
+    if auth is None:
+        has_credentials = settings.api_keys_file or settings.jwt_hs256_secret or settings.jwt_jwks
+        auth = "required" if has_credentials else "none"
+    settings = settings.replace(auth=auth)
+    if auth == "none" and not is_loopback(settings.host):
+        raise ValueError(
+            f"up: refusing --host {settings.host} with auth off: anyone who reaches it could "
+            "run code in sessions and use the admin API. Bind 127.0.0.1, or turn auth on: "
+            "`sessionpool new-key me --role admin --role executor --file keys.yaml`, then "
+            f"`sessionpool up --host {settings.host} --api-keys-file keys.yaml`"
+        )
+    return settings
+
+
 async def up(
     settings: Settings, file: Path | None, runtime_name: str | None, own_redis: bool = True
 ) -> int:
     """Run Redis (when `own_redis`), a router and a worker until SIGINT/SIGTERM, then remove
-    every sandbox. `runtime_name` None means docker when an engine answers, else process."""
-    tmp = tempfile.TemporaryDirectory(prefix="sessionpool-")
-    redis_proc = None
-    if own_redis:
-        redis_proc, redis_url = start_redis(Path(tmp.name))
-        settings = settings.replace(redis_url=redis_url)
+    every sandbox. `runtime_name` None means docker when an engine answers, else process
+    (on a loopback listener only: the process runtime is no security boundary).
+
+    Raises:
+        ValueError: no Docker engine answers and the listener is not loopback.
+    """
+    public = not is_loopback(settings.host)
     runtime: Runtime | None = None
     if runtime_name is None:
         runtime = await open_docker_runtime(settings)
+        if runtime is None and public:
+            raise ValueError(
+                f"up: no Docker engine reachable, and the process runtime (sandboxes as host "
+                f"processes, sharing the host's network) is never chosen by itself for "
+                f"--host {settings.host}: start Docker, bind 127.0.0.1, or pass "
+                "--runtime process to accept that"
+            )
         if runtime is None:
             log.warning(
                 "no Docker engine reachable: using the process runtime (NOT a security "
                 "boundary; for development only)"
             )
+    elif runtime_name == "process" and public:
+        log.warning(
+            "the process runtime serves %s: sessions run as host processes on the host's "
+            "network (NOT a security boundary)",
+            settings.host,
+        )
     runtime_name = runtime_name or ("docker" if runtime is not None else "process")
     settings = settings.replace(runtime=runtime_name)
+    tmp = tempfile.TemporaryDirectory(prefix="sessionpool-")
+    redis_proc = None
+    if own_redis:
+        redis_proc, redis_url = start_redis(Path(tmp.name))
+        settings = settings.replace(redis_url=redis_url)
     if settings.auth == "none":
-        log.warning("auth is off (--auth none): anyone who reaches this port can run sessions")
+        log.warning("auth is off: anyone who can reach %s can run sessions", settings.host)
     redis = open_redis(settings.redis_url)
     store = Store(redis, Keys(settings.key_prefix))
     stop = asyncio.Event()
@@ -158,19 +199,17 @@ async def up(
         runner, port = await start_site(settings)
         worker = asyncio.create_task(run_worker(settings, runtime, stop))
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        url = f"{'https' if settings.tls_cert else 'http'}://{host}:{port}"
         pools = await store.pool_names()
         print(
-            f"sessionpool is up: router http://{host}:{port} (runtime {runtime_name}, "
-            f"redis {settings.redis_url})",
+            f"sessionpool is up: router {url} (runtime {runtime_name}, redis {settings.redis_url})",
             flush=True,
         )
         for name in pools:
-            print(f"  pool {name}: http://{host}:{port}/pools/{name}", flush=True)
+            print(f"  pool {name}: {url}/pools/{name}", flush=True)
         if pools:
-            print(
-                f"try:  curl 'http://{host}:{port}/pools/{pools[0]}/hello?identifier=me-1'",
-                flush=True,
-            )
+            key = ' -H "Authorization: Bearer $KEY"' if settings.auth == "required" else ""
+            print(f"try:  curl{key} '{url}/pools/{pools[0]}/hello?identifier=me-1'", flush=True)
         print("Ctrl-C stops everything and removes every sandbox.", flush=True)
         done, _ = await asyncio.wait(
             {worker, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED

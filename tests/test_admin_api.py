@@ -62,14 +62,24 @@ def keys_file(tmp_path: Path) -> str:
     path.write_text(
         yaml.safe_dump(
             [
-                {"name": "ops", "key_sha256": hash_key(ADMIN_KEY), "roles": ["admin"]},
+                {
+                    "name": "ops",
+                    "key_sha256": hash_key(ADMIN_KEY),
+                    "roles": ["admin"],
+                    "pools": ["*"],
+                },
                 {
                     "name": "team",
                     "key_sha256": hash_key(SCOPED_ADMIN_KEY),
                     "roles": ["admin"],
                     "pools": ["demo"],
                 },
-                {"name": "exec", "key_sha256": hash_key(EXEC_KEY), "roles": ["executor"]},
+                {
+                    "name": "exec",
+                    "key_sha256": hash_key(EXEC_KEY),
+                    "roles": ["executor"],
+                    "pools": ["*"],
+                },
             ]
         )
     )

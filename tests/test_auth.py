@@ -23,9 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import RSAAlgorithm
 
-from router import auth
-from router.app import create_app
-from router.auth import AUTH, hash_key, load_api_keys
+from router.app import ROUTING, create_app
+from router.auth import AUTH, hash_key, keyfile, load_api_keys
+from router.identifiers import session_key
+from router.keys import Keys
 from router.settings import Settings
 from router.store import Store
 from tests.helpers import FakeSandbox, add_ready, make_pool
@@ -59,16 +60,21 @@ def keys_file(tmp_path: Path) -> str:
     return write_keys(
         tmp_path / "keys.yaml",
         [
-            {"name": "exec", "key_sha256": hash_key(EXEC_KEY), "roles": ["executor"]},
-            {"name": "ops", "key_sha256": hash_key(ADMIN_KEY), "roles": ["admin"]},
+            {
+                "name": "exec",
+                "key_sha256": hash_key(EXEC_KEY),
+                "roles": ["executor"],
+                "pools": ["*"],
+            },
+            {"name": "ops", "key_sha256": hash_key(ADMIN_KEY), "roles": ["admin"], "pools": ["*"]},
             {
                 "name": "scoped",
                 "key_sha256": hash_key(SCOPED_KEY),
                 "roles": ["executor"],
                 "pools": ["demo"],
             },
-            {"name": "p", "key_sha256": hash_key(TENANT_P), "roles": ["executor"]},
-            {"name": "q", "key_sha256": hash_key(TENANT_Q), "roles": ["executor"]},
+            {"name": "p", "key_sha256": hash_key(TENANT_P), "roles": ["executor"], "pools": ["*"]},
+            {"name": "q", "key_sha256": hash_key(TENANT_Q), "roles": ["executor"], "pools": ["*"]},
         ],
     )
 
@@ -190,6 +196,10 @@ def test_settings_refuse_required_auth_without_a_credential_source(tmp_path: Pat
         ({"name": "x", "key_sha256": "0" * 64, "roles": ["root"]}, "roles"),
         ({"name": "x", "key_sha256": "0" * 64, "roles": []}, "roles"),
         ({"name": "x", "key_sha256": "0" * 64, "roles": ["admin"], "pools": ["Bad!"]}, "pools"),
+        # No `pools` once silently meant every pool: now it must be said.
+        ({"name": "x", "key_sha256": "0" * 64, "roles": ["admin"]}, r"keys\[0\]\.pools: required"),
+        ({"name": "x", "key_sha256": "0" * 64, "roles": ["admin"], "pools": []}, "pools"),
+        ({"name": "x", "key_sha256": "0" * 64, "roles": ["admin"], "pools": ["*", "a"]}, "pools"),
     ],
 )
 def test_bad_api_keys_file_refuses_to_start(
@@ -201,7 +211,7 @@ def test_bad_api_keys_file_refuses_to_start(
 
 
 def test_keys_file_forms_and_duplicates(tmp_path: Path, settings: Settings) -> None:
-    entry = {"name": "a", "key_sha256": hash_key("k1"), "roles": ["admin"]}
+    entry = {"name": "a", "key_sha256": hash_key("k1"), "roles": ["admin"], "pools": ["*"]}
     path = tmp_path / "keys.json"
     path.write_bytes(orjson.dumps({"keys": [entry]}))  # JSON and the {keys: [...]} form
     (key,) = load_api_keys(str(path))
@@ -213,6 +223,22 @@ def test_keys_file_forms_and_duplicates(tmp_path: Path, settings: Settings) -> N
         load_api_keys(str(tmp_path / "missing.yaml"))
     with pytest.raises(ValueError, match="jwt_jwks"):
         create_app(settings.replace(auth="required", jwt_jwks=str(tmp_path / "nope.json")))
+
+
+def test_plain_http_jwks_only_on_loopback_and_issuer_warning(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    for url in ("http://keys.example/jwks.json", "http://10.0.0.1:8080/jwks"):
+        with pytest.raises(ValueError, match="plain http to another host"):
+            create_app(settings.replace(auth="required", jwt_jwks=url))
+    with caplog.at_level(logging.WARNING, logger="sessionpool.auth"):
+        create_app(settings.replace(auth="required", jwt_jwks="http://127.0.0.1:9/jwks"))
+        create_app(settings.replace(auth="required", jwt_jwks="https://keys.example/jwks"))
+    assert sum("tokens of ANY issuer are accepted" in r.message for r in caplog.records) == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sessionpool.auth"):
+        create_app(settings.replace(auth="required", jwt_hs256_secret=HS_SECRET, jwt_issuer=ISSUER))
+    assert not any("ANY issuer" in r.message for r in caplog.records)
 
 
 # API keys ----------------------------------------------------------------------------------
@@ -334,15 +360,29 @@ async def test_keys_file_is_reloaded_when_it_changes(
     await seed(store, sandboxes)
     path = write_keys(
         tmp_path / "k.yaml",
-        [{"name": "old", "key_sha256": hash_key("sp_old-key"), "roles": ["executor"]}],
+        [
+            {
+                "name": "old",
+                "key_sha256": hash_key("sp_old-key"),
+                "roles": ["executor"],
+                "pools": ["*"],
+            }
+        ],
     )
     r = await start_router(auth="required", api_keys_file=path)
     url = f"{r.base}/pools/demo/x?identifier=user1"
     assert (await call(http, "GET", url, bearer("sp_old-key")))[0] == 200
-    monkeypatch.setattr(auth, "KEYS_RECHECK_S", 0.0)
+    monkeypatch.setattr(keyfile, "KEYS_RECHECK_S", 0.0)
     write_keys(
         tmp_path / "k.yaml",
-        [{"name": "new", "key_sha256": hash_key("sp_new-key"), "roles": ["executor"]}],
+        [
+            {
+                "name": "new",
+                "key_sha256": hash_key("sp_new-key"),
+                "roles": ["executor"],
+                "pools": ["*"],
+            }
+        ],
     )
     assert (await call(http, "GET", url, bearer("sp_old-key")))[0] == 401
     assert (await call(http, "GET", url, bearer("sp_new-key")))[0] == 200
@@ -556,7 +596,7 @@ async def test_rs256_with_jwks_file(
 # Tenant binding ----------------------------------------------------------------------------
 
 
-async def test_tenant_binding_on_data_plane_and_management(
+async def test_tenant_binding_scopes_identifiers_per_principal(
     store: Store,
     sandboxes: Any,
     keys_file: str,
@@ -566,34 +606,73 @@ async def test_tenant_binding_on_data_plane_and_management(
     await seed(store, sandboxes, n=3, tenantBinding=True)
     r = await start_router(auth="required", api_keys_file=keys_file)
     ep = f"{r.base}/pools/demo"
-    status, first, _ = await call(http, "GET", f"{ep}/x?identifier=shared-id", bearer(TENANT_P))
+    p, q = bearer(TENANT_P), bearer(TENANT_Q)
+    status, first, _ = await call(http, "GET", f"{ep}/x?identifier=shared-id", p)
     assert status == 200
-    status, again, _ = await call(http, "GET", f"{ep}/x?identifier=shared-id", bearer(TENANT_P))
+    status, again, _ = await call(http, "GET", f"{ep}/x?identifier=shared-id", p)
     assert again["sandbox"] == first["sandbox"]
-    await call(http, "GET", f"{ep}/x?identifier=q-own-id", bearer(TENANT_Q))
-    q = bearer(TENANT_Q)
-    assert_error(*await call(http, "GET", f"{ep}/x?identifier=shared-id", q), 403, "Forbidden")
-    for action in ("getSession", "stopSession"):
-        assert_error(
-            *await call(http, "POST", f"{ep}/.management/{action}?identifier=shared-id", q),
-            403,
-            "Forbidden",
-        )
-    status, listing, _ = await call(http, "GET", f"{ep}/.management/listSessions", q)
-    assert [v["identifier"] for v in listing["value"]] == ["q-own-id"]
-    assert listing["count"] == 1
-    # P still owns a live session, and can see and stop it.
-    p = bearer(TENANT_P)
+    # The sandbox sees the identifier exactly as the caller sent it.
+    assert again["raw_path"] == "/x?identifier=shared-id"
+    # Same identifier, another principal: another session, never P's.
+    status, theirs, _ = await call(http, "GET", f"{ep}/x?identifier=shared-id", q)
+    assert status == 200
+    assert theirs["sandbox"] != first["sandbox"]
+    status, views, _ = await call(http, "GET", f"{ep}/.management/listSessions", q)
+    assert [(v["identifier"], v["etag"]) for v in views["value"]] == [
+        ("shared-id", (await store.get_session("demo", session_key("shared-id", "key:q"))).sandbox)
+    ]
+    assert views["count"] == 1
     status, view, _ = await call(
         http, "GET", f"{ep}/.management/getSession?identifier=shared-id", p
     )
-    assert status == 200
-    assert view["identifier"] == "shared-id"
-    status, text, _ = await call(
-        http, "POST", f"{ep}/.management/stopSession?identifier=shared-id", p
-    )
-    assert status == 200, text
-    assert text == "Session shared-id in session pool demo stopped."
+    assert status == 200 and view["identifier"] == "shared-id"
+    assert view["etag"] != views["value"][0]["etag"]
+
+
+async def test_non_owner_cannot_detect_stop_or_extend_a_session(
+    store: Store,
+    sandboxes: Any,
+    keys_file: str,
+    start_router: StartRouter,
+    http: aiohttp.ClientSession,
+    settings: Settings,
+) -> None:
+    await seed(store, sandboxes, n=1, tenantBinding=True)
+    r = await start_router(auth="required", api_keys_file=keys_file)
+    ep = f"{r.base}/pools/demo"
+    p, q = bearer(TENANT_P), bearer(TENANT_Q)
+    assert (await call(http, "GET", f"{ep}/x?identifier=p-secret", p))[0] == 200
+    expiry = Keys(settings.key_prefix).pool("demo").expiry
+    p_key = session_key("p-secret", "key:p")
+    await r.app[ROUTING].flush()  # P's own activity is in Redis before we look
+    before = await store.redis.zscore(expiry, p_key)
+    assert before is not None
+
+    async def answer(url: str, headers: dict[str, str]) -> tuple[int, Any]:
+        status, body, hdrs = await call(http, "POST", url, headers)
+        assert hdrs["x-ms-error-code"] == "SessionNotFound", body
+        body["error"].pop("traceId")
+        return status, body
+
+    for action in ("getSession", "stopSession"):
+        # The owner's session and one that never existed answer Q identically.
+        taken = await answer(f"{ep}/.management/{action}?identifier=p-secret", q)
+        missing = await answer(f"{ep}/.management/{action}?identifier=p-nothing", q)
+        assert missing[0] == 404
+        assert taken == (
+            404,
+            orjson.loads(orjson.dumps(missing[1]).replace(b"p-nothing", b"p-secret")),
+        )
+    # Q on the data plane: the pool is empty, so Q waits and gets 503 (its own session
+    # cannot be made), and P's session is not touched.
+    status, _, _ = await call(http, "GET", f"{ep}/x?identifier=p-secret", q)
+    assert status == 503
+    await r.app[ROUTING].flush()
+    assert await store.redis.zscore(expiry, p_key) == before
+    assert (await store.get_session("demo", p_key)) is not None
+    # Stop is also checked against the owner inside the script.
+    assert not await store.stop("demo", p_key, "stopped", owner="key:q")
+    assert await store.stop("demo", p_key, "stopped", owner="key:p")
 
 
 async def test_without_tenant_binding_any_executor_shares_an_identifier(

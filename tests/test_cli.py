@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +43,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-async def run_up(runtime: str, key_prefix: str) -> None:
+async def run_up(runtime: str, key_prefix: str, *extra: str, key: str = "") -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -54,6 +56,7 @@ async def run_up(runtime: str, key_prefix: str) -> None:
         str(port),
         "--key-prefix",
         key_prefix,
+        *extra,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -68,9 +71,14 @@ async def run_up(runtime: str, key_prefix: str) -> None:
             lines.append(line)
             if line.startswith("try:"):
                 curl = line.split("'")[1]
+                assert ("Authorization: Bearer $KEY" in line) == bool(key), line
         assert curl == f"http://127.0.0.1:{port}/pools/demo/hello?identifier=me-1"
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         async with aiohttp.ClientSession() as http:
-            async with http.get(curl) as r:  # the printed line works as printed
+            if key:  # auth on: an anonymous caller is refused
+                async with http.get(curl) as r:
+                    assert r.status == 401
+            async with http.get(curl, headers=headers) as r:  # works as printed
                 assert r.status == 200, await r.text()
                 body = await r.json()
         assert body["path"] == "/hello" and body["query"] == "identifier=me-1"
@@ -87,6 +95,35 @@ async def test_up_with_the_process_runtime(key_prefix: str) -> None:
         ["pgrep", "-f", str(ROOT / "sessionpool/demo/echo.py")], capture_output=True, text=True
     )
     assert out.stdout.strip() == "", "an echo process was left behind"
+
+
+async def test_up_with_auth_on(key_prefix: str, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    made = cli("new-key", "me", "--role", "executor", "--file", str(keys))
+    assert made.returncode == 0, made.stderr
+    key = made.stderr.rsplit(" ", 1)[1].strip()
+    await run_up("process", key_prefix, "--api-keys-file", str(keys), key=key)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "example.test"])
+def test_up_refuses_a_public_address_without_auth(host: str) -> None:
+    out = cli("up", "--host", host, "--port", "0", "--runtime", "process")
+    assert out.returncode == 2
+    assert f"refusing --host {host} with auth off" in out.stderr
+    assert "--api-keys-file" in out.stderr  # says how to turn auth on
+    assert "sessionpool is up" not in out.stdout
+
+
+def test_up_never_falls_back_to_the_process_runtime_on_a_public_address(
+    tmp_path: Path,
+) -> None:
+    keys = tmp_path / "keys.yaml"
+    assert cli("new-key", "me", "--file", str(keys)).returncode == 0
+    no_docker = {"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
+    out = cli("up", "--host", "0.0.0.0", "--port", "0", "--api-keys-file", str(keys), env=no_docker)
+    assert out.returncode == 2
+    assert "process runtime" in out.stderr and "--runtime process" in out.stderr
+    assert "sessionpool is up" not in out.stdout
 
 
 @pytest.mark.docker
@@ -209,3 +246,32 @@ def test_cli_makes_and_hashes_keys(
     monkeypatch.setattr("sys.stdin", io.StringIO(key + "\n"))
     assert sessionpool_cli.main(["hash-key"]) == 0
     assert capsys.readouterr().out.strip() == yaml.safe_load(out)[0]["key_sha256"]
+
+
+def test_new_key_adds_to_the_file_atomically(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "keys.yaml"
+    assert sessionpool_cli.main(["new-key", "first", "--file", str(path)]) == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # a new keys file is the owner's only
+    path.write_text("# ops keys\n" + path.read_text())
+    inode = path.stat().st_ino
+    assert sessionpool_cli.main(["new-key", "second", "--pool", "demo", "--file", str(path)]) == 0
+    err = capsys.readouterr().err
+    second_key = err.rsplit(" ", 1)[1].strip()
+    assert second_key not in path.read_text()
+    # Replaced by a rename (a reader sees the old file or the new one, never half of one),
+    # with the comment kept and every entry saying its pools.
+    assert path.stat().st_ino != inode
+    assert path.read_text().startswith("# ops keys\n")
+    first, second = load_api_keys(str(path))
+    assert first.principal == Principal("key:first", frozenset({"executor"}), None)
+    assert yaml.safe_load(path.read_text())[0]["pools"] == ["*"]
+    assert second.principal.pools == frozenset({"demo"})
+    assert second.digest == hashlib.sha256(second_key.encode()).digest()
+    # A name already there: refused, and the file is untouched, with no temporary left.
+    before = path.read_bytes()
+    assert sessionpool_cli.main(["new-key", "first", "--file", str(path)]) == 2
+    assert "twice" in capsys.readouterr().err
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.yaml"]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestServer
@@ -391,24 +393,44 @@ async def test_empty_pool_waits_for_a_ready_sandbox_then_503(
 
 
 async def test_unreachable_and_slow_sessions(
-    store: Store, start_router: Router, sandboxes: Any, http: aiohttp.ClientSession
+    store: Store,
+    start_router: Router,
+    sandboxes: Any,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     pool = make_pool()
     await store.put_pool(pool)
     dead, slow = await sandboxes(), await sandboxes()
     await add_ready(store, pool, dead)
+    dead_port = str(dead.server.port)
     await dead.close()  # its port now refuses connections
     base = await start_router(upstream_idle_timeout_s=0.3)
-    async with http.get(f"{base}/pools/demo/?identifier=dead-one") as r:
-        assert r.status == 502
-        assert_envelope(r.status, await r.json(), r.headers, "SessionUnreachable")
+
+    async def refused(url: str, status: int, code: str, port: str) -> None:
+        async with http.get(url) as r:
+            assert r.status == status
+            body = await r.read()
+            assert_envelope(r.status, orjson.loads(body), r.headers, code)
+            # The caller never learns where a sandbox lives; the operator's log does.
+            assert port.encode() not in body
+            assert not any(port in v for v in r.headers.values())
+        assert any(port in rec.getMessage() for rec in caplog.records)
+
+    caplog.set_level(logging.WARNING, logger="sessionpool.proxy")
+    await refused(f"{base}/pools/demo/?identifier=dead-one", 502, "SessionUnreachable", dead_port)
+    ws_url = f"{base}/pools/demo/ws?identifier=dead-one"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused_ws:
+        await http.ws_connect(ws_url)
+    assert refused_ws.value.status == 502
     await add_ready(store, pool, slow)
-    async with http.get(f"{base}/pools/demo/drop?identifier=slow-one") as r:
-        assert r.status == 502
-        assert_envelope(r.status, await r.json(), r.headers, "SessionUnreachable")
-    async with http.get(f"{base}/pools/demo/hang?identifier=slow-one") as r:
-        assert r.status == 504
-        assert_envelope(r.status, await r.json(), r.headers, "SessionTimeout")
+    slow_port = str(slow.server.port)
+    caplog.clear()
+    await refused(
+        f"{base}/pools/demo/drop?identifier=slow-one", 502, "SessionUnreachable", slow_port
+    )
+    caplog.clear()
+    await refused(f"{base}/pools/demo/hang?identifier=slow-one", 504, "SessionTimeout", slow_port)
 
 
 async def test_client_disconnect_cancels_the_upstream_request(
@@ -460,3 +482,55 @@ async def test_redis_down_then_back(
             return r.status == 200
 
     await wait_until(served, timeout=10)
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_forwarding_headers_are_replaced_unless_the_peer_is_a_trusted_proxy(
+    store: Store,
+    start_router: Router,
+    sandboxes: Any,
+    http: aiohttp.ClientSession,
+    trusted: bool,
+) -> None:
+    pool = make_pool()
+    await store.put_pool(pool)
+    await add_ready(store, pool, await sandboxes())
+    # The test client connects from 127.0.0.1: trusted in one case, not in the other.
+    base = await start_router(
+        trusted_proxies="10.0.0.0/8, 127.0.0.0/8" if trusted else "10.0.0.0/8"
+    )
+    sent = {
+        "X-Forwarded-For": "203.0.113.7, 198.51.100.1",
+        "Forwarded": 'for=203.0.113.7;proto=https;host="app.example"',
+        "X-Real-IP": "203.0.113.7",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "app.example",
+        "X-Forwarded-Prefix": "/elsewhere",
+    }
+    async with http.get(f"{base}/pools/demo/h?identifier=fwd-user", headers=sent) as r:
+        assert r.status == 200
+        seen = await r.json()
+    got: dict[str, list[str]] = {}
+    for k, v in seen["headers"]:
+        got.setdefault(k.lower(), []).append(v)
+    host = base.removeprefix("http://")
+    this_hop = f'for=127.0.0.1;proto=http;host="{host}"'
+    if trusted:  # the proxy's word is kept and this hop appended
+        assert got["x-forwarded-for"] == ["203.0.113.7, 198.51.100.1, 127.0.0.1"]
+        assert got["forwarded"] == [f"{sent['Forwarded']}, {this_hop}"]
+        assert got["x-real-ip"] == ["203.0.113.7"]
+        assert got["x-forwarded-proto"] == ["https"]
+        assert got["x-forwarded-host"] == ["app.example"]
+    else:  # replaced by what the router saw: nothing the caller wrote survives
+        assert got["x-forwarded-for"] == ["127.0.0.1"]
+        assert got["forwarded"] == [this_hop]
+        assert got["x-real-ip"] == ["127.0.0.1"]
+        assert got["x-forwarded-proto"] == ["http"]
+        assert got["x-forwarded-host"] == [host]
+    assert got["x-forwarded-prefix"] == ["/pools/demo"]  # always the router's own
+
+
+def test_trusted_proxies_setting_is_checked() -> None:
+    assert Settings.from_env({"SESSIONPOOL_TRUSTED_PROXIES": "10.0.0.0/8,::1"}).trusted_proxies
+    with pytest.raises(ValueError, match="trusted_proxies: 'nope'"):
+        Settings(trusted_proxies="10.0.0.0/8, nope")

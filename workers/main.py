@@ -1,9 +1,13 @@
-"""One worker process: the replenisher and/or reaper loops over every pool, until SIGTERM."""
+"""One worker process: the replenisher and/or reaper over every pool, until SIGTERM.
+
+`run` owns every loop in one TaskGroup: the supervisor (which starts and stops each pool's
+work, see workers/supervisor.py) and the reaper's process-wide loops. SIGTERM sets `stop`;
+after a short grace whatever still runs is cancelled, then resources are closed.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 
@@ -12,21 +16,26 @@ import aiohttp
 from router.keys import Keys
 from router.settings import Settings
 from router.store import Store, open_redis
-from workers.context import REDIS_ERRORS, Context
+from workers.context import Context
 from workers.reaper import Reaper
 from workers.replenisher import Replenisher
 from workers.runtime import Runtime
+from workers.supervisor import Role, Supervisor
 
 log = logging.getLogger("sessionpool.worker")
-DISCOVERY_INTERVAL_S = 1.0
+STOP_GRACE_S = 0.2
 
 
 def open_runtime(settings: Settings) -> Runtime:
-    """The runtime the settings name; only the docker one imports the docker SDK."""
+    """The runtime the settings name; only that runtime's module imports its SDK."""
     if settings.runtime == "docker":
         from workers.docker import DockerRuntime
 
         return DockerRuntime.from_settings(settings)
+    if settings.runtime == "kubernetes":
+        from workers.kubernetes import KubernetesRuntime
+
+        return KubernetesRuntime(settings)
     from workers.process import ProcessRuntime
 
     return ProcessRuntime()
@@ -56,49 +65,29 @@ async def run(
     ctx = Context(settings, Store(redis, Keys(settings.key_prefix)), streams, runtime, http, stop)
     replenisher = Replenisher(ctx) if settings.role in ("all", "replenisher") else None
     reaper = Reaper(ctx) if settings.role in ("all", "reaper") else None
+    roles: list[Role] = [r for r in (replenisher, reaper) if r is not None]
+    supervisor = Supervisor(ctx, roles)
     log.info("worker %s up: role=%s runtime=%s", settings.worker_id, settings.role, runtime.name)
-    tasks: list[asyncio.Task[None]] = []
     try:
-        if replenisher is not None:
-            tasks.append(asyncio.create_task(replenisher.run_periodic()))
-        if reaper is not None:
-            tasks += [
-                asyncio.create_task(reaper.run_sweeper()),
-                asyncio.create_task(reaper.run_reconciler()),
-                asyncio.create_task(reaper.run_liveness()),
-                asyncio.create_task(reaper.run_exits()),
-            ]
-        seen: set[str] = set()
-        while not stop.is_set():
-            try:
-                names = await ctx.store.pool_names()
-            except REDIS_ERRORS as exc:
-                log.warning("pool discovery: %s", exc)
-                names = []
-            for name in names:
-                if name in seen:
-                    continue
-                seen.add(name)
-                if replenisher is not None:
-                    tasks.append(asyncio.create_task(replenisher.run_pool(name)))
-                    with contextlib.suppress(*REDIS_ERRORS):
-                        await replenisher.fill(name)
-                if reaper is not None:
-                    tasks.append(asyncio.create_task(reaper.run_pool(name)))
-            await ctx.pause(DISCOVERY_INTERVAL_S)
+        async with asyncio.TaskGroup() as tg:
+            loops = [tg.create_task(supervisor.run())]
+            if reaper is not None:
+                loops += [
+                    tg.create_task(reaper.run_reconciler()),
+                    tg.create_task(reaper.run_liveness()),
+                    tg.create_task(reaper.run_exits()),
+                ]
+            await stop.wait()
+            # Grace: sandboxes being created finish (or are handed back), loops see `stop`
+            # between steps; then whatever still runs is cancelled. A cancelled stream read is
+            # safe: an unacknowledged entry stays pending for another replica to claim.
+            if replenisher is not None:
+                await replenisher.drain()
+            await asyncio.wait(loops, timeout=STOP_GRACE_S)
+            for task in loops:
+                task.cancel()
     finally:
         stop.set()
-        if replenisher is not None:
-            await replenisher.drain()
-        # Loops between steps see `stop` at once; a blocked stream read is cancelled, which
-        # is safe: an unacknowledged message stays pending for another replica to claim.
-        if tasks:
-            await asyncio.wait(tasks, timeout=0.2)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         await runtime.close()
         await http.close()
         await redis.aclose()

@@ -10,18 +10,20 @@ or reconciliation finishes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
 from workers import metrics
-from workers.context import REDIS_ERRORS, Context, Event, consume
+from workers.context import REDIS_ERRORS, Context, Event
 from workers.probes import probe_once
 from workers.runtime import RuntimeError_
 
 log = logging.getLogger("sessionpool.reaper")
 GROUP = "reaper"
-SWEEP_INTERVAL_S = 0.2
+EXPIRE_BATCH = 500
+MAX_SLEEP_S = 1.0
 
 
 class Reaper:
@@ -29,22 +31,44 @@ class Reaper:
         self.ctx = ctx
         self._liveness_failures: dict[str, int] = {}
         self._liveness_due: dict[str, float] = {}
+        self._wakes: dict[str, asyncio.Event] = {}  # pool -> wakes its expiry loop
 
     # Expiry ----------------------------------------------------------------------------------
 
-    async def sweep(self) -> int:
-        """End every session whose expiresAt has passed; returns how many ended."""
-        ended = 0
-        for name in await self.ctx.store.pool_names():
-            ended += len(await self.ctx.store.expire(name))
-        return ended
+    async def sweep(self, pool: str) -> float | None:
+        """End the pool's sessions whose expiresAt has passed; returns seconds until the next
+        one is due (by Redis' clock), 0 when more are due now, None when there is no session."""
+        store = self.ctx.store
+        ended = await store.expire(pool, EXPIRE_BATCH)
+        if len(ended) >= EXPIRE_BATCH:
+            return 0.0
+        due_ms = await store.next_expiry_ms(pool)
+        return None if due_ms is None else due_ms / 1000
 
-    async def run_sweeper(self) -> None:
-        while await self.ctx.pause(SWEEP_INTERVAL_S):
-            try:
-                await self.sweep()
-            except REDIS_ERRORS as exc:
-                log.warning("sweep: %s", exc)
+    async def watch(self, pool: str) -> None:
+        """Sleep until the pool's next expiresAt and end what is due then.
+
+        Activity only moves expiresAt later, so the only way an earlier one appears is a new
+        session or a changed pool: their stream entries wake this loop early (`handle`). The
+        sleep is capped at MAX_SLEEP_S should such an entry be late.
+        """
+        ctx = self.ctx
+        wake = self._wakes.setdefault(pool, asyncio.Event())
+        try:
+            while not ctx.stop.is_set():
+                wake.clear()
+                try:
+                    due_s = await self.sweep(pool)
+                except REDIS_ERRORS as exc:
+                    log.warning("pool %s: expiry: %s", pool, exc)
+                    due_s = 0.5
+                delay = MAX_SLEEP_S if due_s is None else min(due_s + 0.001, MAX_SLEEP_S)
+                if delay > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(_either(ctx.stop, wake), delay)
+        finally:
+            if self._wakes.get(pool) is wake:
+                del self._wakes[pool]
 
     # Teardown ---------------------------------------------------------------------------------
 
@@ -67,14 +91,19 @@ class Reaper:
         metrics.TEARDOWNS.labels(pool, reason).inc()
         log.info("pool %s: sandbox %s destroyed (%s)", pool, sid, reason)
 
-    async def run_pool(self, pool: str) -> None:
-        stream = self.ctx.store.pk(pool).events
+    # Role (see workers/supervisor.py) -------------------------------------------------------
 
-        async def handle(batch: list[Event]) -> None:
-            todo = [e for _, e in batch if e.get("kind") == "teardown"]
-            await asyncio.gather(*(self.teardown(pool, e) for e in todo))
+    group = GROUP
 
-        await consume(self.ctx, stream, GROUP, handle)
+    async def handle(self, pool: str, batch: list[Event]) -> None:
+        """Destroy what the batch says must go (in parallel); a new session or a changed pool
+        may bring the next expiry forward, so the pool's expiry loop looks again."""
+        todo = [e for _, e in batch if e.get("kind") == "teardown"]
+        if any(e.get("kind") in ("allocated", "pool-changed") for _, e in batch):
+            wake = self._wakes.get(pool)
+            if wake is not None:
+                wake.set()
+        await asyncio.gather(*(self.teardown(pool, e) for e in todo))
 
     # Exits and liveness ----------------------------------------------------------------------
 
@@ -203,3 +232,13 @@ class Reaper:
                 log.warning("reconcile: %s", exc)
             if not await ctx.pause(ctx.settings.reconcile_interval_s):
                 return
+
+
+async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
+    """Return when either event is set."""
+    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -18,7 +19,7 @@ from typing import TypeVar
 from router.pools import Pool
 from router.store import text
 from workers import metrics
-from workers.context import REDIS_ERRORS, Context, Event, consume
+from workers.context import REDIS_ERRORS, Context, Event
 from workers.probes import wait_started
 from workers.runtime import RuntimeError_, SandboxSpec
 
@@ -87,7 +88,10 @@ class Replenisher:
         store = ctx.store
         loop = asyncio.get_running_loop()
         started = loop.time()
+        # Wall-clock step times, logged once the sandbox is ready (bench/timeline.py reads them).
+        steps = {"reserved": time.time()}
         async with self._sem:
+            steps["slot"] = time.time()
             if ctx.stop.is_set():
                 await store.forget(pool.name, sid)
                 return
@@ -105,6 +109,7 @@ class Replenisher:
                 self._fail(pool.name)
                 await store.forget(pool.name, sid)
                 return
+        steps["started"] = time.time()
         try:
             if not await self._persist(
                 lambda: store.set_container(pool.name, sid, handle.container)
@@ -119,6 +124,7 @@ class Replenisher:
                 await ctx.runtime.destroy(handle.container)
                 await store.forget(pool.name, sid)
                 return
+            steps["probed"] = time.time()
             state = await self._persist(
                 lambda: store.mark_ready(pool.name, sid, handle.container, handle.addr)
             )
@@ -126,6 +132,14 @@ class Replenisher:
                 await ctx.runtime.destroy(handle.container)
                 await store.forget(pool.name, sid)
                 return
+            steps["ready"] = time.time()
+            log.info(
+                "pool %s: sandbox %s ready in %.0f ms",
+                pool.name,
+                sid,
+                (steps["ready"] - steps["reserved"]) * 1000,
+                extra={"pool": pool.name, "sandbox": sid, "steps": steps},
+            )
             self._backoff.pop(pool.name, None)
             metrics.CREATED.labels(pool.name).inc()
             metrics.START_SECONDS.labels(pool.name).observe(loop.time() - started)
@@ -164,24 +178,24 @@ class Replenisher:
         delay = min(delay * 2, MAX_BACKOFF_S)
         self._backoff[pool] = (loop.time() + delay, delay)
 
-    async def run_pool(self, pool_name: str) -> None:
-        """Wake on the pool's events; the reconcile loop covers anything missed."""
-        stream = self.ctx.store.pk(pool_name).events
+    # Role (see workers/supervisor.py) -------------------------------------------------------
 
-        async def handle(batch: list[Event]) -> None:
-            await self.fill(pool_name)
+    group = GROUP
 
-        await consume(self.ctx, stream, GROUP, handle)
+    async def handle(self, pool: str, batch: list[Event]) -> None:
+        """Any entry (allocated, pool-empty, pool-changed, ...) is a reason to look again."""
+        await self.fill(pool)
 
-    async def run_periodic(self) -> None:
-        """Safety net: refill every pool now and then even without events."""
+    async def watch(self, pool: str) -> None:
+        """Fill at once, then now and then as a safety net for a lost entry."""
         ctx = self.ctx
-        while await ctx.pause(min(ctx.settings.reconcile_interval_s, 2.0)):
+        while True:
             try:
-                for name in await ctx.store.pool_names():
-                    await self.fill(name)
+                await self.fill(pool)
             except REDIS_ERRORS as exc:
-                log.warning("periodic fill: %s", exc)
+                log.warning("pool %s: fill: %s", pool, exc)
+            if not await ctx.pause(min(ctx.settings.reconcile_interval_s, 2.0)):
+                return
 
     async def drain(self) -> None:
         """Let sandboxes being created finish (or be cancelled) before exit."""
