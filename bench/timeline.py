@@ -227,17 +227,20 @@ def run(n: int, out: Path) -> dict[str, Any]:
             "SESSIONPOOL_KEY_PREFIX": prefix,
             "SESSIONPOOL_WORKER_ID": f"timeline-{prefix}",
         }
-        worker_log = workdir / "worker.log"
+        logs = out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        worker_log = logs / "timeline-worker.log"
+        worker_log.unlink(missing_ok=True)
         try:
             started.append(
                 spawn(
                     "worker",
-                    [python(), "-m", "workers.cli", "worker", "--runtime", "docker"],
+                    [python(), "-m", "sessionpool.cli", "worker", "--runtime", "docker"],
                     env=env,
                     log=worker_log,
                 )
             )
-            router, url = proxies.router(redis.url, prefix, log=workdir / "router.log")
+            router, url = proxies.router(redis.url, prefix, log=logs / "timeline-router.log")
             started.append(router)
 
             async def go() -> dict[str, Any]:

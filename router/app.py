@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import aiohttp
 import orjson
@@ -17,33 +18,28 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router import admin, auth, management, proxy
 from router.addresses import parse_networks
-from router.errors import (
-    PoolNotFoundError,
-    RequestTooLargeError,
-    SessionPoolError,
-    SessionTimeoutError,
-    SessionUnreachableError,
-    UnauthorizedError,
-)
+from router.errors import PoolNotFoundError, SessionPoolError, UnauthorizedError
 from router.forwarding import TRUSTED_PROXIES
 from router.identifiers import query_identifier
 from router.keys import Keys
 from router.limits import LimitPolicy
 from router.logs import trace_id_var
 from router.metrics import RouterMetrics
-from router.pools import POOL_NAME
+from router.pools import POOL_NAME, Pool
 from router.routing import Routing
 from router.settings import Settings
 from router.store import Store, open_redis
+from router.target import Target
 
 log = logging.getLogger("sessionpool.router")
+T = TypeVar("T")
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 ROUTING = web.AppKey("routing", Routing)
-CLIENT = web.AppKey("client", aiohttp.ClientSession)
+UPSTREAM = web.AppKey("upstream", proxy.Upstream)
+PROBE_CACHE_S = 0.5
 METRICS = web.AppKey("metrics", RouterMetrics)
-WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
 TRACE_ID = web.RequestKey("trace_id", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -73,9 +69,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         resp = error_response(exc.status, exc.code, exc.message, trace_id, exc.retry_after_s)
         if isinstance(exc, UnauthorizedError):
             resp.headers["WWW-Authenticate"] = auth.CHALLENGE
-        if isinstance(exc, SessionUnreachableError | SessionTimeoutError):
-            pool = request.match_info.get("pool", "")
-            metrics.upstream_errors.labels(pool, exc.code).inc()
         if exc.status >= 500:
             log.warning("%s: %s", exc.code, exc.message)
         return resp
@@ -95,104 +88,138 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return resp
 
 
-def _split_target(raw_path: str, depth: int) -> tuple[str, str]:
-    """The raw path's first `depth` segments (the pool endpoint's path), and the rest with the
-    query, both exactly as sent."""
-    path, sep, query = raw_path.partition("?")
-    parts = path.split("/", depth + 1)
-    rest = "/" + parts[depth + 1] if len(parts) > depth + 1 else "/"
-    return "/".join(parts[: depth + 1]), rest + sep + query
+# Paths a pool endpoint answers itself rather than proxying; `containers` limits an entry to
+# pools of those container types (None: every pool).
+LocalHandler = Callable[[web.Request, Routing, Pool, Target, str], Awaitable[web.StreamResponse]]
 
 
-async def _serve(
-    request: web.Request, pool_name: str, prefix: str, target: str
+@dataclass(frozen=True, slots=True)
+class Local:
+    handler: LocalHandler
+    containers: frozenset[str] | None = None
+
+    def serves(self, pool: Pool) -> bool:
+        return self.containers is None or pool.container_type in self.containers
+
+
+async def _management(
+    request: web.Request, routing: Routing, pool: Pool, target: Target, principal: str
 ) -> web.StreamResponse:
-    """Serve one request for a pool; `prefix` is the raw path of its endpoint, `target` what
-    follows it."""
-    base = f"{request.scheme}://{request.host}{prefix}"  # the endpoint's absolute URL
+    action = target.path.removeprefix(MANAGEMENT)
+    base = target.base_url(request)
+    return await management.management(request, routing, pool, action, base, principal)
+
+
+async def _code_interpreter(
+    request: web.Request, routing: Routing, pool: Pool, target: Target, principal: str
+) -> web.StreamResponse:
+    base = target.base_url(request)
+    return await management.code_interpreter(request, routing, pool, target.path, base, principal)
+
+
+MANAGEMENT = "/.management/"
+LOCAL_PREFIXES: dict[str, Local] = {MANAGEMENT: Local(_management)}
+LOCAL_PATHS: dict[str, Local] = {
+    path: Local(_code_interpreter, frozenset({"PythonLTS"}))
+    for path in management.CODE_INTERPRETER_PATHS
+}
+
+
+def _local(path: str) -> Local | None:
+    local = LOCAL_PATHS.get(path)
+    if local is None and path.startswith("/."):
+        for prefix, candidate in LOCAL_PREFIXES.items():
+            if path.startswith(prefix):
+                return candidate
+    return local
+
+
+async def _serve(request: web.Request, target: Target) -> web.StreamResponse:
+    """Serve one request for a pool endpoint: answer it here, or proxy it to its session."""
     app = request.app
-    routing = app[ROUTING]
-    settings = app[SETTINGS]
-    principal = await app[auth.AUTH].authorize(request, auth.EXECUTOR, pool_name)
-    path = target.partition("?")[0]
-    if not POOL_NAME.match(pool_name):
-        raise PoolNotFoundError(f"Session pool '{pool_name}' was not found.")
-    if path.startswith("/.management/"):
-        pool = await routing.get_pool(pool_name)
-        return await management.management(request, routing, pool, path[13:], base, principal.id)
-    if path in management.CODE_INTERPRETER_PATHS and path != "/session":
-        pool = await routing.get_pool(pool_name)
-        if pool.container_type == "PythonLTS":
-            return await management.code_interpreter(
-                request, routing, pool, path, base, principal.id
-            )
+    principal = await app[auth.AUTH].authorize(request, auth.EXECUTOR, target.pool)
+    if not POOL_NAME.match(target.pool):
+        raise PoolNotFoundError(f"Session pool '{target.pool}' was not found.")
+    routing, upstream = app[ROUTING], app[UPSTREAM]
+    local = _local(target.path)
+    if local is not None:
+        pool = await routing.get_pool(target.pool)
+        if local.serves(pool):
+            return await local.handler(request, routing, pool, target, principal.id)
     ident = query_identifier(request.query)  # before Redis is touched
-    if proxy.is_websocket(request):
-        proxy.check_handshake(request)  # a broken upgrade claims no session
-    if (request.content_length or 0) > settings.max_body_bytes:
-        raise RequestTooLargeError(
-            f"The request body is larger than {settings.max_body_bytes} bytes."
-        )
-    pool = await routing.get_pool(pool_name)
-    if path == "/session" and pool.container_type == "PythonLTS":
-        return await management.code_interpreter(request, routing, pool, path, base, principal.id)
-    session = await routing.resolve(pool, ident, principal.id)
-    routing.begin(session, pool_name)
-    try:
-        if proxy.is_websocket(request):
-            return await proxy.forward_websocket(
-                request,
-                app[CLIENT],
-                session.addr,
-                target,
-                prefix,
-                settings.ws_max_msg_bytes,
-                lambda: routing.activity(session, pool_name),
-                app[WEBSOCKETS],
-            )
-        started = time.monotonic()
-        proxy_seconds = app[METRICS].proxy.labels(pool_name)
-        return await proxy.forward_http(
-            request,
-            app[CLIENT],
-            session.addr,
-            target,
-            prefix,
-            settings.max_body_bytes,
-            on_headers=lambda: proxy_seconds.observe(time.monotonic() - started),
-        )
-    except SessionUnreachableError:
-        routing.forget(pool_name, session.identifier)  # the route may be stale: look it up again
-        raise
-    finally:
-        routing.end(session, pool_name)
+    upstream.check_request(request)  # nothing is claimed for a request refused anyway
+    pool = await routing.get_pool(target.pool)
+    async with routing.lease(pool, ident, principal.id) as lease:
+        return await upstream.forward(request, lease, target)
 
 
 async def pool_endpoint(request: web.Request) -> web.StreamResponse:
-    return await _serve(request, request.match_info["pool"], *_split_target(request.raw_path, 2))
+    return await _serve(request, Target.split(request.match_info["pool"], request.raw_path, 2))
 
 
 async def aca_endpoint(request: web.Request) -> web.StreamResponse:
-    return await _serve(request, request.match_info["pool"], *_split_target(request.raw_path, 6))
+    return await _serve(request, Target.split(request.match_info["pool"], request.raw_path, 6))
 
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+class Cached(Generic[T]):
+    """An async answer computed at most once per `ttl_s` however many ask at once, so bursts
+    of /readyz or /metrics cost Redis one call; errors are not cached."""
+
+    def __init__(self, compute: Callable[[], Awaitable[T]], ttl_s: float) -> None:
+        self._compute = compute
+        self._ttl_s = ttl_s
+        self._value: T | None = None
+        self._until = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> T:
+        loop = asyncio.get_running_loop()
+        value = self._value
+        if value is not None and loop.time() < self._until:
+            return value
+        async with self._lock:  # the others wait for the one call in flight
+            value = self._value
+            if value is None or loop.time() >= self._until:
+                value = self._value = await self._compute()
+                self._until = loop.time() + self._ttl_s
+        return value
+
+
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    body = await request.app[METRICS].render(request.app[STORE])
+    body = await request.app[PROBES].metrics.get()
     return web.Response(
         body=body, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
     )
 
 
 async def readyz(request: web.Request) -> web.Response:
-    try:
-        await request.app[STORE].redis.ping()
-    except (RedisConnectionError, RedisTimeoutError, OSError):
-        return web.json_response({"status": "store unavailable"}, status=503)
-    return web.json_response({"status": "ready"})
+    if await request.app[PROBES].ready.get():
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "store unavailable"}, status=503)
+
+
+class Probes:
+    """/readyz and /metrics: their own two Redis connections and short-lived cached answers,
+    so no burst of them takes a connection from the request path."""
+
+    def __init__(self, store: Store, metrics: RouterMetrics) -> None:
+        self.store = store
+        self.ready = Cached(self._ping, PROBE_CACHE_S)
+        self.metrics = Cached(lambda: metrics.render(store), PROBE_CACHE_S)
+
+    async def _ping(self) -> bool:
+        try:
+            await self.store.redis.ping()
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            return False
+        return True
+
+
+PROBES = web.AppKey("probes", Probes)
 
 
 def host_suffix_middleware(suffix: str) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -204,7 +231,7 @@ def host_suffix_middleware(suffix: str) -> Callable[..., Awaitable[web.StreamRes
         host = (request.host or "").lower().rsplit(":", 1)[0]
         if host.endswith(tail) and host != tail[1:]:
             pool = host[: -len(tail)]
-            return await _serve(request, pool, "", request.raw_path)
+            return await _serve(request, Target.whole(pool, request.raw_path))
         return await handler(request)
 
     return middleware
@@ -218,7 +245,6 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
     app[SETTINGS] = settings
     app[METRICS] = RouterMetrics()
-    app[WEBSOCKETS] = set()
     app.on_shutdown.append(_close_websockets)
     app[auth.AUTH] = auth.Authenticator.from_settings(settings)
     app[TRUSTED_PROXIES] = parse_networks(settings.trusted_proxies)
@@ -240,12 +266,21 @@ def create_app(settings: Settings) -> web.Application:
 
 
 async def _close_websockets(app: web.Application) -> None:
-    await proxy.close_websockets(app[WEBSOCKETS])
+    await app[UPSTREAM].close_websockets()
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    redis = open_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    redis = open_redis(
+        settings.redis_url,
+        timeout_s=settings.redis_timeout_s,
+        max_connections=settings.redis_max_connections,
+        pool_wait_s=settings.redis_pool_wait_s,
+    )
+    probe_redis = open_redis(
+        settings.redis_url, timeout_s=settings.redis_timeout_s, max_connections=2, pool_wait_s=1.0
+    )
+    app[PROBES] = Probes(Store(probe_redis, Keys(settings.key_prefix)), app[METRICS])
     store = Store(redis, Keys(settings.key_prefix))
     app[STORE] = store
     app[ROUTING] = routing = Routing(store, settings)
@@ -253,6 +288,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     routing.on_allocated = lambda pool, seconds: allocation.labels(pool).observe(seconds)
     yield
     await redis.aclose()
+    await probe_redis.aclose()
 
 
 async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -269,7 +305,7 @@ async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
         read_bufsize=256 * 1024,
         max_field_size=8190,
     )
-    app[CLIENT] = client
+    app[UPSTREAM] = proxy.Upstream(client, settings, app[METRICS])
     yield
     await client.close()
 

@@ -79,6 +79,24 @@ class RouterMetrics:
             "Requests answered 503 because Redis was unreachable",
             registry=r,
         )
+        self.malformed_requests = Counter(
+            "sessionpool_malformed_requests",
+            "Requests refused by the HTTP parser (400, logged at most once per interval)",
+            registry=r,
+        )
+        self.header_timeouts = Counter(
+            "sessionpool_header_timeouts",
+            "Connections closed for not sending a request's headers in time",
+            registry=r,
+        )
+        self.refused_connections = Counter(
+            "sessionpool_refused_connections",
+            "Connections answered 503 because the process was at its connection cap",
+            registry=r,
+        )
+        self.open_connections = Gauge(
+            "sessionpool_open_connections", "Client connections open in this process", registry=r
+        )
         self.responses = Counter(
             "sessionpool_responses", "Responses by status class", ["code"], registry=r
         )

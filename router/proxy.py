@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -19,6 +21,12 @@ from router.errors import (
     SessionUnreachableError,
 )
 from router.forwarding import FORWARDING, set_forwarding
+
+if TYPE_CHECKING:
+    from router.metrics import RouterMetrics
+    from router.routing import Lease
+    from router.settings import Settings
+    from router.target import Target
 
 log = logging.getLogger("sessionpool.proxy")
 
@@ -111,6 +119,74 @@ class _CappedBody:
         return RequestTooLargeError(f"The request body is larger than {self.cap} bytes.")
 
 
+class Upstream:
+    """The way to the sandboxes: the one client session, the size limits, the proxy metrics
+    and the relayed WebSockets (closed with 1001 at shutdown)."""
+
+    def __init__(
+        self, client: aiohttp.ClientSession, settings: Settings, metrics: RouterMetrics
+    ) -> None:
+        self.client = client
+        self.max_body_bytes = settings.max_body_bytes
+        self.ws_max_msg_bytes = settings.ws_max_msg_bytes
+        self.metrics = metrics
+        self.websockets: set[web.WebSocketResponse] = set()
+
+    def check_request(self, request: web.Request) -> None:
+        """What can be refused before a session is claimed for `request`: a declared body over
+        the cap (a streamed one is counted as it goes) and a malformed WebSocket upgrade.
+
+        Raises:
+            RequestTooLargeError, BadRequestError.
+        """
+        if (request.content_length or 0) > self.max_body_bytes:
+            raise RequestTooLargeError(
+                f"The request body is larger than {self.max_body_bytes} bytes."
+            )
+        if is_websocket(request):
+            check_handshake(request)
+
+    async def forward(
+        self, request: web.Request, lease: Lease, target: Target
+    ) -> web.StreamResponse:
+        """Relay `request` (HTTP or WebSocket) to the leased session.
+
+        Raises:
+            RequestTooLargeError, SessionUnreachableError, SessionTimeoutError.
+        """
+        addr = lease.session.addr
+        try:
+            if is_websocket(request):
+                return await forward_websocket(
+                    request,
+                    self.client,
+                    addr,
+                    target.rest,
+                    target.prefix,
+                    self.ws_max_msg_bytes,
+                    lease.activity,
+                    self.websockets,
+                )
+            started = time.monotonic()
+            seconds = self.metrics.proxy.labels(target.pool)
+            return await forward_http(
+                request,
+                self.client,
+                addr,
+                target.rest,
+                target.prefix,
+                self.max_body_bytes,
+                on_headers=lambda: seconds.observe(time.monotonic() - started),
+            )
+        except (SessionUnreachableError, SessionTimeoutError) as exc:
+            self.metrics.upstream_errors.labels(target.pool, exc.code).inc()
+            raise
+
+    async def close_websockets(self) -> None:
+        """Router shutdown: tell every relayed WebSocket client we are going away (1001)."""
+        await close_websockets(self.websockets)
+
+
 def client_timeout(connect_s: float, idle_s: float) -> aiohttp.ClientTimeout:
     # No total timeout: downloads, SSE and long polls may last as long as data keeps moving.
     return aiohttp.ClientTimeout(
@@ -129,13 +205,13 @@ async def forward_http(
 ) -> web.StreamResponse:
     """Stream `request` to `http://{addr}{target}` and the answer back.
 
+    A body longer than `max_body_bytes` fails as it streams (a declared length was checked
+    by `Upstream.check_request`).
+
     Raises:
         RequestTooLargeError, SessionUnreachableError, SessionTimeoutError: before the
         response started; afterwards a failure aborts the client connection instead.
     """
-    length = request.content_length
-    if length is not None and length > max_body_bytes:
-        raise RequestTooLargeError(f"The request body is larger than {max_body_bytes} bytes.")
     headers = upstream_headers(request, prefix)
     has_body = request.body_exists
     url = URL(f"http://{addr}{target}", encoded=True)

@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import TracebackType
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -24,6 +25,7 @@ from router.errors import (
     NoReadySessionError,
     PoolNotFoundError,
     SessionLimitError,
+    SessionUnreachableError,
 )
 from router.identifiers import session_key
 from router.keys import SEP
@@ -37,10 +39,12 @@ POOL_CACHE_TTL_S = 5.0
 
 @dataclass(slots=True)
 class Route:
-    """A cached session route; valid while `valid_until` (monotonic) is in the future."""
+    """A cached session route; valid while `valid_until` (monotonic) is in the future, and
+    refreshed in the background by the first request after `refresh_at`."""
 
     session: Session
     valid_until: float
+    refresh_at: float
 
 
 class Routing:
@@ -56,6 +60,9 @@ class Routing:
         self._pending: dict[str, dict[str, int]] = defaultdict(dict)
         self._inflight: dict[tuple[str, str], list[int]] = {}
         self._ready_events: dict[str, asyncio.Event] = {}
+        # One CLAIM in flight per (pool, identifier): misses and refreshes share it.
+        self._claims: dict[tuple[str, str], asyncio.Task[Session]] = {}
+        self.misses = 0  # requests that waited for a CLAIM (theirs or a shared one)
         # Called with (pool, seconds) whenever a claim allocated a sandbox (metrics).
         self.on_allocated: Callable[[str, float], None] | None = None
 
@@ -79,8 +86,11 @@ class Routing:
     async def resolve(self, pool: Pool, identifier: str, principal: str = "") -> Session:
         """The session of `identifier`, allocating a ready sandbox on first use.
 
-        On a tenant-bound pool the identifier is scoped to `principal` (`session_key`): the
-        session returned is the caller's own, and its `identifier` is the scoped name.
+        Concurrent misses for one identifier share one CLAIM (single flight), and a route in
+        use is refreshed in the background before it expires, so a busy identifier never
+        sends a herd of CLAIMs to Redis. On a tenant-bound pool the identifier is scoped to
+        `principal` (`session_key`): the session returned is the caller's own, and its
+        `identifier` is the scoped name.
 
         Raises:
             SessionLimitError: the pool is at maxConcurrentSessions.
@@ -89,18 +99,56 @@ class Routing:
         identifier = session_key(identifier, principal if pool.tenant_binding else None)
         key = (pool.name, identifier)
         route = self._routes.get(key)
-        if route is not None and route.valid_until > time.monotonic() and self.cache_enabled:
+        now = time.monotonic()
+        if route is not None and route.valid_until > now and self.cache_enabled:
             session = route.session
+            if route.refresh_at <= now and key not in self._claims:
+                self._start_claim(key, pool, principal)  # off the request path
         else:
-            session = await self._claim(pool, identifier, principal)
-            # CLAIM touched the session, so it lives at least one cooldown from now. A cached
-            # route is used only while that leaves room for the activity batch of a request
-            # served from it to reach Redis (two flush intervals) before the session could
-            # expire; with very short cooldowns that means no caching at all.
-            flush_s = self.settings.activity_flush_s
-            ttl = min(self.settings.route_cache_ttl_s, session.cooldown_ms / 1000 - 2 * flush_s)
-            self._routes[key] = Route(session, time.monotonic() + ttl)
+            self.misses += 1
+            claim = self._claims.get(key) or self._start_claim(key, pool, principal)
+            session = await asyncio.shield(claim)
         return session
+
+    def _start_claim(
+        self, key: tuple[str, str], pool: Pool, principal: str
+    ) -> asyncio.Task[Session]:
+        task = asyncio.create_task(self._claim_route(key, pool, principal))
+        self._claims[key] = task
+        task.add_done_callback(lambda t: self._claim_done(key, t))
+        return task
+
+    def _claim_done(self, key: tuple[str, str], task: asyncio.Task[Session]) -> None:
+        if self._claims.get(key) is task:
+            del self._claims[key]
+        if not task.cancelled() and task.exception() is not None:
+            # Waiters saw it; a background refresh that failed leaves the route to expire.
+            log.debug("claim for %s failed: %r", key, task.exception())
+
+    async def _claim_route(self, key: tuple[str, str], pool: Pool, principal: str) -> Session:
+        session = await self._claim(pool, key[1], principal)
+        # CLAIM touched the session, so it lives at least one cooldown from now. A cached
+        # route is used only while that leaves room for the activity batch of a request
+        # served from it to reach Redis (two flush intervals) before the session could
+        # expire; with very short cooldowns that means no caching at all.
+        flush_s = self.settings.activity_flush_s
+        ttl = min(self.settings.route_cache_ttl_s, session.cooldown_ms / 1000 - 2 * flush_s)
+        now = time.monotonic()
+        # Not when an invalidation (or `forget`) for this key arrived while CLAIM ran.
+        if self.cache_enabled and self._claims.get(key) is asyncio.current_task():
+            self._routes[key] = Route(session, now + ttl, now + ttl / 2)
+        return session
+
+    def cached(self, pool: str, identifier: str) -> Session | None:
+        """The route a request would use now without asking Redis, if any."""
+        route = self._routes.get((pool, identifier))
+        if route is None or route.valid_until <= time.monotonic() or not self.cache_enabled:
+            return None
+        return route.session
+
+    def lease(self, pool: Pool, identifier: str, principal: str = "") -> Lease:
+        """`async with routing.lease(...) as lease`: the session, held for one request."""
+        return Lease(self, pool, identifier, principal)
 
     async def _claim(self, pool: Pool, identifier: str, principal: str) -> Session:
         loop = asyncio.get_running_loop()
@@ -133,6 +181,7 @@ class Routing:
 
     def forget(self, pool: str, identifier: str) -> None:
         self._routes.pop((pool, identifier), None)
+        self._claims.pop((pool, identifier), None)  # an answer in flight is not cached
 
     # Activity ------------------------------------------------------------------------------
 
@@ -201,11 +250,13 @@ class Routing:
             return
         pool, _, ident = data.partition(SEP)
         if ident:
-            self._routes.pop((pool, ident), None)
+            self.forget(pool, ident)
         else:  # the pool itself changed
             self._pools.pop(pool, None)
             for key in [k for k in self._routes if k[0] == pool]:
                 del self._routes[key]
+            for key in [k for k in self._claims if k[0] == pool]:
+                del self._claims[key]
 
     async def run_subscriber(self, stop: asyncio.Event) -> None:
         """Follow invalidations and ready notices; caching is off whenever this is not live."""
@@ -224,6 +275,41 @@ class Routing:
             finally:
                 self.cache_enabled = False
                 self._routes.clear()
+                self._claims.clear()
                 self._pools.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
+
+
+class Lease:
+    """One request's hold on its session: `begin` on entry, `end` on exit (however it ends),
+    `activity` for data in between; the route is forgotten when the sandbox proved unreachable,
+    so the next request looks it up again."""
+
+    __slots__ = ("identifier", "pool", "principal", "routing", "session")
+    session: Session
+
+    def __init__(self, routing: Routing, pool: Pool, identifier: str, principal: str) -> None:
+        self.routing = routing
+        self.pool = pool
+        self.identifier = identifier
+        self.principal = principal
+
+    async def __aenter__(self) -> Lease:
+        self.session = await self.routing.resolve(self.pool, self.identifier, self.principal)
+        self.routing.begin(self.session, self.pool.name)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, SessionUnreachableError):  # the route may be stale: look it up again
+            self.routing.forget(self.pool.name, self.session.identifier)
+        self.routing.end(self.session, self.pool.name)
+
+    def activity(self) -> None:
+        """Data moved (a WebSocket message)."""
+        self.routing.activity(self.session, self.pool.name)

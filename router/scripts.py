@@ -68,9 +68,11 @@ if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return {-1, ''} end
 while true do
   local popped = redis.call('ZPOPMIN', KEYS[3])
   if #popped == 0 then
-    -- The replenisher starts a sandbox for every waiter, beyond readySessionInstances.
-    redis.call('ZADD', KEYS[8], now + tonumber(ARGV[9]), ident)
-    if redis.call('SET', KEYS[6], '1', 'NX', 'PX', 250) then
+    -- The replenisher starts a sandbox for every waiter, beyond readySessionInstances. A new
+    -- waiter always wakes it (a burst must not wait out the flag); a waiter asking again
+    -- (the same identifier retrying) does so at most every 250 ms.
+    local new_waiter = redis.call('ZADD', KEYS[8], now + tonumber(ARGV[9]), ident)
+    if new_waiter == 1 or redis.call('SET', KEYS[6], '1', 'NX', 'PX', 250) then
       redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'data',
         cjson.encode({kind = 'pool-empty'}))
     end

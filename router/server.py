@@ -14,7 +14,8 @@ import sys
 import aiohttp.http_parser
 from aiohttp import web
 
-from router.app import create_app
+from router.app import METRICS, create_app
+from router.connections import BoundedRunner, ConnectionBounds
 from router.settings import Settings
 from router.tls import ReloadingTLS
 
@@ -39,11 +40,20 @@ async def start_site(
     """Start serving; returns the runner and the bound port (useful with port 0)."""
     if not c_parser_loaded():
         log.warning("aiohttp's C HTTP parser is not loaded: slower, and less strict")
-    runner = web.AppRunner(
-        app or create_app(settings),
+    app = app or create_app(settings)
+    bounds = ConnectionBounds(
+        app[METRICS],
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections,
+    )
+    app[METRICS].open_connections.set_function(lambda: bounds.open)
+    runner = BoundedRunner(
+        app,
+        bounds,
         access_log=None,
         handler_cancellation=True,
         shutdown_timeout=settings.shutdown_timeout_s,
+        keepalive_timeout=settings.keepalive_timeout_s,
     )
     tls = ReloadingTLS(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     await runner.setup()

@@ -25,6 +25,10 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "sp"
     redis_timeout_s: float = 2.0
+    # The router's Redis client pool: callers wait (up to redis_pool_wait_s) for a free
+    # connection rather than failing when all are busy.
+    redis_max_connections: int = 64
+    redis_pool_wait_s: float = 10.0
 
     # Router.
     host: str = "127.0.0.1"
@@ -39,6 +43,12 @@ class Settings:
     route_cache_ttl_s: float = 2.0
     activity_flush_s: float = 0.5
     shutdown_timeout_s: float = 30.0
+    # Client connections: a request's line and headers must arrive within header_timeout_s;
+    # idle keep-alive connections close after keepalive_timeout_s; past max_connections per
+    # process a new connection is answered 503 with Retry-After.
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
+    max_connections: int = 16_384
     # "required": every request but /healthz, /readyz, /metrics needs a credential; "none"
     # must be asked for explicitly (a router with no credential configured refuses to start).
     auth: str = "required"
@@ -63,7 +73,7 @@ class Settings:
     reconcile_interval_s: float = 10.0
     orphan_grace_s: float = 30.0
     warm_timeout_s: float = 120.0
-    create_concurrency: int = 4
+    create_concurrency: int = 8
     network_prefix: str = "sessionpool"
     claim_idle_ms: int = 30_000
     metrics_port: int = 0  # worker's Prometheus port; 0 = not served
@@ -109,6 +119,9 @@ class Settings:
             raise ValueError("processes: must be at least 1")
         for name in (
             "redis_timeout_s",
+            "redis_pool_wait_s",
+            "header_timeout_s",
+            "keepalive_timeout_s",
             "upstream_connect_timeout_s",
             "upstream_idle_timeout_s",
             "route_cache_ttl_s",
@@ -140,6 +153,10 @@ class Settings:
             raise ValueError("jwt_audience: must name at least one audience")
         if self.jwt_leeway_s < 0:
             raise ValueError("jwt_leeway_s: must not be negative")
+        if self.max_connections < 1:
+            raise ValueError("max_connections: must be at least 1")
+        if self.redis_max_connections < 4:
+            raise ValueError("redis_max_connections: must be at least 4")
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", self.k8s_namespace):
             raise ValueError(f"k8s_namespace: {self.k8s_namespace!r} is not a namespace name")
         for cidr in self.k8s_cluster_cidrs.split(","):

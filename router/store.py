@@ -28,11 +28,19 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def open_redis(url: str, *, timeout_s: float | None = 2.0, max_connections: int = 200) -> Redis:
+def open_redis(
+    url: str,
+    *,
+    timeout_s: float | None = 2.0,
+    max_connections: int = 200,
+    pool_wait_s: float | None = None,
+) -> Redis:
     """A Redis client for `url`.
 
     Accepts `redis://`, `rediss://`, `unix://`, `redis+sentinel://h1:p1,h2:p2/<master>[/<db>]`
-    and `redis+cluster://host:port`. `timeout_s=None` is for blocking stream reads.
+    and `redis+cluster://host:port`. `timeout_s=None` is for blocking stream reads. With
+    `pool_wait_s`, a caller finding all `max_connections` busy waits up to that long for one
+    instead of failing at once (plain URLs; Sentinel and Cluster keep their own pools).
     """
     common: dict[str, Any] = {
         "socket_timeout": timeout_s,
@@ -64,6 +72,11 @@ def open_redis(url: str, *, timeout_s: float | None = 2.0, max_connections: int 
             Redis,
             RedisCluster(host=host, port=int(port or 6379), password=parts.password, **common),
         )
+    if pool_wait_s is not None:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=pool_wait_s, **common
+        )
+        return aioredis.Redis.from_pool(pool)
     return aioredis.Redis.from_url(url, max_connections=max_connections, **common)
 
 

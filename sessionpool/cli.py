@@ -98,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--host-suffix", help="serve http://{pool}.{suffix}/… too")
     router.add_argument("--auth", choices=["none", "required"])
     _limits(router)
+    router.add_argument(
+        "--header-timeout-s", type=float, help="a request's headers must arrive this fast"
+    )
+    router.add_argument("--keepalive-timeout-s", type=float, help="idle keep-alive close")
+    router.add_argument("--max-connections", type=int, help="connection cap per process")
+    router.add_argument("--redis-max-connections", type=int, help="Redis client pool size")
+    router.add_argument(
+        "--redis-pool-wait-s", type=float, help="wait for a free Redis connection this long"
+    )
     router.add_argument("--api-keys-file", help="API keys (sessionpool new-key NAME --file F)")
     router.add_argument(
         "--trusted-proxies", help="CIDRs whose X-Forwarded-*/Forwarded headers are believed"
@@ -169,6 +178,11 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "runtime",
         "role",
         "metrics_port",
+        "redis_max_connections",
+        "header_timeout_s",
+        "keepalive_timeout_s",
+        "max_connections",
+        "redis_pool_wait_s",
         "api_keys_file",
         "trusted_proxies",
         "tls_cert",

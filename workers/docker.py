@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from docker.errors import APIError, ImageNotFound, NotFound
+from docker.models.containers import _create_container_args
 
 from router.limits import LimitPolicy, Limits
 from router.pools import Pool
@@ -168,35 +169,42 @@ class DockerRuntime:
         spec: SandboxSpec,
         limits: Limits,
     ) -> tuple[str, str]:
-        """containers.create + start (create never pulls: an absent image is an error here)."""
+        """create, inspect, start, inspect (create never pulls: an absent image is an error
+        here). The SDK's `containers.create` would add a call (it inspects the new container
+        to build its model object), so the same arguments go to the low-level API. The first
+        inspect is the fail-closed check: the container starts only with every limit applied."""
         home = kwargs["environment"].get("HOME")
         kwargs |= self._storage.plan(client, spec.pool.image, limits.storage_bytes, home)
         try:
-            container = client.containers.create(spec.pool.image, **kwargs)
+            created = client.api.create_container(
+                **_create_container_args(
+                    {**kwargs, "image": spec.pool.image, "version": client.api._version}
+                )
+            )
         except APIError as exc:
             if exc.status_code != 409:
                 raise
             return self._adopt(client, kwargs["name"], network, spec, exc)
+        cid = str(created["Id"])
         try:
-            missing = limits_not_in_force(client.api.inspect_container(container.id), kwargs)
+            missing = limits_not_in_force(client.api.inspect_container(cid), kwargs)
             if missing:
                 raise RuntimeError_(
                     f"pool {spec.pool.name}: the engine did not apply {', '.join(missing)}: "
                     f"sandbox not started"
                 )
-            container.start()
-            info = client.api.inspect_container(container.id)
+            client.api.start(cid)
+            info = client.api.inspect_container(cid)
             ip = info["NetworkSettings"]["Networks"][network]["IPAddress"]
             if not ip:
                 raise RuntimeError_(
-                    f"pool {spec.pool.name}: container {container.id[:12]} "
-                    f"has no address on {network}"
+                    f"pool {spec.pool.name}: container {cid[:12]} has no address on {network}"
                 )
         except BaseException:
             with contextlib.suppress(*ENGINE_ERRORS):
-                client.api.remove_container(container.id, force=True)
+                client.api.remove_container(cid, force=True)
             raise
-        return container.id, ip
+        return cid, ip
 
     def _adopt(
         self, client: Any, name: str, network: str, spec: SandboxSpec, exc: APIError

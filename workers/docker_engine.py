@@ -12,6 +12,9 @@ from workers.runtime import RuntimeError_
 
 # requests' connection errors (engine down) are OSErrors, not DockerExceptions.
 ENGINE_ERRORS = (DockerException, OSError)
+# Kept-alive connections to the engine: parallel creates and destroys each hold one (the SDK's
+# default of 10 would make the rest open and drop a connection per call).
+ENGINE_CONNECTIONS = 32
 
 
 def connect(base_url: str | None) -> Any:
@@ -22,8 +25,8 @@ def connect(base_url: str | None) -> Any:
     """
     try:
         if base_url:
-            return docker.DockerClient(base_url=base_url)
-        return docker.from_env()
+            return docker.DockerClient(base_url=base_url, max_pool_size=ENGINE_CONNECTIONS)
+        return docker.from_env(max_pool_size=ENGINE_CONNECTIONS)
     except ENGINE_ERRORS as exc:
         raise RuntimeError_(f"docker engine unreachable: {explain(exc)}") from exc
 

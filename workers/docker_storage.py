@@ -25,6 +25,7 @@ import logging
 import posixpath
 import tarfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ TMPFS = "tmpfs"
 SCRATCH = ("/tmp", "/var/tmp", "/run")  # noexec, as Docker mounts a tmpfs by default
 DATA = ("/mnt/data",)  # where ACA's code interpreter keeps a session's files
 LABEL_PROBE = "io.sessionpool.storage-probe"
+REF_TTL_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,7 @@ class Storage:
     def __init__(self) -> None:
         self.mechanism: str | None = None
         self._layouts: dict[str, ImageLayout] = {}  # image id → layout
+        self._by_ref: dict[str, tuple[float, ImageLayout]] = {}  # reference → (when, layout)
         self._lock = threading.Lock()
         self._logged = False
 
@@ -92,13 +95,18 @@ class Storage:
         return kwargs
 
     def _layout(self, client: Any, image: str) -> ImageLayout:
+        # A tag can be moved to another image: trust what it named for a short while only,
+        # so that most creates cost no extra engine call.
+        now = time.monotonic()
+        cached = self._by_ref.get(image)
+        if cached is not None and now - cached[0] < REF_TTL_S:
+            return cached[1]
         info = client.api.inspect_image(image)
         image_id = str(info["Id"])
-        if image_id in self._layouts:
-            return self._layouts[image_id]
         with self._lock:
             if image_id not in self._layouts:
                 self._layouts[image_id] = self._probe(client, image_id, info)
+            self._by_ref[image] = (now, self._layouts[image_id])
             return self._layouts[image_id]
 
     def _probe(self, client: Any, image_id: str, info: dict[str, Any]) -> ImageLayout:

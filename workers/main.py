@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 
@@ -24,6 +26,8 @@ from workers.supervisor import Role, Supervisor
 
 log = logging.getLogger("sessionpool.worker")
 STOP_GRACE_S = 0.2
+BLOCKING_THREADS = 16  # besides creates: destroys, lists, inspects
+_SIZED_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 def open_runtime(settings: Settings) -> Runtime:
@@ -51,6 +55,13 @@ async def run(
     if own_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    # Runtimes make blocking engine calls in threads (asyncio.to_thread): enough of them that
+    # parallel creates (create_concurrency) and a burst of destroys do not queue for a thread.
+    if loop not in _SIZED_LOOPS:  # once per loop (tests run several workers in one)
+        _SIZED_LOOPS.add(loop)
+        loop.set_default_executor(
+            ThreadPoolExecutor(settings.create_concurrency + BLOCKING_THREADS, "sp-engine")
+        )
     runtime = runtime or open_runtime(settings)
     if settings.metrics_port:
         from prometheus_client import start_http_server

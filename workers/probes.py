@@ -9,9 +9,13 @@ import aiohttp
 
 from router.pools import Pool, Probe
 
-# Startup probes are polled this often whatever their periodSeconds: a ready sandbox should
-# enter the pool as soon as it answers. The failure budget stays threshold * period.
-STARTUP_POLL_S = 0.05
+# Startup probes are polled fast whatever their periodSeconds: a ready sandbox should enter the
+# pool as soon as it answers (a waiting request is waiting for it). The first polls come every
+# STARTUP_POLL_MIN_S and the gap grows to STARTUP_POLL_MAX_S, so a quick server is seen within
+# a few ms and a slow one costs ~20 polls a second. The failure budget stays threshold * period.
+STARTUP_POLL_MIN_S = 0.005
+STARTUP_POLL_MAX_S = 0.05
+STARTUP_POLL_GROWTH = 1.25
 
 
 def probe_target(addr: str, pool: Pool, probe: Probe | None) -> tuple[str, int]:
@@ -57,9 +61,11 @@ async def wait_started(client: aiohttp.ClientSession, addr: str, pool: Pool) -> 
     else:
         budget = 60.0
     deadline = loop.time() + budget
+    gap = STARTUP_POLL_MIN_S
     while True:
         if await probe_once(client, addr, pool, probe):
             return True
         if loop.time() > deadline:
             return False
-        await asyncio.sleep(STARTUP_POLL_S)
+        await asyncio.sleep(gap)
+        gap = min(gap * STARTUP_POLL_GROWTH, STARTUP_POLL_MAX_S)

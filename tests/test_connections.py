@@ -1,0 +1,142 @@
+"""Connection bounds, from the attacker's side: raw sockets against a served router."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from router.connections import BoundedRunner
+from router.server import start_site
+from router.settings import Settings
+from tests.helpers import wait_until
+
+Start = Callable[..., Awaitable[tuple[BoundedRunner, int]]]
+
+
+@pytest.fixture
+async def serve(settings: Settings) -> AsyncIterator[Start]:
+    runners: list[web.AppRunner] = []
+
+    async def start(**changes: Any) -> tuple[BoundedRunner, int]:
+        runner, port = await start_site(settings.replace(port=0, **changes))
+        runners.append(runner)
+        assert isinstance(runner, BoundedRunner)
+        return runner, port
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def exchange(port: int, raw: bytes) -> bytes:
+    """Send `raw` on a fresh connection and read until the server closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def served(port: int) -> bool:
+    answer = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n")
+    return answer.startswith(b"HTTP/1.1 200")
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), 10) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_slow_headers_are_cut_off_while_others_are_served(serve: Start) -> None:
+    runner, port = await serve(header_timeout_s=0.5)
+    slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+    for _, writer in slow:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: r\r\nX-Slow: ")  # and never the rest
+    # A client trickling one header byte at a time is cut off too: bytes are not progress.
+    trickle_reader, trickle = await asyncio.open_connection("127.0.0.1", port)
+    trickle.write(b"GET /healthz HTTP/1.1\r\n")
+
+    async def dribble() -> None:
+        while not trickle.is_closing():
+            trickle.write(b"X-A: b\r\n")
+            await asyncio.sleep(0.05)
+
+    dribbler = asyncio.create_task(dribble())
+    assert await served(port)  # everyone else is served meanwhile
+    for reader, _ in slow:
+        assert await closed_by_server(reader)
+    assert await closed_by_server(trickle_reader)
+    dribbler.cancel()
+    assert runner.bounds.metrics.header_timeouts._value.get() >= 21
+    assert await served(port)
+    for _, writer in slow:
+        writer.close()
+    trickle.close()
+
+
+async def test_an_idle_keepalive_connection_gets_a_fresh_header_timeout(serve: Start) -> None:
+    _, port = await serve(header_timeout_s=0.5, keepalive_timeout_s=30.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = b"GET /healthz HTTP/1.1\r\nHost: r\r\n\r\n"
+    for _ in range(2):
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        # Idle for longer than the header timeout: idling is the keep-alive timer's business.
+        await asyncio.sleep(1.0)
+    writer.close()
+
+
+async def test_past_the_connection_cap_new_clients_get_503_and_retry_after(
+    serve: Start,
+) -> None:
+    runner, port = await serve(max_connections=3)
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+    await wait_until(lambda: runner.bounds.open == 3)
+    answer = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: r\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer
+    assert b"\r\nRetry-After: 1" in head
+    assert b'"ServerBusy"' in body
+    assert runner.bounds.metrics.refused_connections._value.get() == 1
+    held[0][1].close()
+    await wait_until(lambda: runner.bounds.open == 2)
+    assert await served(port)
+    for _, writer in held[1:]:
+        writer.close()
+
+
+async def test_malformed_requests_are_counted_and_logged_once_per_interval(
+    serve: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, port = await serve()
+    bad = [
+        b"GET / HTTP/1.1\r\nHost: r\r\nBad Header Line\r\n\r\n",
+        b"GET / HTTP/9.9\r\nHost: r\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: r\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http\r\n\r\n",
+    ] * 5
+    with caplog.at_level(logging.DEBUG):
+        for raw in bad:
+            answer = await exchange(port, raw)
+            assert answer.split(b" ", 2)[1] == b"400", answer
+        assert await served(port)
+        metrics = await exchange(
+            port, b"GET /metrics HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n"
+        )
+    assert b"sessionpool_malformed_requests_total 20.0" in metrics
+    ours = [r for r in caplog.records if "malformed request" in r.getMessage()]
+    assert len(ours) == 1, [r.getMessage() for r in ours]
+    assert ours[0].exc_info is None  # one line, no traceback
+    noisy = [r for r in caplog.records if r.name == "aiohttp.server" and r.levelno >= logging.INFO]
+    assert not noisy, [r.getMessage() for r in noisy]
