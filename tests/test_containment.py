@@ -37,6 +37,7 @@ pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/hostile:dev"
+HOSTILE_API = "2"  # the image's io.sessionpool.hostile-api label: /report is there
 SCOPE = f"c{uuid.uuid4().hex[:8]}"
 PREFIX = f"spcont{uuid.uuid4().hex[:6]}"
 WRITABLE = ("/tmp", "/var/tmp", "/run", "/mnt/data", "/home/sandbox")
@@ -45,6 +46,11 @@ READ_ONLY = ("/", "/etc", "/usr", "/opt")
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, check=check, timeout=300)
+
+
+def image_api() -> str:
+    fmt = '{{index .Config.Labels "io.sessionpool.hostile-api"}}'
+    return sh("docker", "image", "inspect", "--format", fmt, IMAGE, check=False).stdout.strip()
 
 
 def labelled(sandbox_id: str) -> list[str]:
@@ -69,7 +75,7 @@ def engine() -> Iterator[None]:
     """The engine must answer (fail, never skip); the hostile image is built when missing."""
     info = sh("docker", "info", "--format", "{{.ServerVersion}}", check=False)
     assert info.returncode == 0, f"Docker engine unreachable: {info.stderr.strip()}"
-    if sh("docker", "image", "inspect", IMAGE, check=False).returncode != 0:
+    if image_api() != HOSTILE_API:  # missing, or built from an older tree (no /report)
         sh("bash", str(ROOT / "deploy/images/build.sh"), "hostile")
     yield
     left = sh("docker", "ps", "-aq", "--filter", f"label={LABEL_SCOPE}={SCOPE}").stdout.split()

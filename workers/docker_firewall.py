@@ -48,6 +48,7 @@ log = logging.getLogger("sessionpool.docker")
 
 LINK_LOCAL = "169.254.0.0/16"
 PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+INSERT_TRIES = 4
 NOT_REPLY = ("-m", "conntrack", "!", "--ctstate", "ESTABLISHED,RELATED", "-j", "DROP")
 
 
@@ -142,7 +143,7 @@ class SandboxNetworks:
             missing = await self._missing(bridge, egress)
             if not missing:
                 continue
-            failed = [r for r in missing if await self._run("-I", *r) != 0]
+            failed = await self._insert(missing)
             if failed:
                 log.error(
                     "sandbox network %s: firewall rules missing and not restorable: %s; "
@@ -166,6 +167,20 @@ class SandboxNetworks:
                 await self.check_rules()
             except OSError as exc:  # iptables vanished: say so every round, keep trying
                 log.error("firewall check: cannot run %s: %s", self._iptables, exc)
+
+    async def _insert(self, rules: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        """Insert each rule; return those still absent after a few tries. With the nf_tables
+        backend a write can fail while another process (the engine, another worker) is
+        changing the same table, so a failure is retried before it counts."""
+        failed = []
+        for rule in rules:
+            for attempt in range(INSERT_TRIES):
+                if await self._run("-I", *rule) == 0 or await self._run("-C", *rule) == 0:
+                    break
+                await asyncio.sleep(0.1 * (attempt + 1))
+            else:
+                failed.append(rule)
+        return failed
 
     async def _missing(self, bridge: str, egress: bool) -> list[tuple[str, ...]]:
         return [r for r in firewall_rules(bridge, egress) if await self._run("-C", *r) != 0]
@@ -224,8 +239,7 @@ class SandboxNetworks:
         """
         rules = firewall_rules(bridge, egress)
         if self._can_firewall(client):
-            missing = await self._missing(bridge, egress)
-            rules = [r for r in missing if await self._run("-I", *r) != 0]
+            rules = await self._insert(await self._missing(bridge, egress))
             if not rules:
                 return
             why = "iptables refused them"
