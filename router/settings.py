@@ -74,6 +74,10 @@ class Settings:
     orphan_grace_s: float = 30.0
     warm_timeout_s: float = 120.0
     create_concurrency: int = 8
+    # Demand-following warm pool: allocations over this window set how many ready sandboxes
+    # to keep above readySessionInstances; unclaimed ones above that go after the grace.
+    demand_window_s: float = 10.0
+    surplus_grace_s: float = 15.0
     network_prefix: str = "sessionpool"
     claim_idle_ms: int = 30_000
     metrics_port: int = 0  # worker's Prometheus port; 0 = not served
@@ -181,6 +185,10 @@ class Settings:
                 raise ValueError(
                     f"sandbox_default_{kind}: must be positive and at most sandbox_max_{kind}"
                 )
+        if self.demand_window_s <= 0:
+            raise ValueError("demand_window_s: must be positive")
+        if self.surplus_grace_s < 0:
+            raise ValueError("surplus_grace_s: must not be negative")
 
     def check_router_auth(self) -> None:
         """A router refuses to start with auth required and nothing to check it against.

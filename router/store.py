@@ -156,6 +156,7 @@ class Store:
         self._set_container = reg(scripts.SET_CONTAINER)
         self._mark_ready = reg(scripts.MARK_READY)
         self._retire = reg(scripts.RETIRE)
+        self._retire_surplus = reg(scripts.RETIRE_SURPLUS)
         self._forget = reg(scripts.FORGET)
 
     def pk(self, pool: str) -> PoolKeys:
@@ -316,20 +317,54 @@ class Store:
 
     # Sandboxes (workers) -------------------------------------------------------------------
 
-    async def reserve(self, pool: Pool, worker: str, candidates: Sequence[str]) -> list[str]:
+    async def reserve(
+        self, pool: Pool, worker: str, candidates: Sequence[str], target: int | None = None
+    ) -> list[str]:
+        """Write `warming` records for what the pool lacks; `target` is the demand-following
+        number of ready sandboxes (default and minimum: readySessionInstances)."""
         k = self.pk(pool.name)
+        want = max(pool.ready_instances, target or 0)
         out = await self._reserve(
             keys=[k.ready, k.warming, k.sandboxes, k.demand, k.expiry],
-            args=[pool.ready_instances, pool.version, worker, pool.max_sessions, *candidates],
+            args=[
+                pool.ready_instances,
+                pool.version,
+                worker,
+                pool.max_sessions,
+                want,
+                *candidates,
+            ],
         )
         return [text(s) for s in out]
 
-    async def set_container(self, pool: str, sandbox: str, container: str) -> bool:
-        return bool(
-            int(
-                await self._set_container(keys=[self.pk(pool).sandboxes], args=[sandbox, container])
-            )
+    async def retire_surplus(self, pool: str, target: int, grace_ms: int, limit: int) -> list[str]:
+        """Retire unclaimed ready sandboxes above `target` that have waited `grace_ms`."""
+        k = self.pk(pool)
+        out = await self._retire_surplus(
+            keys=[k.ready, k.warming, k.sandboxes, k.demand, k.events],
+            args=[target, grace_ms, STREAM_MAXLEN, limit],
         )
+        return [text(s) for s in out]
+
+    async def allocations_since(self, pool: str, window_ms: int, cap: int) -> int:
+        """How many sessions the pool allocated in the last `window_ms` (Redis' clock), read
+        from its event stream (at most `cap` entries looked at)."""
+        sec, usec = await self.redis.time()
+        start = int(sec) * 1000 + int(usec) // 1000 - window_ms
+        entries: Any = await self.redis.xrevrange(
+            self.pk(pool).events, max="+", min=str(max(start, 0)), count=cap
+        )
+        return sum(
+            1
+            for _, fields in entries
+            if orjson.loads(fields.get(b"data") or b"{}").get("kind") == "allocated"
+        )
+
+    async def set_container(
+        self, pool: str, sandbox: str, container: str, engine: str = ""
+    ) -> bool:
+        args = [sandbox, container, engine]
+        return bool(int(await self._set_container(keys=[self.pk(pool).sandboxes], args=args)))
 
     async def mark_ready(self, pool: str, sandbox: str, container: str, addr: str) -> int:
         k = self.pk(pool)

@@ -129,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
     _limits(worker)
     _firewall(worker)
+    worker.add_argument(
+        "--create-concurrency", type=int, help="sandboxes started in parallel per worker"
+    )
+    worker.add_argument(
+        "--demand-window-s", type=float, help="allocation window the warm pool follows"
+    )
+    worker.add_argument(
+        "--surplus-grace-s", type=float, help="unclaimed surplus sandboxes retired after this"
+    )
 
     apply = sub.add_parser("apply", help="create or update pools from a file")
     _common(apply)
@@ -178,6 +187,9 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "runtime",
         "role",
         "metrics_port",
+        "create_concurrency",
+        "demand_window_s",
+        "surplus_grace_s",
         "redis_max_connections",
         "header_timeout_s",
         "keepalive_timeout_s",

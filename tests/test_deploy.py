@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,10 +20,9 @@ from typing import Any
 
 import pytest
 import yaml
+from redis import exceptions as redis_errors
 
-from router.keys import Keys
-from router.pools import parse_pool
-from router.store import Store, open_redis
+from router.store import open_redis
 from workers.docker import DockerRuntime
 from workers.runtime import LABEL_SCOPE
 
@@ -157,10 +157,18 @@ def stack() -> Iterator[Stack]:
         s.down()
 
 
-def get(url: str, timeout: float = 40.0) -> tuple[int, dict[str, str], bytes]:
+def get(
+    url: str, timeout: float = 40.0, key: str = "", method: str = "GET", body: Any = None
+) -> tuple[int, dict[str, str], bytes]:
     """(status, lower-cased headers, body); connection errors are status 0."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
@@ -168,28 +176,33 @@ def get(url: str, timeout: float = 40.0) -> tuple[int, dict[str, str], bytes]:
         return 0, {}, b""
 
 
-async def put_echo_pool(redis_url: str, prefix: str) -> None:
-    pool = parse_pool(
-        POOL,
-        {
-            "properties": {
-                "scaleConfiguration": {"maxConcurrentSessions": 4, "readySessionInstances": 1},
-                "dynamicPoolConfiguration": {
-                    "lifecycleConfiguration": {
-                        "lifecycleType": "Timed",
-                        "cooldownPeriodInSeconds": 300,
-                    }
-                },
-                "customContainerTemplate": {
-                    "containers": [{"name": "main", "image": ECHO_IMAGE}],
-                    "ingress": {"targetPort": 8080},
-                },
-            }
+ECHO_POOL = {
+    "properties": {
+        "scaleConfiguration": {"maxConcurrentSessions": 4, "readySessionInstances": 1},
+        "dynamicPoolConfiguration": {
+            "lifecycleConfiguration": {"lifecycleType": "Timed", "cooldownPeriodInSeconds": 300}
         },
-    )
-    redis = open_redis(redis_url)
+        "customContainerTemplate": {
+            "containers": [{"name": "main", "image": ECHO_IMAGE}],
+            "ingress": {"targetPort": 8080},
+        },
+    }
+}
+
+
+def admin_key(stack: Stack) -> str:
+    """The key the `credentials` service made and printed once at the first start."""
+    logs = stack.run("logs", "--no-color", "credentials").stdout
+    keys = re.findall(r"the key \(shown once, give it to the client\): (sp_\S+)", logs)
+    assert len(keys) == 1, f"no admin key in the credentials service's log:\n{logs}"
+    return keys[0]
+
+
+async def redis_answers(port: int, password: str | None) -> bool:
+    auth = f":{password}@" if password is not None else ""
+    redis = open_redis(f"redis://{auth}127.0.0.1:{port}/0")
     try:
-        await Store(redis, Keys(prefix)).put_pool(pool)
+        return bool(await redis.ping())
     finally:
         await redis.aclose()
 
@@ -200,12 +213,25 @@ def test_compose_stack_survives_a_router_kill(stack: Stack) -> None:
     lb = f"http://127.0.0.1:{stack.lb_port}"
     try:
         wait_for(lambda: get(f"{lb}/readyz", timeout=2)[0] == 200, 60, "LB /readyz 200")
-        asyncio.run(put_echo_pool(f"redis://127.0.0.1:{stack.redis_port}/0", stack.prefix))
-
+        # Secure by default: the stack made its own credentials and asks for them.
+        key = admin_key(stack)
         url = f"{lb}/pools/{POOL}/hello?identifier={IDENTIFIER}"
+        for anonymous in (url, f"{lb}/admin/pools"):
+            status, headers, _ = get(anonymous)
+            assert status == 401 and headers["www-authenticate"].startswith("Bearer"), status
+        assert get(f"{lb}/admin/pools", key="sp_not-the-key")[0] == 401
+        status, _, body = get(f"{lb}/admin/pools/{POOL}", key=key, method="PUT", body=ECHO_POOL)
+        assert status in (200, 201), body
+        redis = stack.container("redis")
+        password = sh("docker", "exec", redis, "cat", "/credentials/redis-password").stdout
+        with pytest.raises(redis_errors.AuthenticationError):  # NOAUTH: no password, no data
+            asyncio.run(redis_answers(stack.redis_port, None))
+        with pytest.raises(redis_errors.AuthenticationError):
+            asyncio.run(redis_answers(stack.redis_port, "a-guess"))
+        assert asyncio.run(redis_answers(stack.redis_port, password.strip()))
 
         def echoed() -> dict[str, Any] | None:
-            status, headers, body = get(url)
+            status, headers, body = get(url, key=key)
             if status != 200:
                 return None
             return {"router": headers.get("x-sessionpool-router"), **json.loads(body)}
