@@ -60,6 +60,7 @@ class Settings:
     jwt_leeway_s: float = 30.0
     jwks_ttl_s: float = 300.0
     code_interpreter_image: str = "sessionpool/code-interpreter:dev"  # PythonLTS default
+    shell_image: str = "sessionpool/shell:dev"  # Shell default
     # Comma-separated CIDRs whose X-Forwarded-*/Forwarded/X-Real-IP are believed (appended
     # to); from any other peer those headers are replaced by what the router saw.
     trusted_proxies: str = ""

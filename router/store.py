@@ -23,6 +23,11 @@ STREAM_MAXLEN = 10_000
 Redis = aioredis.Redis
 
 
+def glob_escape(value: str) -> str:
+    """`value` matched literally in a Redis glob (MATCH, KEYS)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in value)
+
+
 def text(value: Any) -> str:
     """A Redis reply as str (the clients here do not decode responses)."""
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -58,8 +63,10 @@ def open_redis(
             raise ValueError("redis+sentinel URL needs a master name: .../<master>[/<db>]")
         db = int(path[1]) if len(path) > 1 else 0
         password = parts.password or parse_qs(parts.query).get("password", [None])[0]
+        # The sentinels share the password (deploy/k8s: requirepass on both, one Secret).
+        sentinel_kwargs = {"socket_timeout": 1.0, "password": password}
         sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
-            hosts, sentinel_kwargs={"socket_timeout": 1.0}, password=password, db=db, **common
+            hosts, sentinel_kwargs=sentinel_kwargs, password=password, db=db, **common
         )
         client = sentinel.master_for(
             path[0], redis_class=_SentinelRedis, max_connections=max_connections
@@ -184,7 +191,7 @@ class Store:
         Workers destroy the containers (and remove any the records no longer name).
         """
         k = self.pk(name)
-        existed = bool(await self.redis.delete(k.definition))
+        existed = bool(await self.redis.delete(k.definition, k.mcp_key))
         await self.redis.srem(self.keys.pools, name)
         await self.redis.publish(self.keys.invalidation_channel, f"{name}\x00")
         for ident in await self.redis.hkeys(k.sessions):
@@ -196,6 +203,34 @@ class Store:
                 )
         await self.add_event(name, {"kind": "pool-deleted"})
         return existed
+
+    # MCP -----------------------------------------------------------------------------------
+
+    async def mcp_key(self, pool: str) -> str | None:
+        """The pool's MCP API key, None before the first fetch. Read on every call, never
+        cached, so a rotation shuts the old key out of every router at once."""
+        raw = await self.redis.get(self.pk(pool).mcp_key)
+        return None if raw is None else text(raw)
+
+    async def fetch_mcp_key(self, pool: str, new_key: str) -> str:
+        """The pool's MCP API key, set to `new_key` if it has none yet (concurrent first
+        fetches agree on one)."""
+        old = await self.redis.set(self.pk(pool).mcp_key, new_key, nx=True, get=True)
+        return new_key if old is None else text(old)
+
+    async def rotate_mcp_key(self, pool: str, new_key: str) -> None:
+        await self.redis.set(self.pk(pool).mcp_key, new_key)
+
+    async def mcp_env(self, pool: str, environment: str) -> str | None:
+        """An MCP environment's state ("new" or "live"), None when unknown or expired."""
+        raw = await self.redis.get(self.pk(pool).mcp_env(environment))
+        return None if raw is None else text(raw)
+
+    async def set_mcp_env(self, pool: str, environment: str, state: str, ttl_s: int) -> None:
+        await self.redis.set(self.pk(pool).mcp_env(environment), state, ex=ttl_s)
+
+    async def delete_mcp_env(self, pool: str, environment: str) -> None:
+        await self.redis.delete(self.pk(pool).mcp_env(environment))
 
     # Sessions ------------------------------------------------------------------------------
 
@@ -305,6 +340,27 @@ class Store:
             if raw is not None
         ]
         return out, total
+
+    async def sessions_named(self, pool: str, prefix: str) -> list[Session]:
+        """Every session whose stored name starts with `prefix` (one principal's, on a
+        tenant-bound pool), ordered by expiry. Redis filters: no other session leaves it."""
+        k = self.pk(pool)
+        found = [
+            (text(name), raw)
+            async for name, raw in self.redis.hscan_iter(
+                k.sessions, match=glob_escape(prefix) + "*", count=1000
+            )
+        ]
+        if not found:
+            return []
+        scores = await self.redis.zmscore(k.expiry, [name for name, _ in found])
+        out = [
+            Session.from_json(name, raw, score)
+            for (name, raw), score in zip(found, scores, strict=True)
+            if score is not None
+        ]
+        out.sort(key=lambda s: (s.expires_ms or 0, s.identifier))
+        return out
 
     async def counts(self, pool: str) -> dict[str, int]:
         k = self.pk(pool)

@@ -25,6 +25,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", help="Redis URL (SESSIONPOOL_REDIS_URL)")
     p.add_argument("--key-prefix", help="key prefix of this deployment (SESSIONPOOL_KEY_PREFIX)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--code-interpreter-image",
+        help="image of PythonLTS pools that name none (SESSIONPOOL_CODE_INTERPRETER_IMAGE)",
+    )
+    p.add_argument(
+        "--shell-image", help="image of Shell pools that name none (SESSIONPOOL_SHELL_IMAGE)"
+    )
 
 
 LIMIT_FLAGS = (
@@ -187,6 +194,8 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "runtime",
         "role",
         "metrics_port",
+        "code_interpreter_image",
+        "shell_image",
         "create_concurrency",
         "demand_window_s",
         "surplus_grace_s",
@@ -222,9 +231,9 @@ async def _with_store(settings: Settings, action: str, args: argparse.Namespace)
     store = Store(redis, Keys(settings.key_prefix))
     try:
         if action == "apply":
-            image = settings.code_interpreter_image
+            images = (settings.code_interpreter_image, settings.shell_image)
             limits = LimitPolicy.from_settings(settings)
-            for name, change in await apply_file(store, args.file, image, limits):
+            for name, change in await apply_file(store, args.file, *images, limits=limits):
                 print(f"pool {name}: {change}")
         elif action == "pools":
             rows = []

@@ -10,7 +10,7 @@ import yaml
 
 from router.errors import InvalidPoolError
 from router.limits import LimitPolicy
-from router.pools import CODE_INTERPRETER_IMAGE, parse_pool
+from router.pools import CODE_INTERPRETER_IMAGE, SHELL_IMAGE, parse_pool
 from router.store import Store
 
 
@@ -39,6 +39,7 @@ async def apply_file(
     store: Store,
     path: Path,
     code_interpreter_image: str = CODE_INTERPRETER_IMAGE,
+    shell_image: str = SHELL_IMAGE,
     limits: LimitPolicy | None = None,
 ) -> list[tuple[str, str]]:
     """Validate every pool first (nothing half-applied), then write; returns (name, change).
@@ -49,7 +50,12 @@ async def apply_file(
     parsed = []
     for name, body in load_pool_file(path).items():
         try:
-            pool = parse_pool(name, body, code_interpreter_image=code_interpreter_image)
+            pool = parse_pool(
+                name,
+                body,
+                code_interpreter_image=code_interpreter_image,
+                shell_image=shell_image,
+            )
             (limits or LimitPolicy()).check(pool)
             parsed.append(pool)
         except InvalidPoolError as exc:

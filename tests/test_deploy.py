@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import re
@@ -22,6 +24,7 @@ import pytest
 import yaml
 from redis import exceptions as redis_errors
 
+from router.auth import load_api_keys
 from router.store import open_redis
 from workers.docker import DockerRuntime
 from workers.runtime import LABEL_SCOPE
@@ -323,7 +326,6 @@ def test_k8s_documents_have_the_basics(manifests: list[dict[str, Any]]) -> None:
         "PodDisruptionBudget",
         "StatefulSet",
         "ConfigMap",
-        "Secret",
     }
     assert wanted <= kinds, f"missing kinds: {wanted - kinds}"
 
@@ -386,7 +388,8 @@ def test_k8s_router_and_worker_specifics(manifests: list[dict[str, Any]]) -> Non
                 config_refs.add(ref["name"])
             for e in c.get("env", []):
                 assert e["name"].startswith("SESSIONPOOL_") or "valueFrom" in e, e
-    known = {d["metadata"]["name"] for d in manifests if d["kind"] in ("ConfigMap", "Secret")}
+    known = {d["metadata"]["name"] for d in manifests if d["kind"] == "ConfigMap"}
+    known |= {d["metadata"]["name"] for d in made_secrets()[0]}
     assert config_refs and config_refs <= known, f"envFrom names {config_refs - known}"
     # Only the worker talks to a Docker engine: nothing else mounts a socket or runs DinD.
     for name, d in deployments.items():
@@ -448,3 +451,110 @@ def test_k8s_references_resolve(manifests: list[dict[str, Any]]) -> None:
     for sts in by_kind(manifests, "StatefulSet"):
         names = {s["metadata"]["name"] for s in services}
         assert sts["spec"]["serviceName"] in names, f"{where(sts)}: serviceName"
+
+
+# Credentials: made by make-secrets.sh, never in a manifest --------------------------------
+
+ALL_K8S = sorted(K8S_DIR.glob("*.yaml")) + sorted((K8S_DIR / "kubernetes-runtime").glob("*.yaml"))
+
+
+def made_secrets() -> tuple[list[dict[str, Any]], str]:
+    """What `sh deploy/k8s/make-secrets.sh` prints: the Secrets, and the admin key."""
+    out = sh("sh", str(K8S_DIR / "make-secrets.sh"))
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+    (key,) = re.findall(r"the admin key \(shown once, keep it\): (sp_\S+)", out.stderr)
+    return docs, key
+
+
+def secret_data(doc: dict[str, Any]) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in doc["data"].items()}
+
+
+def test_k8s_ships_no_credential_and_make_secrets_makes_them(tmp_path: Path) -> None:
+    for path in ALL_K8S:
+        text = path.read_text()
+        assert "change-me" not in text, path.name
+        for doc in yaml.safe_load_all(text):
+            assert doc is None or doc["kind"] != "Secret", f"{path.name}: a Secret is shipped"
+    docs, key = made_secrets()
+    again, other_key = made_secrets()
+    by_name = {d["metadata"]["name"]: secret_data(d) for d in docs}
+    assert set(by_name) == {"sessionpool-secrets", "sessionpool-api-keys"}
+    assert all(d["kind"] == "Secret" and d["metadata"]["namespace"] == "sessionpool" for d in docs)
+    password = by_name["sessionpool-secrets"]["REDIS_PASSWORD"]
+    assert len(password) >= 32
+    # Fresh every run: nothing is a constant of the repository.
+    assert key != other_key
+    assert password != secret_data(again[0])["REDIS_PASSWORD"]
+    keys_file = tmp_path / "api-keys.yaml"
+    keys_file.write_text(by_name["sessionpool-api-keys"]["api-keys.yaml"])
+    (admin,) = load_api_keys(str(keys_file))
+    assert admin.principal.id == "key:admin" and admin.principal.pools is None
+    assert admin.principal.roles == {"admin", "executor"}
+    assert admin.digest == hashlib.sha256(key.encode()).digest()
+    assert key not in keys_file.read_text()
+
+
+def test_k8s_workloads_use_the_made_secrets_and_redis_needs_its_password() -> None:
+    made = {d["metadata"]["name"]: set(d["data"]) for d in made_secrets()[0]}
+    docs = [d for p in ALL_K8S for d in yaml.safe_load_all(p.read_text()) if d is not None]
+    for w in (d for d in docs if d["kind"] in WORKLOADS):
+        pod = w["spec"]["template"]["spec"]
+        for c in pod["containers"] + pod.get("initContainers", []):
+            for src in c.get("envFrom", []):
+                if "secretRef" in src:
+                    assert src["secretRef"]["name"] in made, w["metadata"]["name"]
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in made[ref["name"]], (w["metadata"]["name"], ref)
+            url = next((e["value"] for e in c.get("env", []) if "REDIS_URL" in e["name"]), None)
+            if url is not None:  # the routers' and workers' Redis URL carries the password
+                assert url.startswith("redis+sentinel://:$(REDIS_PASSWORD)@"), url
+        for v in pod.get("volumes", []):
+            if "secret" in v:
+                assert v["secret"]["secretName"] in made, w["metadata"]["name"]
+        if w["metadata"]["name"] in ("router", "worker"):
+            (c,) = pod["containers"]
+            assert any(e["name"] == "SESSIONPOOL_REDIS_URL" for e in c["env"]), where(w)
+    (script,) = [d["data"]["init.sh"] for d in docs if d["metadata"]["name"] == "redis-scripts"]
+    for line in (
+        "requirepass $REDISCLI_AUTH",
+        "masterauth $REDISCLI_AUTH",
+        "sentinel auth-pass sessionpool $REDISCLI_AUTH",
+        "sentinel sentinel-pass $REDISCLI_AUTH",
+    ):
+        assert line in script, line
+    assert "protected-mode no" not in script
+
+
+def test_k8s_sandboxes_are_kept_from_redis_and_the_routers() -> None:
+    docs = [
+        d
+        for p in sorted((K8S_DIR / "kubernetes-runtime").glob("*.yaml"))
+        for d in yaml.safe_load_all(p.read_text())
+        if d is not None
+        and d["kind"] == "NetworkPolicy"
+        and d["metadata"]["namespace"] == "sessionpool"
+    ]
+    policies = {d["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]: d for d in docs}
+    redis = policies["redis"]["spec"]
+    assert redis["policyTypes"] == ["Ingress"]
+    (rule,) = redis["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # same namespace only: never the sandboxes'
+    (expr,) = peer["podSelector"]["matchExpressions"]
+    assert expr["operator"] == "In" and set(expr["values"]) == {"router", "worker", "redis"}
+    router = policies["router"]["spec"]
+    (rule,) = router["ingress"]
+    namespaces = next(p for p in rule["from"] if "namespaceSelector" in p)
+    (expr,) = namespaces["namespaceSelector"]["matchExpressions"]
+    assert expr["operator"] == "NotIn" and expr["values"] == ["sessionpool-sandboxes"]
+    block = next(p for p in rule["from"] if "ipBlock" in p)["ipBlock"]
+    config = next(
+        d
+        for d in yaml.safe_load_all((K8S_DIR / "kubernetes-runtime/10-config.yaml").read_text())
+        if d["kind"] == "ConfigMap"
+    )
+    cluster = config["data"]["SESSIONPOOL_K8S_CLUSTER_CIDRS"].split(",")
+    assert block["except"] == cluster  # pod addresses (sandboxes included) are not "outside"

@@ -109,7 +109,9 @@ def test_namespaces_enforce_restricted_and_sandboxes_are_fenced() -> None:
     assert set(namespaces) == {CONTROL, SANDBOXES}
     for ns in namespaces.values():
         assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    (deny,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    (deny,) = [
+        d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["namespace"] == SANDBOXES
+    ]
     assert deny["metadata"]["namespace"] == SANDBOXES
     assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     (config,) = [d for d in docs if d["metadata"]["name"] == "sessionpool-config"]

@@ -234,3 +234,48 @@ async def test_invalid_objects_are_refused_like_the_api(kube: FakeKube) -> None:
         async with http.get(f"{kube.url}/api/v1/namespaces/{NS}/pods") as r:
             assert r.status == 401
     kube.rejected.clear()
+
+
+async def test_every_call_is_bounded_when_the_api_stalls(kube: FakeKube, tmp_path: Path) -> None:
+    settings = Settings(
+        runtime="kubernetes",
+        k8s_namespace=NS,
+        k8s_kubeconfig=str(kube.write_kubeconfig(tmp_path / "kubeconfig")),
+        k8s_api_timeout_s=0.3,
+    )
+    rt = KubernetesRuntime(settings)
+    try:
+        kube.answering.clear()
+        for call in (rt.list("kt"), rt.destroy("sp-x"), rt.create(spec_of(pool()))):
+            with pytest.raises(RuntimeError_, match="kubernetes API: TimeoutError"):
+                await asyncio.wait_for(call, 5)  # the runtime's own bound, not this one
+    finally:
+        kube.answering.set()
+        await rt.close()
+
+
+async def test_registry_credentials_become_a_pull_secret(
+    runtime: KubernetesRuntime, kube: FakeKube
+) -> None:
+    p = pool(
+        "private",
+        secrets=[{"name": "regpw", "value": "hunter2"}],
+        customContainerTemplate={
+            "containers": [{"name": "main", "image": IMAGE}],
+            "ingress": {"targetPort": 8080},
+            "registryCredentials": {
+                "server": "registry.example",
+                "username": "bot",
+                "passwordSecretRef": "regpw",
+            },
+        },
+        sandboxConfiguration={"tolerations": [{"key": "sandbox", "operator": "Exists"}]},
+    )
+    handle = await runtime.create(spec_of(p))
+    (pod,) = kube.objects("pods")
+    (secret,) = kube.objects("secrets")
+    assert secret["type"] == "kubernetes.io/dockerconfigjson"
+    assert pod["spec"]["imagePullSecrets"] == [{"name": secret["metadata"]["name"]}]
+    assert pod["spec"]["tolerations"] == [{"key": "sandbox", "operator": "Exists"}]
+    await runtime.destroy(handle.container)
+    await wait_until(lambda: not kube.objects("secrets"), timeout=10)

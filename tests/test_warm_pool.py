@@ -29,7 +29,11 @@ async def test_warm_pool_grows_under_a_burst_and_shrinks_after(
 
     async def sample() -> None:
         while sampling:
-            c = await store.counts("proc")
+            k = store.pk("proc")
+            async with store.redis.pipeline(transaction=True) as pipe:  # one consistent view
+                pipe.zcard(k.ready).zcard(k.warming).zcard(k.expiry)
+                ready, warming, allocated = await pipe.execute()
+            c = {"ready": ready, "warming": warming, "allocated": allocated}
             if c["allocated"] > max_sessions or sum(c.values()) > max_sessions:
                 violations.append(c)
             if c["allocated"] == 10:

@@ -394,7 +394,7 @@ class KubernetesRuntime:
                 self.timeout_s,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise KubeError(0, "", f"watch: {exc or type(exc).__name__}") from exc
+            raise KubeError(0, "", f"watch: {str(exc) or type(exc).__name__}") from exc
         self._watches.add(resp)
         try:
             if resp.status != 200:
@@ -413,7 +413,7 @@ class KubernetesRuntime:
                     yield kind, obj
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
             if not self._closed.is_set():
-                raise KubeError(0, "", f"watch: {exc or type(exc).__name__}") from exc
+                raise KubeError(0, "", f"watch: {str(exc) or type(exc).__name__}") from exc
         finally:
             self._watches.discard(resp)
             resp.close()
@@ -466,7 +466,7 @@ class KubernetesRuntime:
                 finally:
                     resp.release()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise KubeError(0, "", f"kubernetes API: {exc or type(exc).__name__}") from exc
+            raise KubeError(0, "", f"kubernetes API: {str(exc) or type(exc).__name__}") from exc
         if not 200 <= resp.status < 300:
             raise _error(resp.status, raw)
         body: Json = orjson.loads(raw) if raw else {}
