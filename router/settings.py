@@ -162,6 +162,13 @@ class Settings:
             raise ValueError("max_connections: must be at least 1")
         if self.redis_max_connections < 4:
             raise ValueError("redis_max_connections: must be at least 4")
+        if self.runtime == "kubernetes" and not re.fullmatch(
+            r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", self.key_prefix
+        ):
+            raise ValueError(
+                f"key_prefix: {self.key_prefix!r} must be a Kubernetes label value for the "
+                "kubernetes runtime (1-63 characters, letters or digits at both ends)"
+            )
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", self.k8s_namespace):
             raise ValueError(f"k8s_namespace: {self.k8s_namespace!r} is not a namespace name")
         for cidr in self.k8s_cluster_cidrs.split(","):
