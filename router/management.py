@@ -145,6 +145,15 @@ async def code_interpreter(
         return web.Response(status=204)
     if path == "/listSessions" and method == "GET":
         return await _list(request, routing, pool, base, principal)
+    if path == "/metadata" and method == "GET" and pool.container_type == "Shell":
+        return json_response(
+            {
+                "runtimes": [{"name": "bash", "version": "5.2"}],
+                "preInstalledPackages": [],
+                "createdAt": None,
+                "lastUpdatedAt": None,
+            }
+        )
     if path == "/metadata" and method == "GET":
         return json_response(
             {

@@ -187,7 +187,7 @@ def _all_ready(store: Store) -> Any:
 
 
 async def test_sdk_client_against_python_and_shell_pools(env: Env) -> None:
-    from mcp import ClientSession
+    from mcp import Client, ClientSession
     from mcp.client.streamable_http import streamable_http_client
     from mcp.shared._httpx_utils import create_mcp_http_client
     from mcp.shared.exceptions import MCPError
@@ -251,6 +251,14 @@ async def test_sdk_client_against_python_and_shell_pools(env: Env) -> None:
         assert out.structured_content == {"stdout": "42\n", "stderr": "", "exitCode": 0}
         with pytest.raises(MCPError, match="Unknown tool"):
             await session.call_tool(RUN_PY, {"environmentId": env_id, "pythonCode": "1"})
+
+    # The SDK's high-level Client (mode "auto"): it probes `server/discover` (2026-07-28),
+    # which we do not speak, then falls back to the initialize handshake.
+    http, transport = await connect(SH, await env.key(SH))
+    async with http, Client(transport) as client:
+        assert client.protocol_version == "2025-11-25"
+        launched = await client.call_tool("launchShell", {})
+        assert launched.structured_content["environmentId"]
 
     # A wrong key: the SDK's initialize fails (its task groups wrap the error).
     http, transport = await connect(SH, "not-the-key")
@@ -469,6 +477,8 @@ async def test_shell_pool_executions_and_python_refused(env: Env) -> None:
         assert "'code'" in (await r.json())["error"]["message"]
     async with env.http.delete(f"{base}/session", params=params) as r:
         assert r.status == 204  # the ACA session-delete path LangChain uses
+    async with env.http.get(f"{base}/metadata") as r:
+        assert [rt["name"] for rt in (await r.json())["runtimes"]] == ["bash"]
 
 
 async def test_langchain_tools_against_shell_and_python_pools(env: Env) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from router.errors import InvalidPoolError
 from router.pools import Pool, parse_pool
+from router.settings import Settings
 from workers import podspec
 from workers.runtime import SandboxSpec
 
@@ -142,3 +143,18 @@ def test_placement_and_registry_are_validated(props: dict[str, Any], field: str)
 
 def test_placement_changes_the_template_version() -> None:
     assert pool().version != pool(sandboxConfiguration={"nodeSelector": {"a": "b"}}).version
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"key_prefix": "_bad"}, "label value"),
+        ({"k8s_namespace": "Not_A_Namespace"}, "namespace name"),
+        ({"k8s_cluster_cidrs": "10.0.0.0/8,nonsense"}, "CIDR"),
+        ({"k8s_api_timeout_s": 0}, "positive"),
+    ],
+)
+def test_kubernetes_settings_are_validated(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings(runtime="kubernetes", **fields)
+    assert Settings.from_env({"SESSIONPOOL_K8S_NAMESPACE": "sb"}).k8s_namespace == "sb"

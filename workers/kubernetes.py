@@ -194,8 +194,8 @@ class KubernetesRuntime:
                     else:
                         known[name] = (ex, told or ended)
                 delay = 0.2
-            except KubeError as exc:
-                if exc.status == 410:  # our version was compacted away: list again
+            except RuntimeError_ as exc:  # KubeError, or no usable configuration
+                if isinstance(exc, KubeError) and exc.status == 410:  # compacted: list again
                     log.info("watch: %s; listing again", exc.reason)
                     version = ""
                     continue
