@@ -11,13 +11,25 @@ import orjson
 
 from router.errors import InvalidPoolError
 from router.fields import Fields
-from router.settings import CODE_INTERPRETER_IMAGE
-from router.templates import EnvVar, Probe, Registry, Template, parse_template
+from router.settings import CODE_INTERPRETER_IMAGE, SHELL_IMAGE
+from router.templates import BUILTIN_TYPES, EnvVar, Probe, Registry, Template, parse_template
 
-__all__ = ["POOL_NAME", "EnvVar", "Placement", "Pool", "Probe", "Registry", "parse_pool"]
+__all__ = [
+    "BUILTIN_TYPES",
+    "CODE_INTERPRETER_IMAGE",
+    "POOL_NAME",
+    "SHELL_IMAGE",
+    "EnvVar",
+    "Placement",
+    "Pool",
+    "Probe",
+    "Registry",
+    "parse_pool",
+]
 
 POOL_NAME = re.compile(r"^[a-z][a-z0-9-]{2,62}$")
-CONTAINER_TYPES = {"CustomContainer", "PythonLTS"}
+CONTAINER_TYPES = {"CustomContainer", "PythonLTS", "Shell"}
+MCP_SETTINGS_KEYS = frozenset({"isMCPServerEnabled", "mcpServerEndpoint"})
 OCI_RUNTIMES = {"runc", "runsc", "kata", "kata-runtime", "io.containerd.kata.v2"}
 TOLERATION_FIELDS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 
@@ -46,8 +58,9 @@ class Pool(Template):
     max_alive_s: int
     egress_enabled: bool
     oci_runtime: str | None
-    pids_limit: int
+    pids_limit: int | None  # None: the operator's default (router/limits.py), like cpu/memory
     tenant_binding: bool
+    mcp_enabled: bool
     secrets: dict[str, str] = field(repr=False)
     properties: dict[str, Any] = field(repr=False)
     version: str  # sha256 prefix of what a new sandbox is made from (see _version)
@@ -76,12 +89,16 @@ class Pool(Template):
 
 
 def parse_pool(
-    name: str, body: Any, *, code_interpreter_image: str = CODE_INTERPRETER_IMAGE
+    name: str,
+    body: Any,
+    *,
+    code_interpreter_image: str = CODE_INTERPRETER_IMAGE,
+    shell_image: str = SHELL_IMAGE,
 ) -> Pool:
     """Validate an ARM-shaped pool definition (`{"properties": {...}}`) and apply defaults.
 
-    `code_interpreter_image` is what a PythonLTS pool without containers runs (the router
-    passes `Settings.code_interpreter_image`).
+    `code_interpreter_image` and `shell_image` are what `PythonLTS` and `Shell` pools that name
+    no container get (the router passes its `Settings`' images).
 
     Raises:
         InvalidPoolError: the message names the offending field.
@@ -113,7 +130,8 @@ def parse_pool(
         raise life.error("lifecycleType", "OnContainerExit needs containerType CustomContainer")
 
     secrets = _secrets(props)
-    template = parse_template(props, ctype, secrets, code_interpreter_image)
+    builtin_image = code_interpreter_image if ctype == "PythonLTS" else shell_image
+    template = parse_template(props, ctype, secrets, builtin_image)
     status = props.obj("sessionNetworkConfiguration").choice(
         "status",
         ("EgressEnabled", "EgressDisabled"),
@@ -122,9 +140,12 @@ def parse_pool(
     )
     sandbox = props.obj("sandboxConfiguration")
     runtime = sandbox.optional_choice("runtime", OCI_RUNTIMES)
-    pids = sandbox.integer("pidsLimit", 256, 16, 65_536)
+    pids = None
+    if sandbox.get("pidsLimit") is not None:
+        pids = sandbox.integer("pidsLimit", 0, 16, 65_536)
     placement = _placement(sandbox)
     tenant = props.flag("tenantBinding", False)
+    mcp_enabled = _mcp_settings(props, ctype)
 
     return Pool(
         name=name,
@@ -140,6 +161,7 @@ def parse_pool(
         env=template.env,
         cpu=template.cpu,
         memory_bytes=template.memory_bytes,
+        storage_bytes=template.storage_bytes,
         target_port=template.target_port,
         probes=template.probes,
         registry=template.registry,
@@ -147,6 +169,7 @@ def parse_pool(
         oci_runtime=runtime,
         pids_limit=pids,
         tenant_binding=tenant,
+        mcp_enabled=mcp_enabled,
         secrets=secrets,
         properties=props.data,
         version=_version(template, secrets, status, runtime, pids, placement),
@@ -159,7 +182,7 @@ def _version(
     secrets: dict[str, str],
     status: str,
     runtime: str | None,
-    pids: int,
+    pids: int | None,
     placement: Placement,
 ) -> str:
     """What a new sandbox is made from, hashed: not scale or lifecycle settings."""
@@ -178,6 +201,7 @@ def _version(
             status,
             runtime,
             pids,
+            t.storage_bytes,
             placement.node_selector,
             placement.tolerations,
             registry
@@ -227,3 +251,23 @@ def _placement(sandbox: Fields) -> Placement:
         if seconds is not None and (not isinstance(seconds, int) or isinstance(seconds, bool)):
             raise tol.error("tolerationSeconds", "an integer")
     return Placement(tuple(sorted(selector.items())), tuple(tolerations))
+
+
+def _mcp_settings(props: Fields, ctype: str) -> bool:
+    """`mcpServerSettings.isMCPServerEnabled`; the read-only endpoint a GET shows is dropped,
+    so that a definition read with GET can be sent back as it is."""
+    mcp = props.obj("mcpServerSettings")
+    for key in mcp.data:
+        if key not in MCP_SETTINGS_KEYS:
+            raise mcp.error(key, "unknown field")
+    mcp.data.pop("mcpServerEndpoint", None)
+    enabled = mcp.flag("isMCPServerEnabled", False)
+    if enabled and ctype not in BUILTIN_TYPES:
+        # ACA ignores the setting here without a word; a silent no-op hides a mistake.
+        raise mcp.error(
+            "isMCPServerEnabled",
+            "the platform MCP endpoint runs Python and shell tools in sessions of our own "
+            f"images, so it needs containerType PythonLTS or Shell, not {ctype}; a custom "
+            "container can serve MCP itself",
+        )
+    return enabled

@@ -28,6 +28,7 @@ class Sandbox:
     state: SandboxState
     version: str = ""
     worker: str = ""  # the replenisher that reserved it
+    engine: str = ""  # which engine runs its container (set with it; empty on old records)
     container: str = ""
     addr: str = ""  # host:port the router dials
     identifier: str = ""  # the session it serves, once allocated
@@ -55,6 +56,7 @@ class Sandbox:
             state=SandboxState(str(d.get("state"))),
             version=str(d.get("version") or ""),
             worker=str(d.get("worker") or ""),
+            engine=str(d.get("engine") or ""),
             container=str(d.get("container") or ""),
             addr=str(d.get("addr") or ""),
             identifier=str(d.get("identifier") or ""),

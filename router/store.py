@@ -19,7 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router import scripts
 from router.errors import StoreUnavailableError
-from router.events import Event, PoolChanged, PoolDeleted, Teardown, encode
+from router.events import Allocated, Event, PoolChanged, PoolDeleted, Teardown, decode, encode
 from router.keys import Keys, PoolKeys
 from router.pools import Pool
 from router.sandboxes import MarkReady, Sandbox
@@ -44,6 +44,11 @@ def _store_call(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
             raise StoreUnavailableError(f"The session store is unavailable: {exc}") from exc
 
     return call
+
+
+def glob_escape(value: str) -> str:
+    """`value` matched literally in a Redis glob (MATCH, KEYS)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in value)
 
 
 def text(value: Any) -> str:
@@ -81,8 +86,10 @@ def open_redis(
             raise ValueError("redis+sentinel URL needs a master name: .../<master>[/<db>]")
         db = int(path[1]) if len(path) > 1 else 0
         password = parts.password or parse_qs(parts.query).get("password", [None])[0]
+        # The sentinels share the password (deploy/k8s: requirepass on both, one Secret).
+        sentinel_kwargs = {"socket_timeout": 1.0, "password": password}
         sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
-            hosts, sentinel_kwargs={"socket_timeout": 1.0}, password=password, db=db, **common
+            hosts, sentinel_kwargs=sentinel_kwargs, password=password, db=db, **common
         )
         client = sentinel.master_for(
             path[0], redis_class=_SentinelRedis, max_connections=max_connections
@@ -179,6 +186,7 @@ class Store:
         self._set_container = reg(scripts.SET_CONTAINER)
         self._mark_ready = reg(scripts.MARK_READY)
         self._retire = reg(scripts.RETIRE)
+        self._retire_surplus = reg(scripts.RETIRE_SURPLUS)
         self._forget = reg(scripts.FORGET)
 
     def pk(self, pool: str) -> PoolKeys:
@@ -210,7 +218,7 @@ class Store:
         Workers destroy the containers (and remove any the records no longer name).
         """
         k = self.pk(name)
-        existed = bool(await self.redis.delete(k.definition))
+        existed = bool(await self.redis.delete(k.definition, k.mcp_key))
         await self.redis.srem(self.keys.pools, name)
         await self.redis.publish(self.keys.invalidation_channel, f"{name}\x00")
         for ident in await self.redis.hkeys(k.sessions):
@@ -220,6 +228,40 @@ class Store:
                 await self.add_event(name, Teardown(sandbox=sid, reason="deleted"))
         await self.add_event(name, PoolDeleted())
         return existed
+
+    # MCP -----------------------------------------------------------------------------------
+
+    @_store_call
+    async def mcp_key(self, pool: str) -> str | None:
+        """The pool's MCP API key, None before the first fetch. Read on every call, never
+        cached, so a rotation shuts the old key out of every router at once."""
+        raw = await self.redis.get(self.pk(pool).mcp_key)
+        return None if raw is None else text(raw)
+
+    @_store_call
+    async def fetch_mcp_key(self, pool: str, new_key: str) -> str:
+        """The pool's MCP API key, set to `new_key` if it has none yet (concurrent first
+        fetches agree on one)."""
+        old = await self.redis.set(self.pk(pool).mcp_key, new_key, nx=True, get=True)
+        return new_key if old is None else text(old)
+
+    @_store_call
+    async def rotate_mcp_key(self, pool: str, new_key: str) -> None:
+        await self.redis.set(self.pk(pool).mcp_key, new_key)
+
+    @_store_call
+    async def mcp_env(self, pool: str, environment: str) -> str | None:
+        """An MCP environment's state ("new" or "live"), None when unknown or expired."""
+        raw = await self.redis.get(self.pk(pool).mcp_env(environment))
+        return None if raw is None else text(raw)
+
+    @_store_call
+    async def set_mcp_env(self, pool: str, environment: str, state: str, ttl_s: int) -> None:
+        await self.redis.set(self.pk(pool).mcp_env(environment), state, ex=ttl_s)
+
+    @_store_call
+    async def delete_mcp_env(self, pool: str, environment: str) -> None:
+        await self.redis.delete(self.pk(pool).mcp_env(environment))
 
     # Sessions ------------------------------------------------------------------------------
 
@@ -338,6 +380,28 @@ class Store:
         return out, total
 
     @_store_call
+    async def sessions_named(self, pool: str, prefix: str) -> list[Session]:
+        """Every session whose stored name starts with `prefix` (one principal's, on a
+        tenant-bound pool), ordered by expiry. Redis filters: no other session leaves it."""
+        k = self.pk(pool)
+        found = [
+            (text(name), raw)
+            async for name, raw in self.redis.hscan_iter(
+                k.sessions, match=glob_escape(prefix) + "*", count=1000
+            )
+        ]
+        if not found:
+            return []
+        scores = await self.redis.zmscore(k.expiry, [name for name, _ in found])
+        out = [
+            Session.from_json(name, raw, score)
+            for (name, raw), score in zip(found, scores, strict=True)
+            if score is not None
+        ]
+        out.sort(key=lambda s: (s.expires_ms or 0, s.identifier))
+        return out
+
+    @_store_call
     async def counts(self, pool: str) -> dict[str, int]:
         k = self.pk(pool)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -350,21 +414,53 @@ class Store:
     # Sandboxes (workers) -------------------------------------------------------------------
 
     @_store_call
-    async def reserve(self, pool: Pool, worker: str, candidates: Sequence[str]) -> list[str]:
+    async def reserve(
+        self, pool: Pool, worker: str, candidates: Sequence[str], target: int | None = None
+    ) -> list[str]:
+        """Write `warming` records for what the pool lacks; `target` is the demand-following
+        number of ready sandboxes (default and minimum: readySessionInstances)."""
         k = self.pk(pool.name)
+        want = max(pool.ready_instances, target or 0)
         out = await self._reserve(
             keys=[k.ready, k.warming, k.sandboxes, k.demand, k.expiry],
-            args=[pool.ready_instances, pool.version, worker, pool.max_sessions, *candidates],
+            args=[
+                pool.ready_instances,
+                pool.version,
+                worker,
+                pool.max_sessions,
+                want,
+                *candidates,
+            ],
         )
         return [text(s) for s in out]
 
     @_store_call
-    async def set_container(self, pool: str, sandbox: str, container: str) -> bool:
-        return bool(
-            int(
-                await self._set_container(keys=[self.pk(pool).sandboxes], args=[sandbox, container])
-            )
+    async def retire_surplus(self, pool: str, target: int, grace_ms: int, limit: int) -> list[str]:
+        """Retire unclaimed ready sandboxes above `target` that have waited `grace_ms`."""
+        k = self.pk(pool)
+        out = await self._retire_surplus(
+            keys=[k.ready, k.warming, k.sandboxes, k.demand, k.events],
+            args=[target, grace_ms, STREAM_MAXLEN, limit],
         )
+        return [text(s) for s in out]
+
+    @_store_call
+    async def allocations_since(self, pool: str, window_ms: int, cap: int) -> int:
+        """How many sessions the pool allocated in the last `window_ms` (Redis' clock), read
+        from its event stream (at most `cap` entries looked at)."""
+        sec, usec = await self.redis.time()
+        start = int(sec) * 1000 + int(usec) // 1000 - window_ms
+        entries: Any = await self.redis.xrevrange(
+            self.pk(pool).events, max="+", min=str(max(start, 0)), count=cap
+        )
+        return sum(1 for _, fields in entries if isinstance(decode(fields.get(b"data")), Allocated))
+
+    @_store_call
+    async def set_container(
+        self, pool: str, sandbox: str, container: str, engine: str = ""
+    ) -> bool:
+        args = [sandbox, container, engine]
+        return bool(int(await self._set_container(keys=[self.pk(pool).sandboxes], args=args)))
 
     @_store_call
     async def mark_ready(self, pool: str, sandbox: str, container: str, addr: str) -> MarkReady:

@@ -22,6 +22,9 @@ MEMORY_UNITS = {
     "Ti": 1 << 40,
 }
 CODE_INTERPRETER_PORT = 6000
+# Types whose sessions run one of our images and speak ACA's executions and files API: the
+# router answers their session-management paths itself and may serve an MCP endpoint for them.
+BUILTIN_TYPES = frozenset({"PythonLTS", "Shell"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,27 +68,28 @@ class Template:
     env: tuple[EnvVar, ...]
     cpu: float | None
     memory_bytes: int | None
+    storage_bytes: int | None  # resources.ephemeralStorage: the writable space's size
     target_port: int
     probes: tuple[Probe, ...]
     registry: Registry | None = None
 
 
 def parse_template(
-    props: Fields, container_type: str, secrets: dict[str, str], code_interpreter_image: str
+    props: Fields, container_type: str, secrets: dict[str, str], builtin_image: str
 ) -> Template:
     """`customContainerTemplate` of `props`, validated.
 
-    A PythonLTS pool without containers gets the code-interpreter image, written into
+    A PythonLTS or Shell pool without containers gets `builtin_image`, written into
     `props.data` so that the stored definition keeps this image if the default changes later.
 
     Raises:
         InvalidPoolError: the message names the offending field.
     """
     template = props.obj("customContainerTemplate")
-    if container_type == "PythonLTS" and not template.get("containers"):
+    if container_type in BUILTIN_TYPES and not template.get("containers"):
         template.data = {
             **template.data,
-            "containers": [{"name": "main", "image": code_interpreter_image}],
+            "containers": [{"name": "main", "image": builtin_image}],
             "ingress": template.get("ingress") or {"targetPort": CODE_INTERPRETER_PORT},
         }
         props.data["customContainerTemplate"] = template.data
@@ -100,18 +104,18 @@ def parse_template(
     if not isinstance(image, str) or not image or any(ch.isspace() for ch in image):
         raise c.error("image", "required, a non-empty image reference")
     command, args, env = c.strings("command"), c.strings("args"), _env(c, secrets)
-    cpu, memory = _resources(c.obj("resources", empty_if_falsy=True))
+    cpu, memory, storage = _resources(c.obj("resources", empty_if_falsy=True))
     ingress = template.obj("ingress")
     port = ingress.get("targetPort")
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise ingress.error("targetPort", "required, an integer 1-65535")
     probes = _probes(c)
-    if container_type == "PythonLTS" and not probes:
+    if container_type in BUILTIN_TYPES and not probes:
         probes = (
             Probe(type="Startup", port=port, path="/health", period_s=0.1, failure_threshold=600),
         )
     registry = _registry(template, secrets)
-    return Template(image, command, args, env, cpu, memory, port, probes, registry)
+    return Template(image, command, args, env, cpu, memory, storage, port, probes, registry)
 
 
 def _env(c: Fields, secrets: dict[str, str]) -> tuple[EnvVar, ...]:
@@ -136,18 +140,22 @@ def _env(c: Fields, secrets: dict[str, str]) -> tuple[EnvVar, ...]:
     return tuple(out)
 
 
-def _resources(res: Fields) -> tuple[float | None, int | None]:
+def _resources(res: Fields) -> tuple[float | None, int | None, int | None]:
     cpu = res.number("cpu", 0.05, 64)
-    mem = res.get("memory")
-    if mem is None:
-        return cpu, None
-    m = MEMORY.match(str(mem).strip()) if isinstance(mem, str | int) else None
+    return cpu, _size(res, "memory", 6 << 20), _size(res, "ephemeralStorage", 1 << 20)
+
+
+def _size(res: Fields, key: str, least: int) -> int | None:
+    raw = res.get(key)
+    if raw is None:
+        return None
+    m = MEMORY.match(str(raw).strip()) if isinstance(raw, str | int) else None
     if not m:
-        raise res.error("memory", "must look like 512Mi or 1Gi")
+        raise res.error(key, "must look like 512Mi or 1Gi")
     size = float(m.group(1)) * MEMORY_UNITS[m.group(2)]  # inf for 400 digits: compare first
-    if not 6 * (1 << 20) <= size <= 1 << 40:
-        raise res.error("memory", "must be 6Mi-1Ti")
-    return cpu, int(size)
+    if not least <= size <= 1 << 40:
+        raise res.error(key, f"must be {least >> 20}Mi-1Ti")
+    return int(size)
 
 
 def _probes(c: Fields) -> tuple[Probe, ...]:

@@ -15,6 +15,7 @@ from typing import Any
 from router.addresses import is_loopback
 from router.errors import SandboxRuntimeError
 from router.keys import Keys
+from router.limits import LimitPolicy
 from router.pools import parse_pool
 from router.server import start_site
 from router.settings import Settings
@@ -160,7 +161,13 @@ async def up(
     try:
         await wait_redis(redis, 10.0)
         if file is not None:
-            for name, change in await apply_file(store, file, settings.code_interpreter_image):
+            for name, change in await apply_file(
+                store,
+                file,
+                settings.code_interpreter_image,
+                settings.shell_image,
+                limits=LimitPolicy.from_settings(settings),
+            ):
                 print(f"pool {name}: {change}", flush=True)
         elif await store.get_pool("demo") is None or redis_server is not None:
             await store.put_pool(parse_pool("demo", demo_pool(runtime_name)))

@@ -17,7 +17,8 @@ import pytest
 from router.pools import Pool, parse_pool
 from router.settings import Settings
 from tests.helpers import wait_until
-from tests.kube_fake import FakeKube
+from tests.kube_fake import FakeKube, forbidden
+from tests.test_kubernetes_deploy import worker_role_rules
 from workers import podspec
 from workers.kubernetes import KubernetesRuntime
 from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE, Exit, RuntimeError_, SandboxSpec
@@ -25,6 +26,7 @@ from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE, Exit, RuntimeError_, San
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(120)]
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/echo:dev"
+CODE_IMAGE = "sessionpool/code-interpreter:dev"
 NS = "sandboxes"
 
 
@@ -47,6 +49,8 @@ async def kube(engine: Any) -> AsyncIterator[FakeKube]:
     await fake.close()
     assert fake.rejected == [], "the runtime sent objects the API would refuse"
     assert fake.unserved == [], "the runtime called endpoints the fake does not serve"
+    # Everything it called, the workers' Role in deploy/k8s allows (least privilege, enough).
+    assert forbidden(fake.requests, worker_role_rules()) == []
 
 
 @pytest.fixture
@@ -175,7 +179,7 @@ async def test_exits_report_terminated_deleted_and_resume_after_410(
             seen.append(ex)
 
     task = asyncio.create_task(follow())
-    await wait_until(lambda: any(m == "GET" for m, _ in kube.requests[-3:]), timeout=5)
+    await wait_until(lambda: ("watch", "pods") in kube.requests, timeout=5)
     for h in handles:
         await wait_until(lambda h=h: answers(h.addr), timeout=10)
     async with aiohttp.ClientSession() as http:
@@ -185,7 +189,7 @@ async def test_exits_report_terminated_deleted_and_resume_after_410(
         # Deleted from outside (kubectl delete pod).
         async with http.delete(
             f"{kube.url}/api/v1/namespaces/{NS}/pods/{handles[1].container}",
-            headers={"Authorization": f"Bearer {kube.token}"},
+            headers={"Authorization": f"Bearer {kube.admin_token}"},
         ) as r:
             assert r.status == 200
         await wait_until(lambda: len(seen) == 2, timeout=10)
@@ -213,7 +217,7 @@ async def test_invalid_objects_are_refused_like_the_api(kube: FakeKube) -> None:
     bad_label = {**base, "metadata": {**base["metadata"], "labels": {"a": "-x-"}}}
     c = {**base["spec"]["containers"][0], "resources": {"limits": {"memory": "lots"}}}
     bad_qty = {**base, "spec": {**base["spec"], "containers": [c]}}
-    headers = {"Authorization": f"Bearer {kube.token}"}
+    headers = {"Authorization": f"Bearer {kube.admin_token}"}
     async with aiohttp.ClientSession() as http:
         for body, why in (
             (typo, "automountServiceAccountTokn"),
@@ -231,3 +235,88 @@ async def test_invalid_objects_are_refused_like_the_api(kube: FakeKube) -> None:
         async with http.get(f"{kube.url}/api/v1/namespaces/{NS}/pods") as r:
             assert r.status == 401
     kube.rejected.clear()
+
+
+async def test_every_call_is_bounded_when_the_api_stalls(kube: FakeKube, tmp_path: Path) -> None:
+    settings = Settings(
+        runtime="kubernetes",
+        k8s_namespace=NS,
+        k8s_kubeconfig=str(kube.write_kubeconfig(tmp_path / "kubeconfig")),
+        k8s_api_timeout_s=0.3,
+    )
+    rt = KubernetesRuntime(settings)
+    try:
+        kube.answering.clear()
+        for call in (rt.list("kt"), rt.destroy("sp-x"), rt.create(spec_of(pool()))):
+            with pytest.raises(RuntimeError_, match="kubernetes API: TimeoutError"):
+                await asyncio.wait_for(call, 5)  # the runtime's own bound, not this one
+    finally:
+        kube.answering.set()
+        await rt.close()
+
+
+async def test_registry_credentials_become_a_pull_secret(
+    runtime: KubernetesRuntime, kube: FakeKube
+) -> None:
+    p = pool(
+        "private",
+        secrets=[{"name": "regpw", "value": "hunter2"}],
+        customContainerTemplate={
+            "containers": [{"name": "main", "image": IMAGE}],
+            "ingress": {"targetPort": 8080},
+            "registryCredentials": {
+                "server": "registry.example",
+                "username": "bot",
+                "passwordSecretRef": "regpw",
+            },
+        },
+        sandboxConfiguration={"tolerations": [{"key": "sandbox", "operator": "Exists"}]},
+    )
+    handle = await runtime.create(spec_of(p))
+    (pod,) = kube.objects("pods")
+    (secret,) = kube.objects("secrets")
+    assert secret["type"] == "kubernetes.io/dockerconfigjson"
+    assert pod["spec"]["imagePullSecrets"] == [{"name": secret["metadata"]["name"]}]
+    assert pod["spec"]["tolerations"] == [{"key": "sandbox", "operator": "Exists"}]
+    await runtime.destroy(handle.container)
+    await wait_until(lambda: not kube.objects("secrets"), timeout=10)
+
+
+async def test_code_interpreter_runs_on_a_read_only_root(
+    runtime: KubernetesRuntime, kube: FakeKube, engine: Any
+) -> None:
+    """The PythonLTS image writes where ACA sessions write (/mnt/data, /tmp): those are the
+    pod's emptyDirs, everything else is read-only."""
+    try:
+        engine.images.get(CODE_IMAGE)
+    except docker.errors.ImageNotFound:
+        subprocess.run(
+            ["bash", str(ROOT / "deploy/images/build.sh"), "code-interpreter"], check=True
+        )
+    p = parse_pool("lts", {"properties": {"containerType": "PythonLTS"}})
+    handle = await runtime.create(spec_of(p))
+    url = f"http://{handle.addr}"
+
+    async def healthy() -> bool:
+        try:
+            async with aiohttp.ClientSession() as http, http.get(f"{url}/health") as r:
+                return r.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    await wait_until(healthy, timeout=60, interval=0.2)
+    code = (
+        "open('/mnt/data/a.txt', 'w').write('x'); open('/tmp/b.txt', 'w').write('y')\n"
+        "try:\n    open('/etc/c.txt', 'w')\nexcept OSError as e:\n    print(e.errno)\n"
+    )
+    body = {"properties": {"codeInputType": "inline", "executionType": "synchronous", "code": code}}
+    params = {"api-version": "2024-02-02-preview", "identifier": "k8s"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{url}/code/execute", params=params, json=body) as r,
+    ):
+        assert r.status == 200, await r.text()
+        props = (await r.json())["properties"]
+    assert props["status"] == "Success", props
+    assert props["stdout"].strip() == "30"  # EROFS: the root is read-only
+    await runtime.destroy(handle.container)
