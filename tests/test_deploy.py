@@ -240,6 +240,11 @@ def test_compose_stack_survives_a_router_kill(stack: Stack) -> None:
             return {"router": headers.get("x-sessionpool-router"), **json.loads(body)}
 
         first = wait_for(echoed, 180, "a 200 from the echo sandbox through the LB")
+        # Another key, the documented way: hashed into the stack's file, picked up live.
+        made = stack.run("run", "--rm", "credentials", "new-key", "ci", "--pool", POOL)
+        (ci_key,) = re.findall(r"\(shown once, give it to the client\): (sp_\S+)", made.stderr)
+        wait_for(lambda: get(url, key=ci_key)[0] == 200, 30, "the new key accepted")
+        assert get(f"{lb}/admin/pools", key=ci_key)[0] == 403  # executor, one pool
         assert first["path"] == "/hello"
         assert IDENTIFIER in first["query"]
         sandboxes = stack.sandboxes()
