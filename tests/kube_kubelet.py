@@ -16,7 +16,10 @@ import asyncio
 import base64
 import contextlib
 import re
+import shutil
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -40,6 +43,7 @@ class Kubelet:
         self.runtime_classes: dict[str, str] = {}  # RuntimeClass name → Docker runtime
         self.containers: dict[str, str] = {}  # pod key "ns/name" → container id
         self.network = f"fk-{self.id}"
+        self.root = tempfile.mkdtemp(prefix=f"fk-{self.id}-")  # disk emptyDirs live here
 
     async def start(self) -> None:
         await asyncio.to_thread(
@@ -56,6 +60,7 @@ class Kubelet:
                 await asyncio.to_thread(self.engine.api.remove_container, cid, force=True)
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.engine.api.remove_network, self.network)
+        await asyncio.to_thread(shutil.rmtree, self.root, True)
 
     async def run_pod(self, key: tuple[str, str]) -> None:
         ns, name = key
@@ -120,10 +125,17 @@ class Kubelet:
             return
         limits = (c.get("resources") or {}).get("limits") or {}
         vols = {v["name"]: v for v in spec.get("volumes") or []}
-        tmpfs = {}
+        tmpfs, binds = {}, {}
         for m in c.get("volumeMounts") or []:
-            size = quantity_bytes(vols[m["name"]]["emptyDir"].get("sizeLimit", "64Mi"))
-            tmpfs[m["mountPath"]] = f"rw,nosuid,nodev,size={size}"
+            empty = vols[m["name"]]["emptyDir"]
+            if empty.get("medium") == "Memory":
+                size = quantity_bytes(empty.get("sizeLimit", "64Mi"))
+                tmpfs[m["mountPath"]] = f"rw,nosuid,nodev,size={size},mode=1777"
+            else:  # a directory on the node, mode 0777, as a kubelet makes it
+                path = Path(self.root, name, m["name"])
+                path.mkdir(parents=True, exist_ok=True)
+                path.chmod(0o777)
+                binds[str(path)] = {"bind": m["mountPath"], "mode": "rw"}
         kwargs: dict[str, Any] = {
             "name": f"fk-{self.id}-{name}"[:128],
             "hostname": name[:63],
@@ -139,6 +151,7 @@ class Kubelet:
             "security_opt": ["no-new-privileges"] if not sc.get("allowPrivilegeEscalation") else [],
             "read_only": bool(sc.get("readOnlyRootFilesystem")),
             "tmpfs": tmpfs,
+            "volumes": binds,
             "restart_policy": {"Name": "no"},
         }
         if spec.get("runtimeClassName"):

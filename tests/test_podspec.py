@@ -9,7 +9,9 @@ import orjson
 import pytest
 
 from router.errors import InvalidPoolError
+from router.limits import LimitPolicy
 from router.pools import Pool, parse_pool
+from router.settings import Settings
 from workers import podspec
 from workers.runtime import SandboxSpec
 
@@ -113,6 +115,20 @@ def test_pod_is_hardened_and_sized_like_the_docker_sandbox() -> None:
     assert "runtimeClassName" not in pod and "imagePullSecrets" not in pod
 
 
+def test_a_pool_without_resources_gets_the_operator_defaults() -> None:
+    policy = LimitPolicy.from_settings(
+        Settings(sandbox_default_cpu=0.5, sandbox_default_memory_bytes=384 << 20)
+    )
+    bare = pool()
+    doc = podspec.pod(SandboxSpec("sc", bare, "d" * 32), "ns", 1 << 30, policy.resolve(bare))
+    (c,) = doc["spec"]["containers"]
+    assert c["resources"]["limits"] == {
+        "cpu": "500m",
+        "memory": str(384 << 20),
+        "ephemeral-storage": str(1 << 30),
+    }
+
+
 def test_names_and_labels_the_api_would_refuse_are_caught_here() -> None:
     with pytest.raises(podspec.SpecError, match="pod name"):
         podspec.pod_name("sc", "Not_A_Valid_Id")
@@ -142,3 +158,18 @@ def test_placement_and_registry_are_validated(props: dict[str, Any], field: str)
 
 def test_placement_changes_the_template_version() -> None:
     assert pool().version != pool(sandboxConfiguration={"nodeSelector": {"a": "b"}}).version
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"key_prefix": "_bad"}, "label value"),
+        ({"k8s_namespace": "Not_A_Namespace"}, "namespace name"),
+        ({"k8s_cluster_cidrs": "10.0.0.0/8,nonsense"}, "CIDR"),
+        ({"k8s_api_timeout_s": 0}, "positive"),
+    ],
+)
+def test_kubernetes_settings_are_validated(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings(runtime="kubernetes", **fields)
+    assert Settings.from_env({"SESSIONPOOL_K8S_NAMESPACE": "sb"}).k8s_namespace == "sb"
