@@ -23,6 +23,8 @@ from router.errors import (
 from router.forwarding import FORWARDING, set_forwarding
 
 if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
     from router.metrics import RouterMetrics
     from router.routing import Lease
     from router.settings import Settings
@@ -130,6 +132,7 @@ class Upstream:
         self.max_body_bytes = settings.max_body_bytes
         self.ws_max_msg_bytes = settings.ws_max_msg_bytes
         self.metrics = metrics
+        self._proxy_seconds: dict[str, Histogram] = {}  # labels() per request is not free
         self.websockets: set[web.WebSocketResponse] = set()
 
     def check_request(self, request: web.Request) -> None:
@@ -168,7 +171,9 @@ class Upstream:
                     self.websockets,
                 )
             started = time.monotonic()
-            seconds = self.metrics.proxy.labels(target.pool)
+            seconds = self._proxy_seconds.get(target.pool)
+            if seconds is None:
+                seconds = self._proxy_seconds[target.pool] = self.metrics.proxy.labels(target.pool)
             return await forward_http(
                 request,
                 self.client,
@@ -257,21 +262,28 @@ async def forward_http(
         await up_cm.__aexit__(None, None, None)
 
 
+class _Relayed(web.StreamResponse):
+    """A streamed answer whose headers leave with the first body bytes (one send, not two,
+    for a small answer); `_relay_response` flushes them at once when no body is waiting."""
+
+    _send_headers_immediately = False
+
+
 async def _relay_response(request: web.Request, up: aiohttp.ClientResponse) -> web.StreamResponse:
-    resp = web.StreamResponse(
-        status=up.status, reason=up.reason, headers=downstream_headers(up.headers)
-    )
-    await resp.prepare(request)
+    resp = _Relayed(status=up.status, reason=up.reason, headers=downstream_headers(up.headers))
     try:
+        await resp.prepare(request)
+        await resp.write(up.content.read_nowait())  # the headers, and what has arrived
         async for chunk in up.content.iter_any():
             await resp.write(chunk)
+        await resp.write_eof()
+    except ConnectionResetError:  # the caller went away; aiohttp drops its connection quietly
+        return resp
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
         # Headers are gone already: the only honest signal left is a cut connection.
         log.info("upstream failed mid-response: %r", exc)
         if request.transport is not None:
             request.transport.abort()
-        return resp
-    await resp.write_eof()
     return resp
 
 
