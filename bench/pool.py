@@ -264,6 +264,8 @@ def run(redis_url: str, prefix: str, cold_n: int, refill_n: int, log_dir: Path) 
             "SESSIONPOOL_REDIS_URL": redis_url,
             "SESSIONPOOL_KEY_PREFIX": prefix,
             "SESSIONPOOL_WORKER_ID": f"bench-{prefix}",
+            # A dry pool stays dry: no demand-following warm sandboxes between cold requests.
+            "SESSIONPOOL_DEMAND_WINDOW_S": "0.001",
             "SESSIONPOOL_AUTH": "none",
         }
         worker = spawn(

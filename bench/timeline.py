@@ -226,6 +226,8 @@ def run(n: int, out: Path) -> dict[str, Any]:
             "SESSIONPOOL_REDIS_URL": redis.url,
             "SESSIONPOOL_KEY_PREFIX": prefix,
             "SESSIONPOOL_WORKER_ID": f"timeline-{prefix}",
+            # A dry pool stays dry: no demand-following warm sandboxes between cold requests.
+            "SESSIONPOOL_DEMAND_WINDOW_S": "0.001",
         }
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,9 @@ if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[dev]'
+extras=dev
+[[ $cmd == test ]] && extras=dev,clients  # the client libraries the tests drive
+.venv/bin/python -m pip install -q -e ".[$extras]"
 
 if [[ $cmd == test ]] && command -v npm >/dev/null && [[ ! -d bench/node_modules ]]; then
   # configurable-http-proxy, an anchor of the benchmarks (they say "not run" without it)

@@ -1,4 +1,5 @@
-"""The control-plane API: `GET /admin/pools`, `GET|PUT|PATCH|DELETE /admin/pools/{pool}`.
+"""The control-plane API: `GET /admin/pools`, `GET|PUT|PATCH|DELETE /admin/pools/{pool}`,
+`POST /admin/pools/{pool}/fetchMcpServerCredentials|rotateMcpServerCredentials`.
 
 Every handler needs the `admin` role (and, for a pool-scoped credential, the pool in scope).
 Bodies are ARM-shaped (`{"properties": {...}}`), JSON only and at most `MAX_BODY_BYTES`.
@@ -10,6 +11,7 @@ a whole before anything is stored.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import orjson
@@ -17,12 +19,13 @@ from aiohttp import web
 
 from router.auth import ADMIN, AUTH, Principal
 from router.errors import (
+    BadRequestError,
     InvalidPoolError,
     PoolNotFoundError,
     RequestTooLargeError,
     UnsupportedMediaTypeError,
 )
-from router.pools import CODE_INTERPRETER_IMAGE, POOL_NAME, Pool, parse_pool
+from router.pools import CODE_INTERPRETER_IMAGE, POOL_NAME, SHELL_IMAGE, Pool, parse_pool
 from router.store import Store
 
 MAX_BODY_BYTES = 1 << 20
@@ -44,6 +47,13 @@ ENVELOPE_KEYS = frozenset(
     }
 )
 POOL_TYPE = "sessionpool/sessionPools"
+# ARM paths are case-insensitive: ARM spells these `…Mcp…`, ACA's docs `…MCP…`.
+MCP_CREDENTIAL_ACTIONS = frozenset({"fetchmcpservercredentials", "rotatemcpservercredentials"})
+MCP_KEY_BYTES = 32
+
+
+def new_mcp_key() -> str:
+    return secrets.token_urlsafe(MCP_KEY_BYTES)
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -60,12 +70,21 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 def pool_view(pool: Pool, counts: dict[str, int], endpoint: str) -> dict[str, Any]:
-    """What GET answers: the definition without secret values, the endpoint, live counts."""
+    """What GET answers: the definition without secret values, the endpoint, live counts.
+
+    An MCP-enabled pool shows its MCP endpoint (never its key).
+    """
+    props = pool.public_properties()
+    if pool.mcp_enabled:
+        props["mcpServerSettings"] = {
+            **props.get("mcpServerSettings", {}),
+            "mcpServerEndpoint": f"{endpoint}/mcp",
+        }
     return {
         "id": f"/admin/pools/{pool.name}",
         "name": pool.name,
         "type": POOL_TYPE,
-        "properties": pool.public_properties(),
+        "properties": props,
         "poolManagementEndpoint": endpoint,
         "counts": counts,
         "version": pool.version,
@@ -175,10 +194,14 @@ class AdminApi:
     """The handlers; the store is looked up under `store_key` (set up by the app)."""
 
     def __init__(
-        self, store_key: web.AppKey[Store], code_interpreter_image: str = CODE_INTERPRETER_IMAGE
+        self,
+        store_key: web.AppKey[Store],
+        code_interpreter_image: str = CODE_INTERPRETER_IMAGE,
+        shell_image: str = SHELL_IMAGE,
     ) -> None:
         self.store_key = store_key
-        self.image = code_interpreter_image  # what PythonLTS pools without containers get
+        # What PythonLTS and Shell pools without containers get.
+        self.images = {"code_interpreter_image": code_interpreter_image, "shell_image": shell_image}
 
     async def _authorize(self, request: web.Request, pool: str | None) -> Principal:
         return await request.app[AUTH].authorize(request, ADMIN, pool)
@@ -248,7 +271,7 @@ class AdminApi:
         props = _properties(name, body)
         old = await self._stored_properties(request, name) if POOL_NAME.match(name) else None
         props = _keep_secret_values(props, _secret_values(old))
-        pool = parse_pool(name, {"properties": props}, code_interpreter_image=self.image)
+        pool = parse_pool(name, {"properties": props}, **self.images)
         await store.put_pool(pool)
         view = await self._view(request, pool)
         if old is None:
@@ -264,9 +287,31 @@ class AdminApi:
         patch = _properties(name, await _read_json(request))
         props = merge_patch(old, patch)  # onto the stored definition, secrets included
         props = _keep_secret_values(props, _secret_values(old))
-        pool = parse_pool(name, {"properties": props}, code_interpreter_image=self.image)
+        pool = parse_pool(name, {"properties": props}, **self.images)
         await request.app[self.store_key].put_pool(pool)
         return _json(await self._view(request, pool))
+
+    async def mcp_credentials(self, request: web.Request) -> web.Response:
+        """`fetchMcpServerCredentials` (the same key every time, made on first fetch) and
+        `rotateMcpServerCredentials` (a new key; the old one is refused from then on)."""
+        action = request.match_info["action"].lower()
+        if action not in MCP_CREDENTIAL_ACTIONS:
+            raise web.HTTPNotFound()
+        name = request.match_info["pool"]
+        await self._authorize(request, name)
+        pool = await self._existing(request, self._name(request))
+        if not pool.mcp_enabled:
+            raise BadRequestError(
+                f"Session pool '{name}' has no MCP endpoint: set "
+                "properties.mcpServerSettings.isMCPServerEnabled to true first."
+            )
+        store = request.app[self.store_key]
+        if action == "fetchmcpservercredentials":
+            key = await store.fetch_mcp_key(name, new_mcp_key())
+        else:
+            key = new_mcp_key()
+            await store.rotate_mcp_key(name, key)
+        return _json({"apiKey": key}, headers={"Cache-Control": "no-store"})
 
     async def delete_pool(self, request: web.Request) -> web.Response:
         name = request.match_info["pool"]
@@ -278,14 +323,17 @@ class AdminApi:
 
 
 def routes(
-    store_key: web.AppKey[Store], code_interpreter_image: str = CODE_INTERPRETER_IMAGE
+    store_key: web.AppKey[Store],
+    code_interpreter_image: str = CODE_INTERPRETER_IMAGE,
+    shell_image: str = SHELL_IMAGE,
 ) -> list[web.RouteDef]:
     """The admin routes, reading the store from `app[store_key]`."""
-    api = AdminApi(store_key, code_interpreter_image)
+    api = AdminApi(store_key, code_interpreter_image, shell_image)
     return [
         web.get("/admin/pools", api.list_pools),
         web.get("/admin/pools/{pool}", api.get_pool),
         web.put("/admin/pools/{pool}", api.put_pool),
         web.patch("/admin/pools/{pool}", api.patch_pool),
         web.delete("/admin/pools/{pool}", api.delete_pool),
+        web.post("/admin/pools/{pool}/{action}", api.mcp_credentials),
     ]

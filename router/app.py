@@ -16,7 +16,7 @@ from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from router import admin, auth, management, proxy
+from router import admin, auth, management, mcp, proxy
 from router.addresses import parse_networks
 from router.errors import PoolNotFoundError, SessionPoolError, UnauthorizedError
 from router.forwarding import TRUSTED_PROXIES
@@ -24,7 +24,7 @@ from router.identifiers import query_identifier
 from router.keys import Keys
 from router.logs import trace_id_var
 from router.metrics import RouterMetrics
-from router.pools import POOL_NAME, Pool
+from router.pools import BUILTIN_TYPES, POOL_NAME, Pool
 from router.routing import Routing
 from router.settings import Settings
 from router.store import Store, open_redis
@@ -119,8 +119,7 @@ async def _code_interpreter(
 MANAGEMENT = "/.management/"
 LOCAL_PREFIXES: dict[str, Local] = {MANAGEMENT: Local(_management)}
 LOCAL_PATHS: dict[str, Local] = {
-    path: Local(_code_interpreter, frozenset({"PythonLTS"}))
-    for path in management.CODE_INTERPRETER_PATHS
+    path: Local(_code_interpreter, BUILTIN_TYPES) for path in management.CODE_INTERPRETER_PATHS
 }
 
 
@@ -253,8 +252,12 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_routes(admin.routes(STORE, settings.code_interpreter_image))
+    images = (settings.code_interpreter_image, settings.shell_image)
+    app.router.add_routes(admin.routes(STORE, *images))
     app.router.add_route("*", "/pools/{pool}", pool_endpoint)
+    # Before the catch-all: a pool's platform MCP endpoint (other pools' /mcp is forwarded).
+    mcp_endpoint = mcp.McpEndpoint(ROUTING, UPSTREAM, fallback=pool_endpoint)
+    app.router.add_route("*", "/pools/{pool}/mcp", mcp_endpoint.handle)
     app.router.add_route("*", "/pools/{pool}/{tail:.*}", pool_endpoint)
     aca = "/subscriptions/{sub}/resourceGroups/{rg}/sessionPools/{pool}"
     app.router.add_route("*", aca, aca_endpoint)

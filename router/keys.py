@@ -17,6 +17,8 @@ after the tag, so a `{` inside an identifier never moves a key to another slot.
 | `P:emptyflag:{p}`            | string | rate-limits `pool-empty` events                     |
 | `P:demand:{p}`               | zset   | identifiers waiting for a sandbox -> until (ms)     |
 | `P:log:{p}`                  | stream | session lifecycle events for operators              |
+| `P:mcpkey:{p}`               | string | the pool's MCP API key (plain: fetch returns it)    |
+| `P:mcpenv:{p}:id`            | string | an MCP environment: "new" until first use, "live"   |
 | `P:inval` (channel)          | pubsub | "pool\\0identifier": drop cached routes             |
 | `P:readych` (channel)        | pubsub | "pool": a sandbox became ready (wakes waiters)      |
 """
@@ -43,6 +45,12 @@ class PoolKeys:
     empty_flag: str
     log: str
     demand: str
+    mcp_key: str
+    mcp_env_prefix: str
+
+    def mcp_env(self, environment: str) -> str:
+        """An MCP environment's record (the identifier after the tag: any is safe)."""
+        return self.mcp_env_prefix + environment
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +86,8 @@ class Keys:
             empty_flag=f"{p}:emptyflag:{tag}",
             log=f"{p}:log:{tag}",
             demand=f"{p}:demand:{tag}",
+            mcp_key=f"{p}:mcpkey:{tag}",
+            mcp_env_prefix=f"{p}:mcpenv:{tag}:",
         )
 
 

@@ -25,10 +25,15 @@ MEMORY_UNITS = {
     "Gi": 1 << 30,
     "Ti": 1 << 40,
 }
-CONTAINER_TYPES = {"CustomContainer", "PythonLTS"}
+CONTAINER_TYPES = {"CustomContainer", "PythonLTS", "Shell"}
+# Types whose sessions run one of our images and speak ACA's executions and files API: the
+# router answers their session-management paths itself and may serve an MCP endpoint for them.
+BUILTIN_TYPES = frozenset({"PythonLTS", "Shell"})
 OCI_RUNTIMES = {"runc", "runsc", "kata", "kata-runtime", "io.containerd.kata.v2"}
 CODE_INTERPRETER_IMAGE = "sessionpool/code-interpreter:dev"
 CODE_INTERPRETER_PORT = 6000
+SHELL_IMAGE = "sessionpool/shell:dev"
+MCP_SETTINGS_KEYS = frozenset({"isMCPServerEnabled", "mcpServerEndpoint"})
 TOLERATION_FIELDS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 
 
@@ -95,6 +100,7 @@ class Pool:
     oci_runtime: str | None
     pids_limit: int
     tenant_binding: bool
+    mcp_enabled: bool
     secrets: dict[str, str] = field(repr=False)
     properties: dict[str, Any] = field(repr=False)
     version: str = ""
@@ -124,9 +130,16 @@ class Pool:
 
 
 def parse_pool(
-    name: str, body: Any, *, code_interpreter_image: str = CODE_INTERPRETER_IMAGE
+    name: str,
+    body: Any,
+    *,
+    code_interpreter_image: str = CODE_INTERPRETER_IMAGE,
+    shell_image: str = SHELL_IMAGE,
 ) -> Pool:
     """Validate an ARM-shaped pool definition (`{"properties": {...}}`) and apply defaults.
+
+    `code_interpreter_image` and `shell_image` are what `PythonLTS` and `Shell` pools that name
+    no container get.
 
     Raises:
         InvalidPoolError: the message names the offending field.
@@ -201,10 +214,11 @@ def parse_pool(
     secrets = _secrets(props)
     template = _obj(props, "customContainerTemplate")
     containers = template.get("containers", [])
-    if ctype == "PythonLTS" and not containers:
+    if ctype in BUILTIN_TYPES and not containers:
         # Written into the stored definition: the pool keeps this image even if the
         # router's default changes later.
-        containers = [{"name": "main", "image": code_interpreter_image}]
+        default_image = code_interpreter_image if ctype == "PythonLTS" else shell_image
+        containers = [{"name": "main", "image": default_image}]
         template = {
             **template,
             "containers": containers,
@@ -234,7 +248,7 @@ def parse_pool(
             "properties.customContainerTemplate.ingress.targetPort: required, an integer 1-65535"
         )
     probes = _probes(c, where)
-    if ctype == "PythonLTS" and not probes:
+    if ctype in BUILTIN_TYPES and not probes:
         probes = (
             Probe(type="Startup", port=port, path="/health", period_s=0.1, failure_threshold=600),
         )
@@ -258,6 +272,7 @@ def parse_pool(
     tenant = props.get("tenantBinding", False)
     if not isinstance(tenant, bool):
         raise InvalidPoolError("properties.tenantBinding: must be true or false")
+    mcp_enabled = _mcp_settings(props, ctype)
 
     pool = Pool(
         name=name,
@@ -279,6 +294,7 @@ def parse_pool(
         oci_runtime=runtime,
         pids_limit=pids,
         tenant_binding=tenant,
+        mcp_enabled=mcp_enabled,
         secrets=secrets,
         properties=props,
         placement=placement,
@@ -307,6 +323,28 @@ def parse_pool(
     )
     object.__setattr__(pool, "version", hashlib.sha256(fingerprint).hexdigest()[:12])
     return pool
+
+
+def _mcp_settings(props: dict[str, Any], ctype: str) -> bool:
+    """`mcpServerSettings.isMCPServerEnabled`; the read-only endpoint a GET shows is dropped,
+    so that a definition read with GET can be sent back as it is."""
+    mcp = _obj(props, "mcpServerSettings")
+    where = "properties.mcpServerSettings"
+    for key in mcp:
+        if key not in MCP_SETTINGS_KEYS:
+            raise InvalidPoolError(f"{where}.{key}: unknown field")
+    mcp.pop("mcpServerEndpoint", None)
+    enabled = mcp.get("isMCPServerEnabled", False)
+    if not isinstance(enabled, bool):
+        raise InvalidPoolError(f"{where}.isMCPServerEnabled: must be true or false")
+    if enabled and ctype not in BUILTIN_TYPES:
+        # ACA ignores the setting here without a word; a silent no-op hides a mistake.
+        raise InvalidPoolError(
+            f"{where}.isMCPServerEnabled: the platform MCP endpoint runs Python and shell tools "
+            f"in sessions of our own images, so it needs containerType PythonLTS or Shell, "
+            f"not {ctype}; a custom container can serve MCP itself"
+        )
+    return enabled
 
 
 def _placement(sandbox: dict[str, Any]) -> Placement:

@@ -179,22 +179,27 @@ RESERVE = (
     _NOW
     + """
 -- Reserve warming slots so that ready + warming reaches the target and never passes it,
--- however many replenishers run. The target is readySessionInstances plus the requests
--- waiting for a sandbox right now (as many as maxConcurrentSessions still allows).
+-- however many replenishers run. The target is readySessionInstances, plus the requests
+-- waiting for a sandbox right now, plus what the recent allocation rate asks for above
+-- readySessionInstances; waiters and that extra only as far as maxConcurrentSessions allows.
 -- KEYS[1] ready zset  KEYS[2] warming zset  KEYS[3] sandboxes hash  KEYS[4] demand zset
 -- KEYS[5] expiry zset
 -- ARGV[1] readySessionInstances  ARGV[2] template version  ARGV[3] worker id
--- ARGV[4] maxConcurrentSessions  ARGV[5..] candidate sandbox ids
+-- ARGV[4] maxConcurrentSessions  ARGV[5] demand-following target (>= ARGV[1])
+-- ARGV[6..] candidate sandbox ids
 -- Returns the sandbox ids reserved (records written in state `warming`).
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local demand = redis.call('ZCARD', KEYS[4])
 local room = tonumber(ARGV[4]) - redis.call('ZCARD', KEYS[5])
 if demand > room then demand = room end
 if demand < 0 then demand = 0 end
+local extra = tonumber(ARGV[5]) - tonumber(ARGV[1])
+if extra > room - demand - tonumber(ARGV[1]) then extra = room - demand - tonumber(ARGV[1]) end
+if extra < 0 then extra = 0 end
 local have = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
-local need = tonumber(ARGV[1]) + demand - have
+local need = tonumber(ARGV[1]) + demand + extra - have
 local out = {}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   if #out >= need then break end
   local sid = ARGV[i]
   redis.call('HSET', KEYS[3], sid, cjson.encode({id = sid, state = 'warming',
@@ -206,14 +211,51 @@ return out
 """
 )
 
+RETIRE_SURPLUS = (
+    _NOW
+    + """
+-- Retire ready sandboxes no request claimed that are above the warm target: oldest first,
+-- only those ready for at least the grace period, never below target + waiting requests.
+-- KEYS[1] ready zset  KEYS[2] warming zset  KEYS[3] sandboxes hash  KEYS[4] demand zset
+-- KEYS[5] events stream
+-- ARGV[1] target (ready sandboxes to keep)  ARGV[2] grace ms  ARGV[3] stream maxlen
+-- ARGV[4] most to retire in one call
+-- Returns the sandbox ids retired (records now `stopping`, teardown entries queued).
+local waiting = redis.call('ZCOUNT', KEYS[4], '(' .. now, '+inf')
+local excess = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+  - tonumber(ARGV[1]) - waiting
+if excess <= 0 then return {} end
+if excess > tonumber(ARGV[4]) then excess = tonumber(ARGV[4]) end
+local old = redis.call('ZRANGE', KEYS[1], '-inf', now - tonumber(ARGV[2]), 'BYSCORE',
+  'LIMIT', 0, excess)
+local out = {}
+for _, sid in ipairs(old) do
+  redis.call('ZREM', KEYS[1], sid)
+  local raw = redis.call('HGET', KEYS[3], sid)
+  if raw then
+    local sb = cjson.decode(raw)
+    sb.state = 'stopping'
+    sb.reason = 'surplus'
+    sb.stoppingAt = now
+    redis.call('HSET', KEYS[3], sid, cjson.encode(sb))
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[3], '*', 'data', cjson.encode({
+      kind = 'teardown', sandbox = sid, container = sb.container or '', reason = 'surplus'}))
+    out[#out + 1] = sid
+  end
+end
+return out
+"""
+)
+
 SET_CONTAINER = """
--- Remember the container of a warming sandbox as soon as it exists.
--- KEYS[1] sandboxes hash   ARGV[1] sandbox id  ARGV[2] container id
+-- Remember the container of a warming sandbox as soon as it exists, and its engine.
+-- KEYS[1] sandboxes hash   ARGV[1] sandbox id  ARGV[2] container id  ARGV[3] engine id
 -- Returns 1, or 0 when the record is gone (the sandbox was cancelled meanwhile).
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return 0 end
 local sb = cjson.decode(raw)
 sb.container = ARGV[2]
+if ARGV[3] and ARGV[3] ~= '' then sb.engine = ARGV[3] end
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(sb))
 return 1
 """

@@ -60,6 +60,7 @@ class Settings:
     jwt_leeway_s: float = 30.0
     jwks_ttl_s: float = 300.0
     code_interpreter_image: str = "sessionpool/code-interpreter:dev"  # PythonLTS default
+    shell_image: str = "sessionpool/shell:dev"  # Shell default
     # Comma-separated CIDRs whose X-Forwarded-*/Forwarded/X-Real-IP are believed (appended
     # to); from any other peer those headers are replaced by what the router saw.
     trusted_proxies: str = ""
@@ -74,6 +75,10 @@ class Settings:
     orphan_grace_s: float = 30.0
     warm_timeout_s: float = 120.0
     create_concurrency: int = 8
+    # Demand-following warm pool: allocations over this window set how many ready sandboxes
+    # to keep above readySessionInstances; unclaimed ones above that go after the grace.
+    demand_window_s: float = 10.0
+    surplus_grace_s: float = 15.0
     network_prefix: str = "sessionpool"
     claim_idle_ms: int = 30_000
     metrics_port: int = 0  # worker's Prometheus port; 0 = not served
@@ -157,6 +162,10 @@ class Settings:
             raise ValueError("tls_cert and tls_key: give both or neither")
         if self.create_concurrency < 1:
             raise ValueError("create_concurrency: must be at least 1")
+        if self.demand_window_s <= 0:
+            raise ValueError("demand_window_s: must be positive")
+        if self.surplus_grace_s < 0:
+            raise ValueError("surplus_grace_s: must not be negative")
 
     def check_router_auth(self) -> None:
         """A router refuses to start with auth required and nothing to check it against.

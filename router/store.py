@@ -58,8 +58,10 @@ def open_redis(
             raise ValueError("redis+sentinel URL needs a master name: .../<master>[/<db>]")
         db = int(path[1]) if len(path) > 1 else 0
         password = parts.password or parse_qs(parts.query).get("password", [None])[0]
+        # The sentinels share the password (deploy/k8s: requirepass on both, one Secret).
+        sentinel_kwargs = {"socket_timeout": 1.0, "password": password}
         sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
-            hosts, sentinel_kwargs={"socket_timeout": 1.0}, password=password, db=db, **common
+            hosts, sentinel_kwargs=sentinel_kwargs, password=password, db=db, **common
         )
         client = sentinel.master_for(
             path[0], redis_class=_SentinelRedis, max_connections=max_connections
@@ -156,6 +158,7 @@ class Store:
         self._set_container = reg(scripts.SET_CONTAINER)
         self._mark_ready = reg(scripts.MARK_READY)
         self._retire = reg(scripts.RETIRE)
+        self._retire_surplus = reg(scripts.RETIRE_SURPLUS)
         self._forget = reg(scripts.FORGET)
 
     def pk(self, pool: str) -> PoolKeys:
@@ -183,7 +186,7 @@ class Store:
         Workers destroy the containers (and remove any the records no longer name).
         """
         k = self.pk(name)
-        existed = bool(await self.redis.delete(k.definition))
+        existed = bool(await self.redis.delete(k.definition, k.mcp_key))
         await self.redis.srem(self.keys.pools, name)
         await self.redis.publish(self.keys.invalidation_channel, f"{name}\x00")
         for ident in await self.redis.hkeys(k.sessions):
@@ -195,6 +198,34 @@ class Store:
                 )
         await self.add_event(name, {"kind": "pool-deleted"})
         return existed
+
+    # MCP -----------------------------------------------------------------------------------
+
+    async def mcp_key(self, pool: str) -> str | None:
+        """The pool's MCP API key, None before the first fetch. Read on every call, never
+        cached, so a rotation shuts the old key out of every router at once."""
+        raw = await self.redis.get(self.pk(pool).mcp_key)
+        return None if raw is None else text(raw)
+
+    async def fetch_mcp_key(self, pool: str, new_key: str) -> str:
+        """The pool's MCP API key, set to `new_key` if it has none yet (concurrent first
+        fetches agree on one)."""
+        old = await self.redis.set(self.pk(pool).mcp_key, new_key, nx=True, get=True)
+        return new_key if old is None else text(old)
+
+    async def rotate_mcp_key(self, pool: str, new_key: str) -> None:
+        await self.redis.set(self.pk(pool).mcp_key, new_key)
+
+    async def mcp_env(self, pool: str, environment: str) -> str | None:
+        """An MCP environment's state ("new" or "live"), None when unknown or expired."""
+        raw = await self.redis.get(self.pk(pool).mcp_env(environment))
+        return None if raw is None else text(raw)
+
+    async def set_mcp_env(self, pool: str, environment: str, state: str, ttl_s: int) -> None:
+        await self.redis.set(self.pk(pool).mcp_env(environment), state, ex=ttl_s)
+
+    async def delete_mcp_env(self, pool: str, environment: str) -> None:
+        await self.redis.delete(self.pk(pool).mcp_env(environment))
 
     # Sessions ------------------------------------------------------------------------------
 
@@ -316,20 +347,54 @@ class Store:
 
     # Sandboxes (workers) -------------------------------------------------------------------
 
-    async def reserve(self, pool: Pool, worker: str, candidates: Sequence[str]) -> list[str]:
+    async def reserve(
+        self, pool: Pool, worker: str, candidates: Sequence[str], target: int | None = None
+    ) -> list[str]:
+        """Write `warming` records for what the pool lacks; `target` is the demand-following
+        number of ready sandboxes (default and minimum: readySessionInstances)."""
         k = self.pk(pool.name)
+        want = max(pool.ready_instances, target or 0)
         out = await self._reserve(
             keys=[k.ready, k.warming, k.sandboxes, k.demand, k.expiry],
-            args=[pool.ready_instances, pool.version, worker, pool.max_sessions, *candidates],
+            args=[
+                pool.ready_instances,
+                pool.version,
+                worker,
+                pool.max_sessions,
+                want,
+                *candidates,
+            ],
         )
         return [text(s) for s in out]
 
-    async def set_container(self, pool: str, sandbox: str, container: str) -> bool:
-        return bool(
-            int(
-                await self._set_container(keys=[self.pk(pool).sandboxes], args=[sandbox, container])
-            )
+    async def retire_surplus(self, pool: str, target: int, grace_ms: int, limit: int) -> list[str]:
+        """Retire unclaimed ready sandboxes above `target` that have waited `grace_ms`."""
+        k = self.pk(pool)
+        out = await self._retire_surplus(
+            keys=[k.ready, k.warming, k.sandboxes, k.demand, k.events],
+            args=[target, grace_ms, STREAM_MAXLEN, limit],
         )
+        return [text(s) for s in out]
+
+    async def allocations_since(self, pool: str, window_ms: int, cap: int) -> int:
+        """How many sessions the pool allocated in the last `window_ms` (Redis' clock), read
+        from its event stream (at most `cap` entries looked at)."""
+        sec, usec = await self.redis.time()
+        start = int(sec) * 1000 + int(usec) // 1000 - window_ms
+        entries: Any = await self.redis.xrevrange(
+            self.pk(pool).events, max="+", min=str(max(start, 0)), count=cap
+        )
+        return sum(
+            1
+            for _, fields in entries
+            if orjson.loads(fields.get(b"data") or b"{}").get("kind") == "allocated"
+        )
+
+    async def set_container(
+        self, pool: str, sandbox: str, container: str, engine: str = ""
+    ) -> bool:
+        args = [sandbox, container, engine]
+        return bool(int(await self._set_container(keys=[self.pk(pool).sandboxes], args=args)))
 
     async def mark_ready(self, pool: str, sandbox: str, container: str, addr: str) -> int:
         k = self.pk(pool)

@@ -24,6 +24,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", help="Redis URL (SESSIONPOOL_REDIS_URL)")
     p.add_argument("--key-prefix", help="key prefix of this deployment (SESSIONPOOL_KEY_PREFIX)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--code-interpreter-image",
+        help="image of PythonLTS pools that name none (SESSIONPOOL_CODE_INTERPRETER_IMAGE)",
+    )
+    p.add_argument(
+        "--shell-image", help="image of Shell pools that name none (SESSIONPOOL_SHELL_IMAGE)"
+    )
 
 
 def _tls(p: argparse.ArgumentParser) -> None:
@@ -85,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--role", choices=["all", "replenisher", "reaper"])
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
+    worker.add_argument(
+        "--create-concurrency", type=int, help="sandboxes started in parallel per worker"
+    )
+    worker.add_argument(
+        "--demand-window-s", type=float, help="allocation window the warm pool follows"
+    )
+    worker.add_argument(
+        "--surplus-grace-s", type=float, help="unclaimed surplus sandboxes retired after this"
+    )
 
     apply = sub.add_parser("apply", help="create or update pools from a file")
     _common(apply)
@@ -133,6 +149,11 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "runtime",
         "role",
         "metrics_port",
+        "code_interpreter_image",
+        "shell_image",
+        "create_concurrency",
+        "demand_window_s",
+        "surplus_grace_s",
         "redis_max_connections",
         "header_timeout_s",
         "keepalive_timeout_s",
@@ -164,8 +185,8 @@ async def _with_store(settings: Settings, action: str, args: argparse.Namespace)
     store = Store(redis, Keys(settings.key_prefix))
     try:
         if action == "apply":
-            image = settings.code_interpreter_image
-            for name, change in await apply_file(store, args.file, image):
+            images = (settings.code_interpreter_image, settings.shell_image)
+            for name, change in await apply_file(store, args.file, *images):
                 print(f"pool {name}: {change}")
         elif action == "pools":
             rows = []

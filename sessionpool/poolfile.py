@@ -9,7 +9,7 @@ import orjson
 import yaml
 
 from router.errors import InvalidPoolError
-from router.pools import CODE_INTERPRETER_IMAGE, parse_pool
+from router.pools import CODE_INTERPRETER_IMAGE, SHELL_IMAGE, parse_pool
 from router.store import Store
 
 
@@ -35,7 +35,10 @@ def load_pool_file(path: Path) -> dict[str, Any]:
 
 
 async def apply_file(
-    store: Store, path: Path, code_interpreter_image: str = CODE_INTERPRETER_IMAGE
+    store: Store,
+    path: Path,
+    code_interpreter_image: str = CODE_INTERPRETER_IMAGE,
+    shell_image: str = SHELL_IMAGE,
 ) -> list[tuple[str, str]]:
     """Validate every pool first (nothing half-applied), then write; returns (name, change).
 
@@ -45,7 +48,14 @@ async def apply_file(
     parsed = []
     for name, body in load_pool_file(path).items():
         try:
-            parsed.append(parse_pool(name, body, code_interpreter_image=code_interpreter_image))
+            parsed.append(
+                parse_pool(
+                    name,
+                    body,
+                    code_interpreter_image=code_interpreter_image,
+                    shell_image=shell_image,
+                )
+            )
         except InvalidPoolError as exc:
             raise InvalidPoolError(f"pool {name}: {exc.message}") from None
     changes = []

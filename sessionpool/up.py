@@ -189,7 +189,9 @@ async def up(
     try:
         await wait_redis(redis, 10.0)
         if file is not None:
-            for name, change in await apply_file(store, file, settings.code_interpreter_image):
+            for name, change in await apply_file(
+                store, file, settings.code_interpreter_image, settings.shell_image
+            ):
                 print(f"pool {name}: {change}", flush=True)
         elif await store.get_pool("demo") is None or redis_proc is not None:
             await store.put_pool(parse_pool("demo", demo_pool(runtime_name)))

@@ -119,7 +119,8 @@ class FakeKube:
     def __init__(self, engine: Any, *, token: str = "", node_labels: dict[str, str] | None = None):
         self.engine = engine
         self.id = uuid.uuid4().hex[:8]
-        self.token = token or uuid.uuid4().hex
+        self.token = token or uuid.uuid4().hex  # the workers' credential: its calls are recorded
+        self.admin_token = uuid.uuid4().hex  # the test's own (kubectl's) credential
         self.runtime_classes: dict[str, str] = {}  # RuntimeClass name → Docker runtime
         self.node_labels = {"kubernetes.io/hostname": "fake-node", **(node_labels or {})}
         self.store: dict[str, dict[tuple[str, str], Json]] = {k: {} for k in KINDS}
@@ -128,7 +129,7 @@ class FakeKube:
         self.floor = 0  # versions below this are compacted away (410)
         self.queues: set[asyncio.Queue[tuple[int, str, str, Json]]] = set()
         self.rejected: list[str] = []
-        self.requests: list[tuple[str, str]] = []
+        self.requests: list[tuple[str, str]] = []  # (RBAC verb, resource) of each call
         self.unserved: list[str] = []
         self.containers: dict[str, str] = {}  # pod key "ns/name" → container id
         self.network = f"fk-{self.id}"
@@ -163,12 +164,14 @@ class FakeKube:
         self._spawn(self._kubelet_loop())
         return self
 
-    def write_kubeconfig(self, path: Path, namespace: str = "default") -> Path:
+    def write_kubeconfig(self, path: Path, namespace: str = "default", admin: bool = False) -> Path:
         doc = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {"token": self.token}}],
+            "users": [
+                {"name": "fake", "user": {"token": self.admin_token if admin else self.token}}
+            ],
             "contexts": [
                 {
                     "name": "fake",
@@ -218,9 +221,11 @@ class FakeKube:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.headers.get("Authorization") != f"Bearer {self.token}":
+        credential = request.headers.get("Authorization")
+        if credential not in (f"Bearer {self.token}", f"Bearer {self.admin_token}"):
             return status(401, "Unauthorized", "Unauthorized")
-        self.requests.append((request.method, request.path))
+        if credential == f"Bearer {self.token}":
+            self.requests.append((_verb(request), self._kind(request)))
         resp: web.StreamResponse = await handler(request)
         return resp
 
@@ -703,6 +708,24 @@ class FakeKube:
                     conditions=[_cond("PodScheduled", "True"), _cond("Ready", "False")],
                     containerStatuses=[cs],
                 )
+
+
+def forbidden(requests: list[tuple[str, str]], rules: list[Json]) -> list[str]:
+    """The calls a Role's rules (core and networking groups, no resourceNames) would refuse."""
+    allowed = {
+        (verb, res) for r in rules for verb in r.get("verbs", []) for res in r.get("resources", [])
+    }
+    return sorted({f"{v} {res}" for v, res in requests if (v, res) not in allowed})
+
+
+def _verb(request: web.Request) -> str:
+    """The RBAC verb a request needs, as the API server's authorizer names it."""
+    item = "name" in request.match_info
+    if request.method == "GET":
+        if item:
+            return "get"
+        return "watch" if request.query.get("watch") in ("1", "true", "True") else "list"
+    return {"POST": "create", "PUT": "update", "DELETE": "delete"}.get(request.method, "?")
 
 
 def _labels(obj: Json) -> dict[str, str]:

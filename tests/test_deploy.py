@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,10 +22,10 @@ from typing import Any
 
 import pytest
 import yaml
+from redis import exceptions as redis_errors
 
-from router.keys import Keys
-from router.pools import parse_pool
-from router.store import Store, open_redis
+from router.auth import load_api_keys
+from router.store import open_redis
 from workers.docker import DockerRuntime
 from workers.runtime import LABEL_SCOPE
 
@@ -157,10 +160,18 @@ def stack() -> Iterator[Stack]:
         s.down()
 
 
-def get(url: str, timeout: float = 40.0) -> tuple[int, dict[str, str], bytes]:
+def get(
+    url: str, timeout: float = 40.0, key: str = "", method: str = "GET", body: Any = None
+) -> tuple[int, dict[str, str], bytes]:
     """(status, lower-cased headers, body); connection errors are status 0."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
@@ -168,28 +179,33 @@ def get(url: str, timeout: float = 40.0) -> tuple[int, dict[str, str], bytes]:
         return 0, {}, b""
 
 
-async def put_echo_pool(redis_url: str, prefix: str) -> None:
-    pool = parse_pool(
-        POOL,
-        {
-            "properties": {
-                "scaleConfiguration": {"maxConcurrentSessions": 4, "readySessionInstances": 1},
-                "dynamicPoolConfiguration": {
-                    "lifecycleConfiguration": {
-                        "lifecycleType": "Timed",
-                        "cooldownPeriodInSeconds": 300,
-                    }
-                },
-                "customContainerTemplate": {
-                    "containers": [{"name": "main", "image": ECHO_IMAGE}],
-                    "ingress": {"targetPort": 8080},
-                },
-            }
+ECHO_POOL = {
+    "properties": {
+        "scaleConfiguration": {"maxConcurrentSessions": 4, "readySessionInstances": 1},
+        "dynamicPoolConfiguration": {
+            "lifecycleConfiguration": {"lifecycleType": "Timed", "cooldownPeriodInSeconds": 300}
         },
-    )
-    redis = open_redis(redis_url)
+        "customContainerTemplate": {
+            "containers": [{"name": "main", "image": ECHO_IMAGE}],
+            "ingress": {"targetPort": 8080},
+        },
+    }
+}
+
+
+def admin_key(stack: Stack) -> str:
+    """The key the `credentials` service made and printed once at the first start."""
+    logs = stack.run("logs", "--no-color", "credentials").stdout
+    keys = re.findall(r"the key \(shown once, give it to the client\): (sp_\S+)", logs)
+    assert len(keys) == 1, f"no admin key in the credentials service's log:\n{logs}"
+    return keys[0]
+
+
+async def redis_answers(port: int, password: str | None) -> bool:
+    auth = f":{password}@" if password is not None else ""
+    redis = open_redis(f"redis://{auth}127.0.0.1:{port}/0")
     try:
-        await Store(redis, Keys(prefix)).put_pool(pool)
+        return bool(await redis.ping())
     finally:
         await redis.aclose()
 
@@ -200,12 +216,25 @@ def test_compose_stack_survives_a_router_kill(stack: Stack) -> None:
     lb = f"http://127.0.0.1:{stack.lb_port}"
     try:
         wait_for(lambda: get(f"{lb}/readyz", timeout=2)[0] == 200, 60, "LB /readyz 200")
-        asyncio.run(put_echo_pool(f"redis://127.0.0.1:{stack.redis_port}/0", stack.prefix))
-
+        # Secure by default: the stack made its own credentials and asks for them.
+        key = admin_key(stack)
         url = f"{lb}/pools/{POOL}/hello?identifier={IDENTIFIER}"
+        for anonymous in (url, f"{lb}/admin/pools"):
+            status, headers, _ = get(anonymous)
+            assert status == 401 and headers["www-authenticate"].startswith("Bearer"), status
+        assert get(f"{lb}/admin/pools", key="sp_not-the-key")[0] == 401
+        status, _, body = get(f"{lb}/admin/pools/{POOL}", key=key, method="PUT", body=ECHO_POOL)
+        assert status in (200, 201), body
+        redis = stack.container("redis")
+        password = sh("docker", "exec", redis, "cat", "/credentials/redis-password").stdout
+        with pytest.raises(redis_errors.AuthenticationError):  # NOAUTH: no password, no data
+            asyncio.run(redis_answers(stack.redis_port, None))
+        with pytest.raises(redis_errors.AuthenticationError):
+            asyncio.run(redis_answers(stack.redis_port, "a-guess"))
+        assert asyncio.run(redis_answers(stack.redis_port, password.strip()))
 
         def echoed() -> dict[str, Any] | None:
-            status, headers, body = get(url)
+            status, headers, body = get(url, key=key)
             if status != 200:
                 return None
             return {"router": headers.get("x-sessionpool-router"), **json.loads(body)}
@@ -297,7 +326,6 @@ def test_k8s_documents_have_the_basics(manifests: list[dict[str, Any]]) -> None:
         "PodDisruptionBudget",
         "StatefulSet",
         "ConfigMap",
-        "Secret",
     }
     assert wanted <= kinds, f"missing kinds: {wanted - kinds}"
 
@@ -360,7 +388,8 @@ def test_k8s_router_and_worker_specifics(manifests: list[dict[str, Any]]) -> Non
                 config_refs.add(ref["name"])
             for e in c.get("env", []):
                 assert e["name"].startswith("SESSIONPOOL_") or "valueFrom" in e, e
-    known = {d["metadata"]["name"] for d in manifests if d["kind"] in ("ConfigMap", "Secret")}
+    known = {d["metadata"]["name"] for d in manifests if d["kind"] == "ConfigMap"}
+    known |= {d["metadata"]["name"] for d in made_secrets()[0]}
     assert config_refs and config_refs <= known, f"envFrom names {config_refs - known}"
     # Only the worker talks to a Docker engine: nothing else mounts a socket or runs DinD.
     for name, d in deployments.items():
@@ -422,3 +451,110 @@ def test_k8s_references_resolve(manifests: list[dict[str, Any]]) -> None:
     for sts in by_kind(manifests, "StatefulSet"):
         names = {s["metadata"]["name"] for s in services}
         assert sts["spec"]["serviceName"] in names, f"{where(sts)}: serviceName"
+
+
+# Credentials: made by make-secrets.sh, never in a manifest --------------------------------
+
+ALL_K8S = sorted(K8S_DIR.glob("*.yaml")) + sorted((K8S_DIR / "kubernetes-runtime").glob("*.yaml"))
+
+
+def made_secrets() -> tuple[list[dict[str, Any]], str]:
+    """What `sh deploy/k8s/make-secrets.sh` prints: the Secrets, and the admin key."""
+    out = sh("sh", str(K8S_DIR / "make-secrets.sh"))
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+    (key,) = re.findall(r"the admin key \(shown once, keep it\): (sp_\S+)", out.stderr)
+    return docs, key
+
+
+def secret_data(doc: dict[str, Any]) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in doc["data"].items()}
+
+
+def test_k8s_ships_no_credential_and_make_secrets_makes_them(tmp_path: Path) -> None:
+    for path in ALL_K8S:
+        text = path.read_text()
+        assert "change-me" not in text, path.name
+        for doc in yaml.safe_load_all(text):
+            assert doc is None or doc["kind"] != "Secret", f"{path.name}: a Secret is shipped"
+    docs, key = made_secrets()
+    again, other_key = made_secrets()
+    by_name = {d["metadata"]["name"]: secret_data(d) for d in docs}
+    assert set(by_name) == {"sessionpool-secrets", "sessionpool-api-keys"}
+    assert all(d["kind"] == "Secret" and d["metadata"]["namespace"] == "sessionpool" for d in docs)
+    password = by_name["sessionpool-secrets"]["REDIS_PASSWORD"]
+    assert len(password) >= 32
+    # Fresh every run: nothing is a constant of the repository.
+    assert key != other_key
+    assert password != secret_data(again[0])["REDIS_PASSWORD"]
+    keys_file = tmp_path / "api-keys.yaml"
+    keys_file.write_text(by_name["sessionpool-api-keys"]["api-keys.yaml"])
+    (admin,) = load_api_keys(str(keys_file))
+    assert admin.principal.id == "key:admin" and admin.principal.pools is None
+    assert admin.principal.roles == {"admin", "executor"}
+    assert admin.digest == hashlib.sha256(key.encode()).digest()
+    assert key not in keys_file.read_text()
+
+
+def test_k8s_workloads_use_the_made_secrets_and_redis_needs_its_password() -> None:
+    made = {d["metadata"]["name"]: set(d["data"]) for d in made_secrets()[0]}
+    docs = [d for p in ALL_K8S for d in yaml.safe_load_all(p.read_text()) if d is not None]
+    for w in (d for d in docs if d["kind"] in WORKLOADS):
+        pod = w["spec"]["template"]["spec"]
+        for c in pod["containers"] + pod.get("initContainers", []):
+            for src in c.get("envFrom", []):
+                if "secretRef" in src:
+                    assert src["secretRef"]["name"] in made, w["metadata"]["name"]
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in made[ref["name"]], (w["metadata"]["name"], ref)
+            url = next((e["value"] for e in c.get("env", []) if "REDIS_URL" in e["name"]), None)
+            if url is not None:  # the routers' and workers' Redis URL carries the password
+                assert url.startswith("redis+sentinel://:$(REDIS_PASSWORD)@"), url
+        for v in pod.get("volumes", []):
+            if "secret" in v:
+                assert v["secret"]["secretName"] in made, w["metadata"]["name"]
+        if w["metadata"]["name"] in ("router", "worker"):
+            (c,) = pod["containers"]
+            assert any(e["name"] == "SESSIONPOOL_REDIS_URL" for e in c["env"]), where(w)
+    (script,) = [d["data"]["init.sh"] for d in docs if d["metadata"]["name"] == "redis-scripts"]
+    for line in (
+        "requirepass $REDISCLI_AUTH",
+        "masterauth $REDISCLI_AUTH",
+        "sentinel auth-pass sessionpool $REDISCLI_AUTH",
+        "sentinel sentinel-pass $REDISCLI_AUTH",
+    ):
+        assert line in script, line
+    assert "protected-mode no" not in script
+
+
+def test_k8s_sandboxes_are_kept_from_redis_and_the_routers() -> None:
+    docs = [
+        d
+        for p in sorted((K8S_DIR / "kubernetes-runtime").glob("*.yaml"))
+        for d in yaml.safe_load_all(p.read_text())
+        if d is not None
+        and d["kind"] == "NetworkPolicy"
+        and d["metadata"]["namespace"] == "sessionpool"
+    ]
+    policies = {d["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]: d for d in docs}
+    redis = policies["redis"]["spec"]
+    assert redis["policyTypes"] == ["Ingress"]
+    (rule,) = redis["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # same namespace only: never the sandboxes'
+    (expr,) = peer["podSelector"]["matchExpressions"]
+    assert expr["operator"] == "In" and set(expr["values"]) == {"router", "worker", "redis"}
+    router = policies["router"]["spec"]
+    (rule,) = router["ingress"]
+    namespaces = next(p for p in rule["from"] if "namespaceSelector" in p)
+    (expr,) = namespaces["namespaceSelector"]["matchExpressions"]
+    assert expr["operator"] == "NotIn" and expr["values"] == ["sessionpool-sandboxes"]
+    block = next(p for p in rule["from"] if "ipBlock" in p)["ipBlock"]
+    config = next(
+        d
+        for d in yaml.safe_load_all((K8S_DIR / "kubernetes-runtime/10-config.yaml").read_text())
+        if d["kind"] == "ConfigMap"
+    )
+    cluster = config["data"]["SESSIONPOOL_K8S_CLUSTER_CIDRS"].split(",")
+    assert block["except"] == cluster  # pod addresses (sandboxes included) are not "outside"

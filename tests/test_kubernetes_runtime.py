@@ -17,7 +17,8 @@ import pytest
 from router.pools import Pool, parse_pool
 from router.settings import Settings
 from tests.helpers import wait_until
-from tests.kube_fake import FakeKube
+from tests.kube_fake import FakeKube, forbidden
+from tests.test_kubernetes_deploy import worker_role_rules
 from workers import podspec
 from workers.kubernetes import KubernetesRuntime
 from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE, Exit, RuntimeError_, SandboxSpec
@@ -47,6 +48,8 @@ async def kube(engine: Any) -> AsyncIterator[FakeKube]:
     await fake.close()
     assert fake.rejected == [], "the runtime sent objects the API would refuse"
     assert fake.unserved == [], "the runtime called endpoints the fake does not serve"
+    # Everything it called, the workers' Role in deploy/k8s allows (least privilege, enough).
+    assert forbidden(fake.requests, worker_role_rules()) == []
 
 
 @pytest.fixture
@@ -175,7 +178,7 @@ async def test_exits_report_terminated_deleted_and_resume_after_410(
             seen.append(ex)
 
     task = asyncio.create_task(follow())
-    await wait_until(lambda: any(m == "GET" for m, _ in kube.requests[-3:]), timeout=5)
+    await wait_until(lambda: ("watch", "pods") in kube.requests, timeout=5)
     for h in handles:
         await wait_until(lambda h=h: answers(h.addr), timeout=10)
     async with aiohttp.ClientSession() as http:
@@ -185,7 +188,7 @@ async def test_exits_report_terminated_deleted_and_resume_after_410(
         # Deleted from outside (kubectl delete pod).
         async with http.delete(
             f"{kube.url}/api/v1/namespaces/{NS}/pods/{handles[1].container}",
-            headers={"Authorization": f"Bearer {kube.token}"},
+            headers={"Authorization": f"Bearer {kube.admin_token}"},
         ) as r:
             assert r.status == 200
         await wait_until(lambda: len(seen) == 2, timeout=10)
@@ -213,7 +216,7 @@ async def test_invalid_objects_are_refused_like_the_api(kube: FakeKube) -> None:
     bad_label = {**base, "metadata": {**base["metadata"], "labels": {"a": "-x-"}}}
     c = {**base["spec"]["containers"][0], "resources": {"limits": {"memory": "lots"}}}
     bad_qty = {**base, "spec": {**base["spec"], "containers": [c]}}
-    headers = {"Authorization": f"Bearer {kube.token}"}
+    headers = {"Authorization": f"Bearer {kube.admin_token}"}
     async with aiohttp.ClientSession() as http:
         for body, why in (
             (typo, "automountServiceAccountTokn"),

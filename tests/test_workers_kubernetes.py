@@ -39,7 +39,8 @@ from router.pools import Pool, parse_pool
 from router.settings import Settings
 from router.store import Store
 from tests.helpers import wait_until
-from tests.kube_fake import FakeKube
+from tests.kube_fake import FakeKube, forbidden
+from tests.test_kubernetes_deploy import worker_role_rules
 from workers import podspec
 from workers.runtime import LABEL_POOL, LABEL_SANDBOX, LABEL_SCOPE, SandboxSpec
 
@@ -52,8 +53,9 @@ Json = dict[str, Any]
 class Cluster:
     """What a scenario needs of a cluster, through the API only (fake or real alike)."""
 
-    def __init__(self, kubeconfig: Path, namespace: str) -> None:
-        self.kubeconfig = kubeconfig
+    def __init__(self, kubeconfig: Path, namespace: str, admin: Path) -> None:
+        self.kubeconfig = kubeconfig  # the workers'
+        self.admin = admin  # the test's own
         self.namespace = namespace
         self.api: Any = None
         self.core: Any = None
@@ -62,7 +64,7 @@ class Cluster:
     async def open(self) -> Cluster:
         cfg = kclient.Configuration()
         await kconfig.load_kube_config(
-            config_file=str(self.kubeconfig), client_configuration=cfg, persist_config=False
+            config_file=str(self.admin), client_configuration=cfg, persist_config=False
         )
         self.api = kclient.ApiClient(cfg)
         self.core = kclient.CoreV1Api(self.api)
@@ -157,13 +159,15 @@ async def cluster(
         fake = await FakeKube(request.getfixturevalue("engine")).start()
         namespace = "sandboxes"
         path = fake.write_kubeconfig(tmp_path / "kubeconfig")
-    c = await Cluster(path, namespace).open()
+    admin = fake.write_kubeconfig(tmp_path / "admin", admin=True) if fake else path
+    c = await Cluster(path, namespace, admin).open()
     yield c, fake
     await c.close()
     if fake is not None:
         await fake.close()
         assert fake.rejected == [], "the runtime sent objects the API would refuse"
         assert fake.unserved == [], "the runtime called endpoints the fake does not serve"
+        assert forbidden(fake.requests, worker_role_rules()) == [], "beyond the workers' Role"
 
 
 @pytest.fixture

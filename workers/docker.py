@@ -50,6 +50,7 @@ class DockerRuntime:
         self._networks = SandboxNetworks(network_prefix)
         self._exits = ExitFollower()
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._engine_id = ""
 
     def network_name(self, egress: bool) -> str:
         return self._networks.name(egress)
@@ -253,6 +254,18 @@ class DockerRuntime:
             RuntimeError_: a network still has containers attached.
         """
         await self._networks.remove(await self._docker())
+
+    async def engine_id(self) -> str:
+        """`docker:<the engine's ID>` (from `docker info`; kept for the runtime's life)."""
+        if self._engine_id:
+            return self._engine_id
+        client = await self._docker()
+        try:
+            info = await asyncio.to_thread(client.info)
+        except ENGINE_ERRORS as exc:
+            raise RuntimeError_(f"docker info: {explain(exc)}") from exc
+        self._engine_id = f"docker:{info.get('ID') or info.get('Name', '')}"
+        return self._engine_id
 
     async def _docker(self) -> Any:
         """The SDK client, made on first use (making one asks the engine for its version)."""

@@ -203,6 +203,12 @@ class KubernetesRuntime:
                 await self._pause(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
 
+    async def engine_id(self) -> str:
+        """`kubernetes:<API server>/<namespace>`: every worker of a cluster shares it."""
+        await self._client()
+        assert self._api is not None
+        return f"kubernetes:{self._api.configuration.host}/{self.namespace}"
+
     async def close(self) -> None:
         """End every `exits()` iterator and the API connection."""
         self._closed.set()

@@ -225,7 +225,17 @@ def pool_policy(
                     "namespaceSelector": {
                         "matchLabels": {"kubernetes.io/metadata.name": control_namespace}
                     },
-                    "podSelector": {"matchLabels": dict(PART_OF)},
+                    # Routers (traffic) and workers (probes); not Redis nor anything else.
+                    "podSelector": {
+                        "matchLabels": dict(PART_OF),
+                        "matchExpressions": [
+                            {
+                                "key": "app.kubernetes.io/name",
+                                "operator": "In",
+                                "values": ["router", "worker"],
+                            }
+                        ],
+                    },
                 }
             ],
             "ports": [{"protocol": "TCP", "port": p} for p in ports],

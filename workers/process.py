@@ -46,6 +46,10 @@ class ProcessRuntime:
 
     name = "process"
 
+    async def engine_id(self) -> str:
+        """This host: a process sandbox lives only where its worker runs."""
+        return f"process:{os.uname().nodename}"
+
     def __init__(self, use_bwrap: bool | None = None) -> None:
         self._procs: dict[str, _Proc] = {}
         self._exits: asyncio.Queue[Exit | None] = asyncio.Queue()

@@ -32,6 +32,7 @@ class Reaper:
         self._liveness_failures: dict[str, int] = {}
         self._liveness_due: dict[str, float] = {}
         self._wakes: dict[str, asyncio.Event] = {}  # pool -> wakes its expiry loop
+        self._foreign: set[str] = set()  # records of another engine, already reported
 
     # Expiry ----------------------------------------------------------------------------------
 
@@ -196,8 +197,12 @@ class Reaper:
         # Records with no container. Listed after reading the records, so any container a
         # ready/allocated record names existed before this list was taken.
         after = {o.sandbox_id for o in await runtime.list(ctx.scope)}
+        mine = await runtime.engine_id()
         for name, recs in records.items():
             for sid, rec in recs.items():
+                if rec.get("engine", mine) != mine:
+                    self._refuse_foreign(name, sid, rec["engine"], mine)
+                    continue
                 state = rec.get("state")
                 age_ms = now_ms - float(rec.get("createdAt", now_ms))
                 if sid in after:
@@ -222,6 +227,24 @@ class Reaper:
         if any(fixed.values()):
             log.info("reconciled: %s", fixed)
         return fixed
+
+    def _refuse_foreign(self, pool: str, sid: str, engine: str, mine: str) -> None:
+        """A record made on another engine is not ours to judge: its container is not in our
+        list because it runs elsewhere, not because it is gone. Several engines sharing one
+        Redis are not a supported topology (yet): say so, once per sandbox."""
+        if sid in self._foreign:
+            return
+        if len(self._foreign) > 10_000:
+            self._foreign.clear()
+        self._foreign.add(sid)
+        log.warning(
+            "pool %s: sandbox %s was made on engine %s, this worker runs on %s: not "
+            "reconciling it (workers of one deployment must share one engine)",
+            pool,
+            sid,
+            engine,
+            mine,
+        )
 
     async def run_reconciler(self) -> None:
         ctx = self.ctx

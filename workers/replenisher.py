@@ -1,4 +1,10 @@
-"""The replenisher: keeps each pool's ready sandboxes at `readySessionInstances`.
+"""The replenisher: keeps each pool's ready sandboxes at target.
+
+The target follows demand: `readySessionInstances` is the floor, and while sessions are being
+allocated it keeps enough ready to absorb the allocation rate of the last `demand_window_s`
+for one refill time (capped by `maxConcurrentSessions`, in RESERVE). When demand falls the
+target falls back, and ready sandboxes above it that no request claimed are retired after
+`surplus_grace_s`.
 
 Level-triggered: every wake-up (an `allocated`/`pool-empty`/`pool-changed` event on the pool's
 stream, or the periodic safety net) recomputes what is missing. RESERVE writes `warming`
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,6 +34,13 @@ log = logging.getLogger("sessionpool.replenisher")
 T = TypeVar("T")
 GROUP = "replenisher"
 MAX_BACKOFF_S = 30.0
+SURPLUS_BATCH = 100  # most surplus sandboxes retired per fill
+STREAM_LOOK_MAX = 2000  # most stream entries read to count recent allocations
+TARGET_TTL_S = 1.0  # the demand-following target is recomputed at most this often
+# The refill time used is at least this: a pool in demand keeps at least one second's worth of
+# its recent allocation rate ready (and this is the figure before any refill was measured).
+MIN_REFILL_S = 1.0
+REFILL_SMOOTHING = 0.3  # weight of the newest refill time in the running average
 
 
 class Replenisher:
@@ -35,6 +49,8 @@ class Replenisher:
         self._sem = asyncio.Semaphore(ctx.settings.create_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._backoff: dict[str, tuple[float, float]] = {}  # pool -> (until, current delay)
+        self._targets: dict[str, tuple[float, int]] = {}  # pool -> (valid until, target)
+        self._refill_s: dict[str, float] = {}  # pool -> smoothed reserve-to-ready time
 
     async def fill(self, pool_name: str) -> int:
         """Start creating what the pool lacks; returns how many sandboxes were reserved."""
@@ -47,16 +63,39 @@ class Replenisher:
         if pool is None:
             return 0
         await self._retire_stale(pool)
+        target = await self.target(pool)
         # Enough candidates for the target plus every waiting request (RESERVE takes what
-        # it needs of them).
-        wanted = min(pool.ready_instances + pool.max_sessions, 1000)
+        # it needs of them, and never goes past maxConcurrentSessions for either).
+        wanted = min(target + pool.max_sessions, 1000)
         ids = [uuid.uuid4().hex for _ in range(wanted)]
-        reserved = await ctx.store.reserve(pool, ctx.settings.worker_id, ids)
+        reserved = await ctx.store.reserve(pool, ctx.settings.worker_id, ids, target)
         for sid in reserved:
             task = asyncio.create_task(self._create(pool, sid), name=f"create-{sid[:8]}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if not reserved:
+            retired = await ctx.store.retire_surplus(
+                pool.name, target, int(ctx.settings.surplus_grace_s * 1000), SURPLUS_BATCH
+            )
+            if retired:
+                log.info("pool %s: %d surplus sandboxes retired", pool.name, len(retired))
         return len(reserved)
+
+    async def target(self, pool: Pool) -> int:
+        """How many ready sandboxes to keep: readySessionInstances at least, and enough to
+        absorb the recent allocation rate for one refill time (RESERVE caps the part above
+        readySessionInstances at what maxConcurrentSessions leaves room for)."""
+        loop = asyncio.get_running_loop()
+        cached = self._targets.get(pool.name)
+        if cached is not None and cached[0] > loop.time():
+            return max(cached[1], pool.ready_instances)
+        window_s = self.ctx.settings.demand_window_s
+        cap = min(pool.max_sessions * 4, STREAM_LOOK_MAX)
+        recent = await self.ctx.store.allocations_since(pool.name, int(window_s * 1000), cap)
+        refill_s = max(self._refill_s.get(pool.name, 0.0), MIN_REFILL_S)
+        following = math.ceil(recent / window_s * refill_s)
+        self._targets[pool.name] = (loop.time() + TARGET_TTL_S, following)
+        return max(following, pool.ready_instances)
 
     async def _retire_stale(self, pool: Pool) -> None:
         """Ready sandboxes of an older template are replaced (allocated ones run on)."""
@@ -102,6 +141,7 @@ class Replenisher:
                 env={e.name: pool.secrets[e.secret_ref] for e in pool.env if e.secret_ref},
             )
             try:
+                engine = await ctx.runtime.engine_id()
                 handle = await ctx.runtime.create(spec)
             except RuntimeError_ as exc:
                 log.error("pool %s: cannot create a sandbox: %s", pool.name, exc)
@@ -112,7 +152,7 @@ class Replenisher:
         steps["started"] = time.time()
         try:
             if not await self._persist(
-                lambda: store.set_container(pool.name, sid, handle.container)
+                lambda: store.set_container(pool.name, sid, handle.container, engine)
             ):
                 await ctx.runtime.destroy(handle.container)  # reservation withdrawn meanwhile
                 return
@@ -140,6 +180,9 @@ class Replenisher:
                 (steps["ready"] - steps["reserved"]) * 1000,
                 extra={"pool": pool.name, "sandbox": sid, "steps": steps},
             )
+            took = steps["ready"] - steps["reserved"]
+            prev = self._refill_s.get(pool.name, took)
+            self._refill_s[pool.name] = prev + REFILL_SMOOTHING * (took - prev)
             self._backoff.pop(pool.name, None)
             metrics.CREATED.labels(pool.name).inc()
             metrics.START_SECONDS.labels(pool.name).observe(loop.time() - started)

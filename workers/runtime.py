@@ -84,4 +84,13 @@ class Runtime(Protocol):
         """Sandboxes of this scope that stop, as they stop (ends when the runtime closes)."""
         ...
 
+    async def engine_id(self) -> str:
+        """Which engine this runtime's sandboxes live on, stable across restarts (written into
+        each sandbox record, so reconciliation never takes another engine's sandbox for lost).
+
+        Raises:
+            RuntimeError_: the engine is unreachable.
+        """
+        ...
+
     async def close(self) -> None: ...

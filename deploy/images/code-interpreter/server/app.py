@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, hdrs, web
 from yarl import URL
@@ -21,7 +21,6 @@ from .errors import (
 )
 from .executions import Execution, Executor
 from .files import FileEntry, FileStore, multipart_filename
-from .kernel import Kernel
 from .models import parse_execution_request
 from .responses import (
     is_legacy_version,
@@ -32,6 +31,9 @@ from .responses import (
     new_files,
 )
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class State:
     """What the handlers share; one per application."""
 
     settings: Settings
-    kernel: Kernel
+    kernel: Kernel | None  # None in a Shell session
     executor: Executor
     files: FileStore
 
@@ -249,18 +251,29 @@ def create_app(settings: Settings) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        kernel = Kernel(settings)
-        await kernel.start()
+        kernel: Kernel | None = None
+        if settings.mode == "python":
+            # Imported here: the shell image has no Jupyter.
+            from .kernel import Kernel
+
+            kernel = Kernel(settings)
+            await kernel.start()
         executor = Executor(settings, kernel)
         app[_STATE] = State(
             settings, kernel, executor, FileStore(settings.data_dir, settings.max_upload_bytes)
         )
-        log.info("code interpreter ready on port %d, files in %s", settings.port, settings.data_dir)
+        log.info(
+            "%s session ready on port %d, files in %s",
+            "code interpreter" if kernel else "shell",
+            settings.port,
+            settings.data_dir,
+        )
         try:
             yield
         finally:
             await executor.close()
-            await kernel.stop()
+            if kernel is not None:
+                await kernel.stop()
 
     app.cleanup_ctx.append(lifecycle)
     add = app.router.add_route

@@ -9,12 +9,15 @@ import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import BadRequestError, ExecutionConflictError, ExecutionNotFoundError
-from .kernel import Kernel
 from .models import ExecutionRequest, Kind, Outcome
 from .settings import Settings
 from .shell import run_command
+
+if TYPE_CHECKING:  # the shell image has no Jupyter: the kernel module is imported on demand
+    from .kernel import Kernel
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,8 @@ class Executor:
     cancel code half-way and leave the kernel in an unknown state.
     """
 
-    def __init__(self, settings: Settings, kernel: Kernel) -> None:
+    def __init__(self, settings: Settings, kernel: Kernel | None) -> None:
+        """`kernel` is None in a Shell session, where requests never carry Python code."""
         self._settings = settings
         self._kernel = kernel
         # asyncio.Lock wakes waiters in FIFO order, which is the queue we want.
@@ -114,6 +118,7 @@ class Executor:
             execution.status = Status.RUNNING
             try:
                 if request.kind is Kind.PYTHON:
+                    assert self._kernel is not None  # parse_execution_request refused it
                     outcome = await self._kernel.execute(
                         request.code, request.timeout_s, request.max_output
                     )

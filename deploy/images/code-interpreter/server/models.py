@@ -138,11 +138,21 @@ def parse_execution_request(
     shell = fields.get("shellcommand")
     exec_args = fields.get("execcommandandargs")
     code = fields.get("code")
+    if code is not None and settings.mode == "shell":
+        raise BadRequestError(
+            "'code': this is a Shell session, which runs no Python code; send 'shellCommand' "
+            "or 'execCommandAndArgs' instead."
+        )
     if shell is not None or exec_args is not None:
         if code is not None:
             raise BadRequestError("Give either 'code' or a shell command, not both.")
         return ExecutionRequest(
             kind=Kind.SHELL, argv=_shell_argv(shell, exec_args), stdin=_stdin(fields), **common
+        )
+    if code is None and settings.mode == "shell":
+        raise PropertiesMissingError(
+            "The execution request must contain 'shellCommand' or 'execCommandAndArgs', "
+            "either flat or inside 'properties'."
         )
     if code is None:
         raise PropertiesMissingError(

@@ -18,6 +18,9 @@ class Settings:
     instance.
     """
 
+    # "python": the code interpreter (a Jupyter kernel, and shell commands too); "shell": a
+    # Shell session, shell commands and files only, no kernel (the shell image has none).
+    mode: str = "python"
     host: str = "0.0.0.0"
     port: int = 6000
     data_dir: Path = Path("/mnt/data")
@@ -37,6 +40,8 @@ class Settings:
     session_guid: str = field(default_factory=lambda: os.uname().nodename)
 
     def __post_init__(self) -> None:
+        if self.mode not in ("python", "shell"):
+            raise ValueError(f"mode must be python or shell: {self.mode!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
         if self.max_upload_bytes <= 0 or self.max_json_body_bytes <= 0:
@@ -52,7 +57,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from `PORT`, `HOST` and `CODE_INTERPRETER_*` variables.
+        """Build settings from `PORT`, `HOST` and `CODE_INTERPRETER_*` variables
+        (`CODE_INTERPRETER_MODE=shell` for a Shell session).
 
         Raises:
             ValueError: a variable does not parse or is out of range.
@@ -66,6 +72,7 @@ class Settings:
 
         preload = get("PRELOAD_MODULES", ",".join(defaults.preload_modules))
         return cls(
+            mode=get("MODE", defaults.mode),
             host=env.get("HOST", defaults.host),
             port=int(env.get("PORT", str(defaults.port))),
             data_dir=Path(get("DATA_DIR", str(defaults.data_dir))),
