@@ -165,6 +165,11 @@ async def refill(store: Store, n: int) -> dict[str, Any]:
     took = await _wait(full, 300, "refill") - t0
     share = cpu.stop()
     await store.delete_pool("refill")
+
+    async def removed() -> bool:
+        return not await store.sandboxes("refill")
+
+    await _wait(removed, 120, "refill pool removed")  # its removals must not overlap what follows
     return {"n": n, "s": took, "per_s": n / took, **share}
 
 
@@ -172,14 +177,16 @@ async def teardown(
     store: Store, client: Any, router_url: str, scope: str, n: int
 ) -> dict[str, list[float]]:
     """ms from each session's expiresAt to its container's `die` and `destroy` events."""
-    await store.put_pool(pool_def("teardown", ready=n, max_sessions=n + 10, cooldown_s=1))
+    await store.put_pool(pool_def("teardown", ready=n, max_sessions=n, cooldown_s=1))
 
     async def ready() -> bool:
         return (await store.counts("teardown"))["ready"] >= n
 
     await _wait(ready, 300, "teardown pool ready")
-    # Stop refilling while the sessions run out (the target is what is measured, not refill).
-    await store.put_pool(pool_def("teardown", ready=0, max_sessions=n + 10, cooldown_s=1))
+    # No refill while the sessions run out (what is measured is teardown, not creates racing
+    # it): the floor goes to 0, and with every session allocated maxConcurrentSessions leaves
+    # demand-following no room.
+    await store.put_pool(pool_def("teardown", ready=0, max_sessions=n, cooldown_s=1))
     since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
     k = store.pk("teardown")
     async with aiohttp.ClientSession() as http:
@@ -220,11 +227,18 @@ async def teardown(
         action = ev.get("Action") or ev.get("status")
         if action in seen:
             seen[action][ev["id"]] = ev["timeNano"] / 1e6
+    ended: dict[str, float] = {}  # identifier -> when EXPIRE ended it (its log entry)
+    for _, fields in await store.redis.xrange(k.log, min="-", max="+"):
+        entry = orjson.loads(fields[b"data"])
+        if entry.get("event") == "idle":
+            ended[entry["identifier"]] = float(entry["at"])
     await store.delete_pool("teardown")
-    return {
+    lags = {
         action: [at[c] - expires[i] for i, c in containers.items() if c in at]
         for action, at in seen.items()
     }
+    lags["ended"] = [ended[i] - expires[i] for i in containers if i in ended]
+    return lags
 
 
 async def _get(http: aiohttp.ClientSession, url: str) -> float:
@@ -348,6 +362,9 @@ def report(data: dict[str, Any]) -> str:
         f"| teardown lag after expiry, p50 / p99 | {td_p50:.0f} / {td_p99:.0f} ms | `rm -f` "
         f"{rm_p50:.0f} / {rm_p99:.0f} ms | {td_p99 / rm_p99:.2f}x (p99) | p99 ≤ 500 ms "
         f"| {met(td_p99 <= 500)} |",
+        f"| (expiry to the session ended in Redis, p50 / p99) | "
+        f"{percentile(data['teardown_ms']['ended'], 50):.0f} / "
+        f"{percentile(data['teardown_ms']['ended'], 99):.0f} ms | | | | |",
         f"| (expiry to the container killed, p50 / p99) | {percentile(die, 50):.0f} / "
         f"{percentile(die, 99):.0f} ms | | | | |",
         f"| burst of {len(b1['ms'])} in 1 s, ready 2: first-request p50 / p99 | first burst "
