@@ -62,16 +62,17 @@ async def _list(
     request: web.Request, routing: Routing, pool: Pool, base: str, principal: str
 ) -> web.Response:
     skip = _skip(request)
-    sessions, total = await routing.store.list_sessions(pool.name, skip, PAGE_SIZE)
+    if pool.tenant_binding:
+        # Only the caller's own sessions, paged among themselves: neither the count, nor the
+        # pages, nor nextLink say anything about other principals' sessions.
+        own = await routing.store.sessions_named(pool.name, session_key("", principal))
+        sessions, total = own[skip : skip + PAGE_SIZE], len(own)
+    else:
+        sessions, total = await routing.store.list_sessions(pool.name, skip, PAGE_SIZE)
     after = skip + PAGE_SIZE
     next_link = None
     if after < total:
         next_link = f"{base}/{request.path.rsplit('/', 1)[1]}?skip={after}"
-    if pool.tenant_binding:
-        # Pages still step through every session but show only the caller's own, and the
-        # count is of those: the pool-wide total would tell one tenant about the others.
-        sessions = [s for s in sessions if s.owner == principal]
-        total = len(sessions)
     views = [session_view(s) for s in sessions]
     return json_response({"value": views, "sessions": views, "count": total, "nextLink": next_link})
 
@@ -144,6 +145,15 @@ async def code_interpreter(
         return web.Response(status=204)
     if path == "/listSessions" and method == "GET":
         return await _list(request, routing, pool, base, principal)
+    if path == "/metadata" and method == "GET" and pool.container_type == "Shell":
+        return json_response(
+            {
+                "runtimes": [{"name": "bash", "version": "5.2"}],
+                "preInstalledPackages": [],
+                "createdAt": None,
+                "lastUpdatedAt": None,
+            }
+        )
     if path == "/metadata" and method == "GET":
         return json_response(
             {

@@ -23,6 +23,11 @@ STREAM_MAXLEN = 10_000
 Redis = aioredis.Redis
 
 
+def glob_escape(value: str) -> str:
+    """`value` matched literally in a Redis glob (MATCH, KEYS)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in value)
+
+
 def text(value: Any) -> str:
     """A Redis reply as str (the clients here do not decode responses)."""
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -335,6 +340,27 @@ class Store:
             if raw is not None
         ]
         return out, total
+
+    async def sessions_named(self, pool: str, prefix: str) -> list[Session]:
+        """Every session whose stored name starts with `prefix` (one principal's, on a
+        tenant-bound pool), ordered by expiry. Redis filters: no other session leaves it."""
+        k = self.pk(pool)
+        found = [
+            (text(name), raw)
+            async for name, raw in self.redis.hscan_iter(
+                k.sessions, match=glob_escape(prefix) + "*", count=1000
+            )
+        ]
+        if not found:
+            return []
+        scores = await self.redis.zmscore(k.expiry, [name for name, _ in found])
+        out = [
+            Session.from_json(name, raw, score)
+            for (name, raw), score in zip(found, scores, strict=True)
+            if score is not None
+        ]
+        out.sort(key=lambda s: (s.expires_ms or 0, s.identifier))
+        return out
 
     async def counts(self, pool: str) -> dict[str, int]:
         k = self.pk(pool)

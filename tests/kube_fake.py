@@ -11,14 +11,8 @@ V1NetworkPolicy) and written back: a field the model does not know, a missing re
 a bad name, label or quantity is refused with 422 as the real API would, and recorded in
 `rejected` so a test can assert there were none.
 
-The kubelet: each scheduled pod becomes a container on the local Docker engine (image, command,
-args, env with `secretKeyRef` resolved, cpu/memory limits, dropped capabilities,
-no-new-privileges, read-only root, `emptyDir` as a size-limited tmpfs, hostname = pod name) on a
-bridge network of its own; the pod's IP is the container's, its phase and container state follow
-the container (running, terminated with its exit code, gone). A node selector that does not
-match `node_labels` leaves the pod Pending and Unschedulable; a missing image or Secret leaves
-it waiting with ErrImagePull or CreateContainerConfigError, with a Warning event, as a kubelet
-reports them. NetworkPolicies are stored and validated, not enforced (that is the CNI's job).
+The kubelet (`tests/kube_kubelet.py`) runs each scheduled pod as a real container on the
+local Docker engine. NetworkPolicies are stored and validated, not enforced (the CNI's job).
 """
 
 from __future__ import annotations
@@ -29,7 +23,6 @@ import contextlib
 import re
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +31,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from kubernetes_asyncio import client as kclient
 
+from tests.kube_kubelet import Kubelet, now_rfc3339
+
 Json = dict[str, Any]
-FAKE_LABEL = "io.sessionpool.fake-kube"
 MODELS = {"pods": "V1Pod", "secrets": "V1Secret", "networkpolicies": "V1NetworkPolicy"}
 KINDS = {"pods": "Pod", "secrets": "Secret", "networkpolicies": "NetworkPolicy", "events": "Event"}
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -47,15 +41,10 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
-SIZE = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
 
 
 class Invalid(Exception):
     """An object the API server refuses (422)."""
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def status(code: int, reason: str, message: str, **details: Any) -> web.Response:
@@ -102,17 +91,6 @@ def matches(labels: dict[str, str], selector: list[tuple[str, str, str]]) -> boo
     return True
 
 
-def quantity_bytes(q: str) -> int:
-    m = re.fullmatch(r"([0-9]+)(k|M|G|Ki|Mi|Gi)?", q)
-    if not m:
-        raise Invalid(f"quantity {q!r} is not whole bytes")
-    return int(m.group(1)) * SIZE[m.group(2) or ""]
-
-
-def cpu_nanos(q: str) -> int:
-    return int(q[:-1]) * 10**6 if q.endswith("m") else int(float(q) * 10**9)
-
-
 class FakeKube:
     """The API server (aiohttp on 127.0.0.1, port 0) plus a kubelet over the Docker engine."""
 
@@ -121,8 +99,6 @@ class FakeKube:
         self.id = uuid.uuid4().hex[:8]
         self.token = token or uuid.uuid4().hex  # the workers' credential: its calls are recorded
         self.admin_token = uuid.uuid4().hex  # the test's own (kubectl's) credential
-        self.runtime_classes: dict[str, str] = {}  # RuntimeClass name → Docker runtime
-        self.node_labels = {"kubernetes.io/hostname": "fake-node", **(node_labels or {})}
         self.store: dict[str, dict[tuple[str, str], Json]] = {k: {} for k in KINDS}
         self.rv = 0
         self.history: list[tuple[int, str, str, Json]] = []  # (rv, kind, type, object)
@@ -131,8 +107,9 @@ class FakeKube:
         self.rejected: list[str] = []
         self.requests: list[tuple[str, str]] = []  # (RBAC verb, resource) of each call
         self.unserved: list[str] = []
-        self.containers: dict[str, str] = {}  # pod key "ns/name" → container id
-        self.network = f"fk-{self.id}"
+        self.answering = asyncio.Event()  # cleared: every request hangs (an API server stall)
+        self.answering.set()
+        self.kubelet = Kubelet(self, engine, node_labels or {})
         self._tasks: set[asyncio.Task[None]] = set()
         self._models: Any = None
         app = web.Application(middlewares=[self._auth])
@@ -154,14 +131,9 @@ class FakeKube:
 
     async def start(self) -> FakeKube:
         self._models = kclient.ApiClient()
-        await asyncio.to_thread(
-            self.engine.api.create_network,
-            self.network,
-            driver="bridge",
-            labels={FAKE_LABEL: self.id},
-        )
+        await self.kubelet.start()
         await self.server.start_server()
-        self._spawn(self._kubelet_loop())
+        self.spawn(self.kubelet.run())
         return self
 
     def write_kubeconfig(self, path: Path, namespace: str = "default", admin: bool = False) -> Path:
@@ -192,20 +164,21 @@ class FakeKube:
         for q in list(self.queues):
             q.put_nowait((0, "", "END", {}))
         await self.server.close()
-        for cid in await asyncio.to_thread(self._own_containers):
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.engine.api.remove_container, cid, force=True)
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(self.engine.api.remove_network, self.network)
+        await self.kubelet.close()
         if self._models is not None:
             await self._models.close()
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # What tests look at -----------------------------------------------------------------------
+
+    @property
+    def containers(self) -> dict[str, str]:
+        """Pod key "ns/name" → the container id the kubelet runs it as."""
+        return self.kubelet.containers
 
     def objects(self, kind: str, selector: str = "") -> list[Json]:
         sel = parse_selector(selector)
@@ -226,6 +199,7 @@ class FakeKube:
             return status(401, "Unauthorized", "Unauthorized")
         if credential == f"Bearer {self.token}":
             self.requests.append((_verb(request), self._kind(request)))
+        await self.answering.wait()
         resp: web.StreamResponse = await handler(request)
         return resp
 
@@ -248,7 +222,7 @@ class FakeKube:
                 return self._invalid(kind, exc)
             key = (ns, obj["metadata"]["name"])
             rc = obj.get("spec", {}).get("runtimeClassName") if kind == "pods" else None
-            if rc and rc not in self.runtime_classes:
+            if rc and rc not in self.kubelet.runtime_classes:
                 return status(
                     403,
                     "Forbidden",
@@ -269,9 +243,9 @@ class FakeKube:
             )
             if kind == "pods":
                 obj["status"] = {"phase": "Pending", "qosClass": _qos(obj)}
-            self._put(kind, obj, "ADDED")
+            self.put(kind, obj, "ADDED")
             if kind == "pods":
-                self._spawn(self._run_pod(key))
+                self.spawn(self.kubelet.run_pod(key))
             return web.json_response(obj, status=201)
         if request.method != "GET":
             return status(405, "MethodNotAllowed", f"{request.method} is not supported")
@@ -323,11 +297,11 @@ class FakeKube:
                 )
             for field in ("uid", "creationTimestamp", "namespace"):
                 obj["metadata"][field] = current["metadata"][field]
-            self._put(kind, obj, "MODIFIED")
+            self.put(kind, obj, "MODIFIED")
             return web.json_response(obj)
         if request.method == "DELETE":
             if kind != "pods":
-                self._drop(kind, (ns, name))
+                self.drop(kind, (ns, name))
                 return web.json_response(
                     {"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {}}
                 )
@@ -335,8 +309,8 @@ class FakeKube:
             if not current["metadata"].get("deletionTimestamp"):
                 current["metadata"]["deletionTimestamp"] = now_rfc3339()
                 current["metadata"]["deletionGracePeriodSeconds"] = grace
-                self._put(kind, current, "MODIFIED")
-                self._spawn(self._terminate((ns, name), grace))
+                self.put(kind, current, "MODIFIED")
+                self.spawn(self.kubelet.terminate((ns, name), grace))
             return web.json_response(current)
         return status(405, "MethodNotAllowed", f"{request.method} is not supported")
 
@@ -410,14 +384,14 @@ class FakeKube:
 
     # Store ------------------------------------------------------------------------------------
 
-    def _put(self, kind: str, obj: Json, typ: str) -> None:
+    def put(self, kind: str, obj: Json, typ: str) -> None:
         self.rv += 1
         obj["metadata"]["resourceVersion"] = str(self.rv)
         key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
         self.store[kind][key] = obj
         self._publish(kind, typ, obj)
 
-    def _drop(self, kind: str, key: tuple[str, str]) -> None:
+    def drop(self, kind: str, key: tuple[str, str]) -> None:
         obj = self.store[kind].pop(key, None)
         if obj is not None:
             self.rv += 1
@@ -474,9 +448,9 @@ class FakeKube:
             obj.setdefault("type", "Opaque")
         return obj
 
-    # Kubelet ----------------------------------------------------------------------------------
+    # For the kubelet ----------------------------------------------------------------------------
 
-    def _event(self, ns: str, pod: str, reason: str, message: str) -> None:
+    def event(self, ns: str, pod: str, reason: str, message: str) -> None:
         obj = {
             "apiVersion": "v1",
             "kind": "Event",
@@ -487,227 +461,16 @@ class FakeKube:
             "type": "Warning",
             "count": 1,
         }
-        self._put("events", obj, "ADDED")
+        self.put("events", obj, "ADDED")
 
-    def _update_status(self, key: tuple[str, str], **changes: Any) -> Json | None:
+    def update_status(self, key: tuple[str, str], **changes: Any) -> Json | None:
         pod = self.store["pods"].get(key)
         if pod is None:
             return None
         pod = orjson.loads(orjson.dumps(pod))
         pod["status"].update(changes)
-        self._put("pods", pod, "MODIFIED")
+        self.put("pods", pod, "MODIFIED")
         return pod
-
-    async def _run_pod(self, key: tuple[str, str]) -> None:
-        ns, name = key
-        pod = self.store["pods"][key]
-        spec = pod["spec"]
-        c = spec["containers"][0]
-        wanted = spec.get("nodeSelector") or {}
-        if any(self.node_labels.get(k) != v for k, v in wanted.items()):
-            message = (
-                "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector."
-            )
-            self._event(ns, name, "FailedScheduling", message)
-            self._update_status(
-                key, conditions=[_cond("PodScheduled", "False", "Unschedulable", message)]
-            )
-            return
-        pod = self.store["pods"][key]
-        pod = orjson.loads(orjson.dumps(pod))
-        pod["spec"]["nodeName"] = "fake-node"
-        pod["status"]["conditions"] = [_cond("PodScheduled", "True")]
-        self._put("pods", pod, "MODIFIED")
-
-        def waiting(reason: str, message: str) -> None:
-            self._event(ns, name, "Failed", message)
-            self._update_status(
-                key,
-                containerStatuses=[
-                    {
-                        "name": c["name"],
-                        "image": c["image"],
-                        "imageID": "",
-                        "ready": False,
-                        "restartCount": 0,
-                        "state": {"waiting": {"reason": reason, "message": message}},
-                    }
-                ],
-            )
-
-        try:
-            image = await asyncio.to_thread(self.engine.api.inspect_image, c["image"])
-        except Exception:
-            waiting("ErrImagePull", f'Failed to pull image "{c["image"]}": not found')
-            return
-        env = {}
-        for e in c.get("env") or []:
-            if "value" in e:
-                env[e["name"]] = e["value"]
-                continue
-            ref = e["valueFrom"]["secretKeyRef"]
-            secret = self.store["secrets"].get((ns, ref["name"]))
-            if secret is None or ref["key"] not in (secret.get("data") or {}):
-                waiting("CreateContainerConfigError", f'secret "{ref["name"]}" not found')
-                return
-            env[e["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
-        sc = c.get("securityContext") or {}
-        user = (image.get("Config") or {}).get("User") or ""
-        if sc.get("runAsNonRoot") and user.split(":")[0] in ("", "0", "root"):
-            waiting(
-                "CreateContainerConfigError",
-                "Error: container has runAsNonRoot and image will run as root",
-            )
-            return
-        limits = (c.get("resources") or {}).get("limits") or {}
-        vols = {v["name"]: v for v in spec.get("volumes") or []}
-        tmpfs = {}
-        for m in c.get("volumeMounts") or []:
-            size = quantity_bytes(vols[m["name"]]["emptyDir"].get("sizeLimit", "64Mi"))
-            tmpfs[m["mountPath"]] = f"rw,nosuid,nodev,size={size}"
-        kwargs: dict[str, Any] = {
-            "name": f"fk-{self.id}-{name}"[:128],
-            "hostname": name[:63],
-            "labels": {FAKE_LABEL: self.id, "io.sessionpool.fake-pod": f"{ns}/{name}"},
-            "environment": env,
-            "entrypoint": c.get("command"),
-            "command": c.get("args"),
-            "network": self.network,
-            "detach": True,
-            "cap_drop": [
-                x for x in ["ALL"] if "ALL" in (sc.get("capabilities") or {}).get("drop", [])
-            ],
-            "security_opt": ["no-new-privileges"] if not sc.get("allowPrivilegeEscalation") else [],
-            "read_only": bool(sc.get("readOnlyRootFilesystem")),
-            "tmpfs": tmpfs,
-            "restart_policy": {"Name": "no"},
-        }
-        if spec.get("runtimeClassName"):
-            kwargs["runtime"] = self.runtime_classes[spec["runtimeClassName"]]
-        if "memory" in limits:
-            kwargs["mem_limit"] = quantity_bytes(limits["memory"])
-            kwargs["memswap_limit"] = kwargs["mem_limit"]
-        if "cpu" in limits:
-            kwargs["nano_cpus"] = cpu_nanos(limits["cpu"])
-        if key not in self.store["pods"] or self.store["pods"][key]["metadata"].get(
-            "deletionTimestamp"
-        ):
-            return
-        try:
-            cid, ip = await asyncio.to_thread(self._start_container, c["image"], kwargs)
-        except Exception as exc:  # the runtime could not start it: the pod fails, as in a kubelet
-            self._event(ns, name, "Failed", f"Error: {exc}")
-            terminated = {"exitCode": 128, "reason": "StartError", "message": str(exc)[:300]}
-            self._update_status(
-                key,
-                phase="Failed",
-                containerStatuses=[
-                    {
-                        "name": c["name"],
-                        "image": c["image"],
-                        "imageID": "",
-                        "ready": False,
-                        "restartCount": 0,
-                        "state": {"terminated": terminated},
-                    }
-                ],
-            )
-            return
-        self.containers[f"{ns}/{name}"] = cid
-        if key not in self.store["pods"]:  # deleted meanwhile: the terminator missed it
-            await asyncio.to_thread(self.engine.api.remove_container, cid, force=True)
-            return
-        started = now_rfc3339()
-        self._update_status(
-            key,
-            phase="Running",
-            podIP=ip,
-            podIPs=[{"ip": ip}],
-            hostIP="127.0.0.1",
-            startTime=started,
-            conditions=[_cond("PodScheduled", "True"), _cond("Ready", "True")],
-            containerStatuses=[
-                {
-                    "name": c["name"],
-                    "image": c["image"],
-                    "imageID": str(image.get("Id", "")),
-                    "containerID": f"docker://{cid}",
-                    "ready": True,
-                    "started": True,
-                    "restartCount": 0,
-                    "state": {"running": {"startedAt": started}},
-                }
-            ],
-        )
-
-    def _start_container(self, image: str, kwargs: dict[str, Any]) -> tuple[str, str]:
-        container = self.engine.containers.create(image, **kwargs)
-        try:
-            container.start()
-            info = self.engine.api.inspect_container(container.id)
-            return container.id, info["NetworkSettings"]["Networks"][self.network]["IPAddress"]
-        except BaseException:
-            self.engine.api.remove_container(container.id, force=True)
-            raise
-
-    async def _terminate(self, key: tuple[str, str], grace: int) -> None:
-        cid = self.containers.pop(f"{key[0]}/{key[1]}", None)
-        if cid is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.engine.api.stop, cid, timeout=grace)
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.engine.api.remove_container, cid, force=True)
-        self._drop("pods", key)
-
-    def _own_containers(self) -> list[str]:
-        rows = self.engine.api.containers(all=True, filters={"label": f"{FAKE_LABEL}={self.id}"})
-        return [r["Id"] for r in rows]
-
-    async def _kubelet_loop(self) -> None:
-        """Container states → pod phases, every 0.2 s (one list call for all pods)."""
-        while True:
-            await asyncio.sleep(0.2)
-            try:
-                rows = await asyncio.to_thread(
-                    self.engine.api.containers,
-                    all=True,
-                    filters={"label": f"{FAKE_LABEL}={self.id}"},
-                )
-            except Exception:
-                continue
-            alive = {r["Id"]: r for r in rows}
-            for pod_key, cid in list(self.containers.items()):
-                ns, name = pod_key.split("/", 1)
-                pod = self.store["pods"].get((ns, name))
-                if pod is None or pod["status"].get("phase") != "Running":
-                    continue
-                row = alive.get(cid)
-                if row is not None and row.get("State") not in ("exited", "dead"):
-                    continue
-                code = 137
-                if row is not None:
-                    with contextlib.suppress(Exception):
-                        info = await asyncio.to_thread(self.engine.api.inspect_container, cid)
-                        code = int(info["State"]["ExitCode"])
-                cs = dict(pod["status"]["containerStatuses"][0])
-                cs.update(
-                    ready=False,
-                    started=False,
-                    state={
-                        "terminated": {
-                            "exitCode": code,
-                            "reason": "Completed" if code == 0 else "Error",
-                            "finishedAt": now_rfc3339(),
-                            "containerID": f"docker://{cid}",
-                        }
-                    },
-                )
-                self._update_status(
-                    (ns, name),
-                    phase="Succeeded" if code == 0 else "Failed",
-                    conditions=[_cond("PodScheduled", "True"), _cond("Ready", "False")],
-                    containerStatuses=[cs],
-                )
 
 
 def forbidden(requests: list[tuple[str, str]], rules: list[Json]) -> list[str]:
@@ -740,15 +503,6 @@ def _fields_match(obj: Json, fields: dict[str, str]) -> bool:
         if value != want:
             return False
     return True
-
-
-def _cond(kind: str, state: str, reason: str = "", message: str = "") -> Json:
-    out = {"type": kind, "status": state, "lastTransitionTime": now_rfc3339()}
-    if reason:
-        out["reason"] = reason
-    if message:
-        out["message"] = message
-    return out
 
 
 def _qos(pod: Json) -> str:

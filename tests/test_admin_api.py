@@ -441,6 +441,21 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
         "secrets[1].name",
     ),
     ("demo", definition(secrets=[{"name": "new"}]), "secrets[0].value"),
+    # Above the operator's maximums (router/limits.py), each named.
+    *(
+        (
+            "demo",
+            definition(
+                customContainerTemplate={
+                    "containers": [{"image": "x", "resources": {key: value}}],
+                    "ingress": {"targetPort": 80},
+                }
+            ),
+            f"resources.{key}",
+        )
+        for key, value in (("cpu", 2.5), ("memory", "5Gi"), ("ephemeralStorage", "8Gi"))
+    ),
+    ("demo", definition(sandboxConfiguration={"pidsLimit": 5000}), "pidsLimit"),
 ]
 
 
@@ -576,7 +591,7 @@ async def test_patch_is_a_json_merge_patch_that_keeps_secrets(
     pool = await store.get_pool("demo")
     assert pool is not None
     assert pool.secrets == {"k": SECRET_VALUE, "extra": "v2"}
-    assert pool.pids_limit == 256  # back to the default
+    assert pool.pids_limit is None  # back to the operator's default
     assert view["version"] != created["version"]  # the sandbox changed (pids limit)
     # Arrays are replaced whole: dropping the secret an env var uses is refused.
     status, doc, headers, _ = await send(
@@ -695,3 +710,39 @@ async def test_a_stored_definition_that_no_longer_validates_can_be_replaced(
     pool = await store.get_pool("demo")
     assert pool is not None
     assert pool.secrets == {"k": SECRET_VALUE}
+
+
+async def test_mcp_credentials_need_the_admin_role_and_open_only_the_mcp_endpoint(
+    http: aiohttp.ClientSession, start_router: StartRouter
+) -> None:
+    base = await start_router()
+    shell = {"containerType": "Shell", "mcpServerSettings": {"isMCPServerEnabled": True}}
+    for name in ("demo", "other"):
+        status, body, _, _ = await send(http, "PUT", f"{base}/admin/pools/{name}", shell)
+        assert status == 201, body
+    fetch = f"{base}/admin/pools/demo/fetchMcpServerCredentials"
+    for headers, expected in (
+        ({}, 401),
+        ({"Authorization": f"Bearer {EXEC_KEY}"}, 403),
+        ({"Authorization": f"Bearer {SCOPED_ADMIN_KEY}"}, 200),  # scoped to demo
+    ):
+        status, body, _, _ = await send(http, "POST", fetch, headers=headers)
+        assert status == expected, (headers, body)
+    scoped_other = f"{base}/admin/pools/other/rotateMcpServerCredentials"
+    status, _, _, _ = await send(
+        http, "POST", scoped_other, headers={"Authorization": f"Bearer {SCOPED_ADMIN_KEY}"}
+    )
+    assert status == 403
+    status, body, _, _ = await send(http, "POST", fetch)
+    key = body["apiKey"]
+    # The MCP key opens the MCP endpoint and nothing else; router credentials do not open it.
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    mcp = f"{base}/pools/demo/mcp"
+    status, _, _, _ = await send(http, "POST", mcp, ping, headers={"x-ms-apikey": key})
+    assert status == 200
+    for creds in (ADMIN, {"Authorization": f"Bearer {EXEC_KEY}"}):
+        status, _, _, _ = await send(http, "POST", mcp, ping, headers=creds)
+        assert status == 401
+    for creds in ({"Authorization": f"Bearer {key}"}, {"x-api-key": key}):
+        status, _, _, _ = await send(http, "GET", f"{base}/admin/pools/demo", headers=creds)
+        assert status == 401

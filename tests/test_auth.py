@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import RSAAlgorithm
 
+from router import management
 from router.app import ROUTING, create_app
 from router.auth import AUTH, hash_key, keyfile, load_api_keys
 from router.identifiers import session_key
@@ -673,6 +674,37 @@ async def test_non_owner_cannot_detect_stop_or_extend_a_session(
     # Stop is also checked against the owner inside the script.
     assert not await store.stop("demo", p_key, "stopped", owner="key:q")
     assert await store.stop("demo", p_key, "stopped", owner="key:p")
+
+
+async def test_tenant_bound_listing_pages_only_the_callers_sessions(
+    store: Store,
+    sandboxes: Any,
+    keys_file: str,
+    start_router: StartRouter,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(management, "PAGE_SIZE", 2)
+    await seed(store, sandboxes, n=5, tenantBinding=True)
+    r = await start_router(auth="required", api_keys_file=keys_file)
+    ep = f"{r.base}/pools/demo"
+    p, q = bearer(TENANT_P), bearer(TENANT_Q)
+    for ident in ("p-one", "p-two", "p-three", "p-four"):
+        assert (await call(http, "GET", f"{ep}/x?identifier={ident}", p))[0] == 200
+    assert (await call(http, "GET", f"{ep}/x?identifier=q-only", q))[0] == 200
+    # Q: one session, one page; the four of P's change nothing in what Q sees.
+    _, listing, _ = await call(http, "GET", f"{ep}/.management/listSessions", q)
+    assert [v["identifier"] for v in listing["value"]] == ["q-only"]
+    assert (listing["count"], listing["nextLink"]) == (1, None)
+    _, listing, _ = await call(http, "GET", f"{ep}/.management/listSessions?skip=2", q)
+    assert (listing["value"], listing["count"], listing["nextLink"]) == ([], 1, None)
+    # P: its four, two pages of two, linked.
+    _, first, _ = await call(http, "GET", f"{ep}/.management/listSessions", p)
+    assert first["count"] == 4 and first["nextLink"].endswith("/listSessions?skip=2")
+    _, second, _ = await call(http, "GET", first["nextLink"], p)
+    assert second["nextLink"] is None
+    seen = {v["identifier"] for v in first["value"] + second["value"]}
+    assert seen == {"p-one", "p-two", "p-three", "p-four"}
 
 
 async def test_without_tenant_binding_any_executor_shares_an_identifier(

@@ -11,7 +11,10 @@ import pytest
 import yaml
 from kubernetes_asyncio import client as kclient
 
+from router.pools import parse_pool
 from tests.kube_fake import _differences
+from workers import podspec
+from workers.runtime import SandboxSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 DIR = ROOT / "deploy/k8s/kubernetes-runtime"
@@ -117,3 +120,45 @@ def test_namespaces_enforce_restricted_and_sandboxes_are_fenced() -> None:
     (config,) = [d for d in docs if d["metadata"]["name"] == "sessionpool-config"]
     assert config["data"]["SESSIONPOOL_RUNTIME"] == "kubernetes"
     assert config["data"]["SESSIONPOOL_K8S_NAMESPACE"] == SANDBOXES
+
+
+def _admits(peer: dict[str, Any], namespace: str, labels: dict[str, str]) -> bool:
+    """Whether a NetworkPolicy peer (namespaceSelector + podSelector) selects a pod."""
+    ns_labels = {"kubernetes.io/metadata.name": namespace}
+    for selector, have in ((peer["namespaceSelector"], ns_labels), (peer["podSelector"], labels)):
+        if any(have.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+            return False
+        for expr in selector.get("matchExpressions", []):
+            assert expr["operator"] == "In"
+            if have.get(expr["key"]) not in expr["values"]:
+                return False
+    return True
+
+
+def test_pool_policies_let_in_exactly_the_deployed_routers_and_workers() -> None:
+    """The runtime's ingress rule and these manifests agree: routers and workers (probes) reach
+    sandboxes, Redis and anything else in the control namespace does not."""
+    docs = documents()
+    (config,) = [d for d in docs if d["metadata"]["name"] == "sessionpool-config"]
+    control = config["data"]["SESSIONPOOL_K8S_CONTROL_NAMESPACE"]
+    pool = parse_pool(
+        "demo",
+        {
+            "properties": {
+                "customContainerTemplate": {
+                    "containers": [{"name": "main", "image": "sessionpool/echo:dev"}],
+                    "ingress": {"targetPort": 8080},
+                }
+            }
+        },
+    )
+    policy = podspec.pool_policy(SandboxSpec("sp", pool, "a" * 32), SANDBOXES, control, [])
+    (peer,) = policy["spec"]["ingress"][0]["from"]
+    pods = {
+        d["metadata"]["name"]: (d["metadata"]["namespace"], d["spec"]["template"]["metadata"])
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+    }
+    admitted = {name for name, (ns, meta) in pods.items() if _admits(peer, ns, meta["labels"])}
+    assert admitted == {"router", "worker"}
+    assert "redis" in pods

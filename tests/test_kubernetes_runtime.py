@@ -26,6 +26,7 @@ from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE, Exit, RuntimeError_, San
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(120)]
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/echo:dev"
+CODE_IMAGE = "sessionpool/code-interpreter:dev"
 NS = "sandboxes"
 
 
@@ -234,3 +235,88 @@ async def test_invalid_objects_are_refused_like_the_api(kube: FakeKube) -> None:
         async with http.get(f"{kube.url}/api/v1/namespaces/{NS}/pods") as r:
             assert r.status == 401
     kube.rejected.clear()
+
+
+async def test_every_call_is_bounded_when_the_api_stalls(kube: FakeKube, tmp_path: Path) -> None:
+    settings = Settings(
+        runtime="kubernetes",
+        k8s_namespace=NS,
+        k8s_kubeconfig=str(kube.write_kubeconfig(tmp_path / "kubeconfig")),
+        k8s_api_timeout_s=0.3,
+    )
+    rt = KubernetesRuntime(settings)
+    try:
+        kube.answering.clear()
+        for call in (rt.list("kt"), rt.destroy("sp-x"), rt.create(spec_of(pool()))):
+            with pytest.raises(RuntimeError_, match="kubernetes API: TimeoutError"):
+                await asyncio.wait_for(call, 5)  # the runtime's own bound, not this one
+    finally:
+        kube.answering.set()
+        await rt.close()
+
+
+async def test_registry_credentials_become_a_pull_secret(
+    runtime: KubernetesRuntime, kube: FakeKube
+) -> None:
+    p = pool(
+        "private",
+        secrets=[{"name": "regpw", "value": "hunter2"}],
+        customContainerTemplate={
+            "containers": [{"name": "main", "image": IMAGE}],
+            "ingress": {"targetPort": 8080},
+            "registryCredentials": {
+                "server": "registry.example",
+                "username": "bot",
+                "passwordSecretRef": "regpw",
+            },
+        },
+        sandboxConfiguration={"tolerations": [{"key": "sandbox", "operator": "Exists"}]},
+    )
+    handle = await runtime.create(spec_of(p))
+    (pod,) = kube.objects("pods")
+    (secret,) = kube.objects("secrets")
+    assert secret["type"] == "kubernetes.io/dockerconfigjson"
+    assert pod["spec"]["imagePullSecrets"] == [{"name": secret["metadata"]["name"]}]
+    assert pod["spec"]["tolerations"] == [{"key": "sandbox", "operator": "Exists"}]
+    await runtime.destroy(handle.container)
+    await wait_until(lambda: not kube.objects("secrets"), timeout=10)
+
+
+async def test_code_interpreter_runs_on_a_read_only_root(
+    runtime: KubernetesRuntime, kube: FakeKube, engine: Any
+) -> None:
+    """The PythonLTS image writes where ACA sessions write (/mnt/data, /tmp): those are the
+    pod's emptyDirs, everything else is read-only."""
+    try:
+        engine.images.get(CODE_IMAGE)
+    except docker.errors.ImageNotFound:
+        subprocess.run(
+            ["bash", str(ROOT / "deploy/images/build.sh"), "code-interpreter"], check=True
+        )
+    p = parse_pool("lts", {"properties": {"containerType": "PythonLTS"}})
+    handle = await runtime.create(spec_of(p))
+    url = f"http://{handle.addr}"
+
+    async def healthy() -> bool:
+        try:
+            async with aiohttp.ClientSession() as http, http.get(f"{url}/health") as r:
+                return r.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    await wait_until(healthy, timeout=60, interval=0.2)
+    code = (
+        "open('/mnt/data/a.txt', 'w').write('x'); open('/tmp/b.txt', 'w').write('y')\n"
+        "try:\n    open('/etc/c.txt', 'w')\nexcept OSError as e:\n    print(e.errno)\n"
+    )
+    body = {"properties": {"codeInputType": "inline", "executionType": "synchronous", "code": code}}
+    params = {"api-version": "2024-02-02-preview", "identifier": "k8s"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{url}/code/execute", params=params, json=body) as r,
+    ):
+        assert r.status == 200, await r.text()
+        props = (await r.json())["properties"]
+    assert props["status"] == "Success", props
+    assert props["stdout"].strip() == "30"  # EROFS: the root is read-only
+    await runtime.destroy(handle.container)

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -22,15 +23,23 @@ import aiohttp
 import docker
 import docker.errors
 import pytest
+import pytest_asyncio
 from aiohttp.test_utils import TestServer
 
 from router.app import create_app
+from router.keys import Keys
 from router.settings import Settings
-from router.store import Store
+from router.store import Store, open_redis
+from tests.conftest import RedisServer
 from tests.helpers import wait_until
 from workers.runtime import LABEL_SCOPE
 
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
+# One router, worker and pair of pools for the whole module (starting them is most of the cost).
+pytestmark = [
+    pytest.mark.docker,
+    pytest.mark.timeout(300),
+    pytest.mark.asyncio(loop_scope="module"),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = {"code-interpreter": "sessionpool/code-interpreter:dev", "shell": "sessionpool/shell:dev"}
@@ -44,7 +53,7 @@ def _pool(container_type: str, mcp: bool = True) -> dict[str, Any]:
     return {
         "properties": {
             "containerType": container_type,
-            "scaleConfiguration": {"maxConcurrentSessions": 4, "readySessionInstances": 1},
+            "scaleConfiguration": {"maxConcurrentSessions": 8, "readySessionInstances": 1},
             "dynamicPoolConfiguration": {
                 "lifecycleConfiguration": {"lifecycleType": "Timed", "cooldownPeriodInSeconds": 300}
             },
@@ -106,8 +115,16 @@ def _loads(raw: str | bytes) -> Any:
     return json.loads(raw)
 
 
-@pytest.fixture
-async def env(engine: Any, settings: Settings, store: Store) -> AsyncIterator[Env]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def env(engine: Any, redis_server: RedisServer) -> AsyncIterator[Env]:
+    settings = Settings(
+        redis_url=redis_server.url,
+        key_prefix=f"t{uuid.uuid4().hex[:10]}",
+        activity_flush_s=0.1,
+        auth="none",
+    )
+    redis = open_redis(settings.redis_url)
+    store = Store(redis, Keys(settings.key_prefix))
     worker = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -156,6 +173,7 @@ async def env(engine: Any, settings: Settings, store: Store) -> AsyncIterator[En
             )
             for c in raw:  # whatever the worker did not tear down
                 engine.api.remove_container(c["Id"], force=True)
+            await redis.aclose()
 
 
 def _all_ready(store: Store) -> Any:
@@ -169,7 +187,7 @@ def _all_ready(store: Store) -> Any:
 
 
 async def test_sdk_client_against_python_and_shell_pools(env: Env) -> None:
-    from mcp import ClientSession
+    from mcp import Client, ClientSession
     from mcp.client.streamable_http import streamable_http_client
     from mcp.shared._httpx_utils import create_mcp_http_client
     from mcp.shared.exceptions import MCPError
@@ -233,6 +251,14 @@ async def test_sdk_client_against_python_and_shell_pools(env: Env) -> None:
         assert out.structured_content == {"stdout": "42\n", "stderr": "", "exitCode": 0}
         with pytest.raises(MCPError, match="Unknown tool"):
             await session.call_tool(RUN_PY, {"environmentId": env_id, "pythonCode": "1"})
+
+    # The SDK's high-level Client (mode "auto"): it probes `server/discover` (2026-07-28),
+    # which we do not speak, then falls back to the initialize handshake.
+    http, transport = await connect(SH, await env.key(SH))
+    async with http, Client(transport) as client:
+        assert client.protocol_version == "2025-11-25"
+        launched = await client.call_tool("launchShell", {})
+        assert launched.structured_content["environmentId"]
 
     # A wrong key: the SDK's initialize fails (its task groups wrap the error).
     http, transport = await connect(SH, "not-the-key")
@@ -381,7 +407,7 @@ async def test_keys_wrong_rotated_and_a_stopped_environment(env: Env) -> None:
     )
     assert status == 200
     assert "ended" in gone["error"]["message"]
-    assert (await env.store.counts(PY))["allocated"] == 0  # no fresh session behind its back
+    assert await env.store.get_session(PY, env_id) is None  # no fresh session behind its back
 
 
 async def test_admin_mcp_settings(env: Env) -> None:
@@ -421,12 +447,16 @@ async def test_admin_mcp_settings(env: Env) -> None:
     status, body = await env.admin("POST", f"{SH}/fetchMcpServerCredentials")
     assert status == 400
     assert "isMCPServerEnabled" in body["error"]["message"]
-    async with env.http.post(
-        env.mcp_url(SH),
-        params={"identifier": "plain-session"},
-        json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
-    ) as r:
-        assert r.status == 404  # the shell session's own server: no /mcp there
+    try:
+        async with env.http.post(
+            env.mcp_url(SH),
+            params={"identifier": "plain-session"},
+            json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+        ) as r:
+            assert r.status == 404  # the shell session's own server: no /mcp there
+    finally:  # the other tests use the Shell pool's endpoint
+        enable = {"properties": {"mcpServerSettings": {"isMCPServerEnabled": True}}}
+        assert (await env.admin("PATCH", SH, enable))[0] == 200
 
 
 # --- Shell pools through the router, and LangChain's tools -----------------------------------
@@ -447,6 +477,8 @@ async def test_shell_pool_executions_and_python_refused(env: Env) -> None:
         assert "'code'" in (await r.json())["error"]["message"]
     async with env.http.delete(f"{base}/session", params=params) as r:
         assert r.status == 204  # the ACA session-delete path LangChain uses
+    async with env.http.get(f"{base}/metadata") as r:
+        assert [rt["name"] for rt in (await r.json())["runtimes"]] == ["bash"]
 
 
 async def test_langchain_tools_against_shell_and_python_pools(env: Env) -> None:

@@ -14,11 +14,12 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
+from redis.asyncio.sentinel import MasterNotFoundError
 
 from router.app import create_app
 from router.keys import Keys
 from router.settings import Settings
-from router.store import Store, open_redis
+from router.store import Store, open_redis, wait_redis
 from tests.helpers import wait_until
 from tests.test_workers import process_pool
 from workers.main import run
@@ -37,8 +38,9 @@ def free_port() -> int:
 class Topology:
     """A primary, a replica and three sentinels on loopback, each a real redis-server."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, password: str = "") -> None:
         self.dir = directory
+        self.password = password  # as deploy/k8s/20-redis.yaml: on servers and sentinels
         self.ports = [free_port(), free_port()]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -59,6 +61,8 @@ class Topology:
         ]
         if replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(replica_of)]
+        if self.password:
+            args += ["--requirepass", self.password, "--masterauth", self.password]
         self.procs[port] = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -72,6 +76,13 @@ class Topology:
             f"sentinel failover-timeout {MASTER} 5000\n"
             f"sentinel parallel-syncs {MASTER} 1\n"
         )
+        if self.password:
+            with conf.open("a") as f:
+                f.write(
+                    f"requirepass {self.password}\n"
+                    f"sentinel auth-pass {MASTER} {self.password}\n"
+                    f"sentinel sentinel-pass {self.password}\n"
+                )
         self.procs[port] = subprocess.Popen(
             ["redis-server", str(conf), "--sentinel"],
             stdout=subprocess.DEVNULL,
@@ -81,7 +92,8 @@ class Topology:
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{MASTER}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis+sentinel://{auth}{hosts}/{MASTER}/0"
 
     def kill(self, port: int) -> None:
         proc = self.procs.pop(port)
@@ -192,3 +204,34 @@ async def _ready(store: Store, n: int) -> bool:
         return (await store.counts("proc"))["ready"] == n
     except (aioredis.ConnectionError, aioredis.TimeoutError):
         return False
+
+
+async def test_password_protected_sentinel_topology(tmp_path: Path) -> None:
+    """The k8s shape: servers and sentinels all require the password; a client with it in
+    the URL finds the primary and works, one without it gets nothing."""
+    t = Topology(tmp_path, password="a-generated-password-0123456789")
+    t.start_server(t.ports[0])
+    for port in t.sentinel_ports:
+        t.start_sentinel(port)
+    try:
+        client = open_redis(t.url)
+        try:
+            await wait_redis(client, 10.0)
+            await client.set("k", b"v")
+            assert await client.get("k") == b"v"
+        finally:
+            await client.aclose()
+        bare = open_redis(t.url.replace(f":{t.password}@", ""))
+        try:  # the sentinels themselves refuse to name the primary
+            with pytest.raises(MasterNotFoundError, match="AuthenticationError"):
+                await bare.get("k")
+        finally:
+            await bare.aclose()
+        direct = aioredis.Redis(host="127.0.0.1", port=t.ports[0], socket_timeout=2)
+        try:
+            with pytest.raises(aioredis.AuthenticationError):
+                await direct.get("k")
+        finally:
+            await direct.aclose()
+    finally:
+        t.stop()

@@ -194,8 +194,8 @@ class KubernetesRuntime:
                     else:
                         known[name] = (ex, told or ended)
                 delay = 0.2
-            except KubeError as exc:
-                if exc.status == 410:  # our version was compacted away: list again
+            except RuntimeError_ as exc:  # KubeError, or no usable configuration
+                if isinstance(exc, KubeError) and exc.status == 410:  # compacted: list again
                     log.info("watch: %s; listing again", exc.reason)
                     version = ""
                     continue
@@ -394,7 +394,7 @@ class KubernetesRuntime:
                 self.timeout_s,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise KubeError(0, "", f"watch: {exc or type(exc).__name__}") from exc
+            raise KubeError(0, "", f"watch: {str(exc) or type(exc).__name__}") from exc
         self._watches.add(resp)
         try:
             if resp.status != 200:
@@ -413,7 +413,7 @@ class KubernetesRuntime:
                     yield kind, obj
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
             if not self._closed.is_set():
-                raise KubeError(0, "", f"watch: {exc or type(exc).__name__}") from exc
+                raise KubeError(0, "", f"watch: {str(exc) or type(exc).__name__}") from exc
         finally:
             self._watches.discard(resp)
             resp.close()
@@ -466,7 +466,7 @@ class KubernetesRuntime:
                 finally:
                     resp.release()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise KubeError(0, "", f"kubernetes API: {exc or type(exc).__name__}") from exc
+            raise KubeError(0, "", f"kubernetes API: {str(exc) or type(exc).__name__}") from exc
         if not 200 <= resp.status < 300:
             raise _error(resp.status, raw)
         body: Json = orjson.loads(raw) if raw else {}

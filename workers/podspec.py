@@ -34,6 +34,10 @@ Json = dict[str, Any]
 LINK_LOCAL = ("169.254.0.0/16", "fe80::/10")
 TMP_MAX_BYTES = 256 << 20  # as the docker runtime: /tmp is min(256 MiB, memory / 2)
 GRACE_S = 1  # SIGTERM to SIGKILL when a sandbox is destroyed: the session is over
+# The root filesystem is read-only: ACA's session-files directory of the built-in container
+# types is a disk-backed emptyDir (its size counts against the pod's ephemeral storage).
+DATA_DIR_TYPES = {"PythonLTS", "Shell"}
+DATA_DIR = "/mnt/data"
 # The pool's `sandboxConfiguration.runtime` (an OCI runtime) → the RuntimeClass to ask for.
 RUNTIME_CLASSES = {
     "runc": None,
@@ -123,6 +127,14 @@ def pod(spec: SandboxSpec, namespace: str, ephemeral_storage_bytes: int) -> Json
         },
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
+    volumes: list[Json] = [
+        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": str(tmp_bytes(pool))}}
+    ]
+    if pool.container_type in DATA_DIR_TYPES:
+        container["volumeMounts"].append({"name": "data", "mountPath": DATA_DIR})
+        volumes.append(
+            {"name": "data", "emptyDir": {"sizeLimit": str(ephemeral_storage_bytes // 2)}}
+        )
     # ACA/Kubernetes semantics, as in the docker runtime: command replaces the entrypoint.
     if pool.command:
         container["command"] = list(pool.command)
@@ -138,9 +150,7 @@ def pod(spec: SandboxSpec, namespace: str, ephemeral_storage_bytes: int) -> Json
         "hostPID": False,
         "hostIPC": False,
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-        "volumes": [
-            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": str(tmp_bytes(pool))}}
-        ],
+        "volumes": volumes,
     }
     runtime_class = RUNTIME_CLASSES.get(pool.oci_runtime or "runc")
     if runtime_class:
