@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from router.errors import InvalidPoolError
+from router.limits import LimitPolicy
 from router.pools import Pool, parse_pool
 from router.settings import Settings
 from workers import podspec
@@ -112,6 +113,20 @@ def test_pod_is_hardened_and_sized_like_the_docker_sandbox() -> None:
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert pod["restartPolicy"] == "Never"
     assert "runtimeClassName" not in pod and "imagePullSecrets" not in pod
+
+
+def test_a_pool_without_resources_gets_the_operator_defaults() -> None:
+    policy = LimitPolicy.from_settings(
+        Settings(sandbox_default_cpu=0.5, sandbox_default_memory_bytes=384 << 20)
+    )
+    bare = pool()
+    doc = podspec.pod(SandboxSpec("sc", bare, "d" * 32), "ns", 1 << 30, policy.resolve(bare))
+    (c,) = doc["spec"]["containers"]
+    assert c["resources"]["limits"] == {
+        "cpu": "500m",
+        "memory": str(384 << 20),
+        "ephemeral-storage": str(1 << 30),
+    }
 
 
 def test_names_and_labels_the_api_would_refuse_are_caught_here() -> None:

@@ -37,6 +37,7 @@ from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio import config as kconfig
 from kubernetes_asyncio.config.config_exception import ConfigException
 
+from router.limits import LimitPolicy
 from router.settings import Settings
 from workers import podspec
 from workers.podspec import Json, SpecError
@@ -84,6 +85,7 @@ class KubernetesRuntime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.namespace = settings.k8s_namespace
+        self._limits = LimitPolicy.from_settings(settings)  # no sandbox pod is unlimited
         self.timeout_s = settings.k8s_api_timeout_s
         self._api: kclient.ApiClient | None = None
         self._core: Any = None
@@ -103,7 +105,12 @@ class KubernetesRuntime:
             RuntimeError_: the API refused, the pod did not schedule, pull or start in time.
         """
         try:
-            body = podspec.pod(spec, self.namespace, self.settings.k8s_ephemeral_storage_bytes)
+            body = podspec.pod(
+                spec,
+                self.namespace,
+                self.settings.k8s_ephemeral_storage_bytes,
+                self._limits.resolve(spec.pool),
+            )
         except SpecError as exc:
             raise RuntimeError_(f"pool {spec.pool.name}: {exc}") from exc
         name = body["metadata"]["name"]

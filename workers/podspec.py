@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from router.limits import Limits
 from router.pools import Pool
 from workers.runtime import LABEL_POOL, LABEL_SANDBOX, LABEL_SCOPE, LABEL_VERSION, SandboxSpec
 
@@ -94,8 +95,14 @@ def tmp_bytes(pool: Pool) -> int:
     return min(TMP_MAX_BYTES, pool.memory_bytes // 2 if pool.memory_bytes else TMP_MAX_BYTES)
 
 
-def pod(spec: SandboxSpec, namespace: str, ephemeral_storage_bytes: int) -> Json:
-    """The sandbox's pod: the pool's template, hardened, with its limits as requests too."""
+def pod(
+    spec: SandboxSpec, namespace: str, ephemeral_storage_bytes: int, limits: Limits | None = None
+) -> Json:
+    """The sandbox's pod: the pool's template, hardened, with its limits as requests too.
+
+    `limits`, the operator's policy resolved for this pool (router/limits.py), fills in the
+    CPU and memory a pool leaves out, so that no sandbox pod is unlimited.
+    """
     pool = spec.pool
     base = base_name(spec.scope, pool.name)
     env: list[Json] = [{"name": e.name, "value": e.value} for e in pool.env if e.value is not None]
@@ -103,11 +110,13 @@ def pod(spec: SandboxSpec, namespace: str, ephemeral_storage_bytes: int) -> Json
         {"name": name, "valueFrom": {"secretKeyRef": {"name": f"{base}-env", "key": name}}}
         for name in sorted(spec.env)
     ]
-    limits: dict[str, str] = {"ephemeral-storage": str(ephemeral_storage_bytes)}
-    if pool.cpu is not None:
-        limits["cpu"] = f"{round(pool.cpu * 1000)}m"
-    if pool.memory_bytes is not None:
-        limits["memory"] = str(pool.memory_bytes)
+    cpu = limits.cpu if limits is not None else pool.cpu
+    memory = limits.memory_bytes if limits is not None else pool.memory_bytes
+    resources: dict[str, str] = {"ephemeral-storage": str(ephemeral_storage_bytes)}
+    if cpu is not None:
+        resources["cpu"] = f"{round(cpu * 1000)}m"
+    if memory is not None:
+        resources["memory"] = str(memory)
     container: Json = {
         "name": "sandbox",
         "image": pool.image,
@@ -116,7 +125,7 @@ def pod(spec: SandboxSpec, namespace: str, ephemeral_storage_bytes: int) -> Json
         "ports": [{"containerPort": pool.target_port, "protocol": "TCP"}],
         # Requests = limits: the scheduler reserves what the sandbox may use (Guaranteed QoS
         # when cpu and memory are both set), so a node is never promised twice.
-        "resources": {"requests": dict(limits), "limits": limits},
+        "resources": {"requests": dict(resources), "limits": resources},
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "privileged": False,
