@@ -22,6 +22,7 @@ command -v bwrap >/dev/null || need+=(bubblewrap)
 if [[ $cmd == test ]]; then  # the deployment test and the benchmark smoke run
   command -v docker-compose >/dev/null || need+=(docker-compose)
   command -v wrk >/dev/null || need+=(wrk)
+  command -v ip >/dev/null || need+=(iproute2)  # the containment tests' outside host (netns)
   command -v nginx >/dev/null || need+=(nginx-light)
 fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)

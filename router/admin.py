@@ -25,6 +25,7 @@ from router.errors import (
     RequestTooLargeError,
     UnsupportedMediaTypeError,
 )
+from router.limits import LimitPolicy
 from router.pools import CODE_INTERPRETER_IMAGE, POOL_NAME, SHELL_IMAGE, Pool, parse_pool
 from router.store import Store
 
@@ -198,10 +199,12 @@ class AdminApi:
         store_key: web.AppKey[Store],
         code_interpreter_image: str = CODE_INTERPRETER_IMAGE,
         shell_image: str = SHELL_IMAGE,
+        limits: LimitPolicy | None = None,
     ) -> None:
         self.store_key = store_key
         # What PythonLTS and Shell pools without containers get.
         self.images = {"code_interpreter_image": code_interpreter_image, "shell_image": shell_image}
+        self.limits = limits or LimitPolicy()  # no definition may ask for more
 
     async def _authorize(self, request: web.Request, pool: str | None) -> Principal:
         return await request.app[AUTH].authorize(request, ADMIN, pool)
@@ -272,6 +275,7 @@ class AdminApi:
         old = await self._stored_properties(request, name) if POOL_NAME.match(name) else None
         props = _keep_secret_values(props, _secret_values(old))
         pool = parse_pool(name, {"properties": props}, **self.images)
+        self.limits.check(pool)
         await store.put_pool(pool)
         view = await self._view(request, pool)
         if old is None:
@@ -288,6 +292,7 @@ class AdminApi:
         props = merge_patch(old, patch)  # onto the stored definition, secrets included
         props = _keep_secret_values(props, _secret_values(old))
         pool = parse_pool(name, {"properties": props}, **self.images)
+        self.limits.check(pool)
         await request.app[self.store_key].put_pool(pool)
         return _json(await self._view(request, pool))
 
@@ -326,9 +331,10 @@ def routes(
     store_key: web.AppKey[Store],
     code_interpreter_image: str = CODE_INTERPRETER_IMAGE,
     shell_image: str = SHELL_IMAGE,
+    limits: LimitPolicy | None = None,
 ) -> list[web.RouteDef]:
     """The admin routes, reading the store from `app[store_key]`."""
-    api = AdminApi(store_key, code_interpreter_image, shell_image)
+    api = AdminApi(store_key, code_interpreter_image, shell_image, limits)
     return [
         web.get("/admin/pools", api.list_pools),
         web.get("/admin/pools/{pool}", api.get_pool),

@@ -22,6 +22,7 @@ from router.errors import PoolNotFoundError, SessionPoolError, UnauthorizedError
 from router.forwarding import TRUSTED_PROXIES
 from router.identifiers import query_identifier
 from router.keys import Keys
+from router.limits import LimitPolicy
 from router.logs import trace_id_var
 from router.metrics import RouterMetrics
 from router.pools import BUILTIN_TYPES, POOL_NAME, Pool
@@ -253,7 +254,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     images = (settings.code_interpreter_image, settings.shell_image)
-    app.router.add_routes(admin.routes(STORE, *images))
+    limits = LimitPolicy.from_settings(settings)
+    app.router.add_routes(admin.routes(STORE, *images, limits=limits))
     app.router.add_route("*", "/pools/{pool}", pool_endpoint)
     # Before the catch-all: a pool's platform MCP endpoint (other pools' /mcp is forwarded).
     mcp_endpoint = mcp.McpEndpoint(ROUTING, UPSTREAM, fallback=pool_endpoint)

@@ -94,11 +94,12 @@ class Pool:
     env: tuple[EnvVar, ...]
     cpu: float | None
     memory_bytes: int | None
+    storage_bytes: int | None  # resources.ephemeralStorage: the writable space's size
     target_port: int
     probes: tuple[Probe, ...]
     egress_enabled: bool
     oci_runtime: str | None
-    pids_limit: int
+    pids_limit: int | None  # None: the operator's default (router/limits.py), like cpu/memory
     tenant_binding: bool
     mcp_enabled: bool
     secrets: dict[str, str] = field(repr=False)
@@ -239,7 +240,7 @@ def parse_pool(
     command = _strs(c, "command", where)
     args = _strs(c, "args", where)
     env = _env(c, where, secrets)
-    cpu, memory = _resources(c, where)
+    cpu, memory, storage = _resources(c, where)
 
     ingress = _obj(template, "ingress", "customContainerTemplate.")
     port = ingress.get("targetPort")
@@ -266,7 +267,11 @@ def parse_pool(
         raise InvalidPoolError(
             f"properties.sandboxConfiguration.runtime: must be one of {sorted(OCI_RUNTIMES)}"
         )
-    pids = _int(sandbox, "properties.sandboxConfiguration.pidsLimit", "pidsLimit", 256, 16, 65_536)
+    pids = None
+    if sandbox.get("pidsLimit") is not None:
+        pids = _int(
+            sandbox, "properties.sandboxConfiguration.pidsLimit", "pidsLimit", 0, 16, 65_536
+        )
     placement = _placement(sandbox)
     registry = _registry(template, secrets)
     tenant = props.get("tenantBinding", False)
@@ -288,6 +293,7 @@ def parse_pool(
         env=env,
         cpu=cpu,
         memory_bytes=memory,
+        storage_bytes=storage,
         target_port=port,
         probes=probes,
         egress_enabled=status == "EgressEnabled",
@@ -315,6 +321,7 @@ def parse_pool(
             status,
             runtime,
             pids,
+            storage,
             placement.node_selector,
             placement.tolerations,
             registry
@@ -466,7 +473,7 @@ def _env(c: dict[str, Any], where: str, secrets: dict[str, str]) -> tuple[EnvVar
     return tuple(out)
 
 
-def _resources(c: dict[str, Any], where: str) -> tuple[float | None, int | None]:
+def _resources(c: dict[str, Any], where: str) -> tuple[float | None, int | None, int | None]:
     res = c.get("resources") or {}
     if not isinstance(res, dict):
         raise InvalidPoolError(f"{where}.resources: must be an object")
@@ -475,17 +482,22 @@ def _resources(c: dict[str, Any], where: str) -> tuple[float | None, int | None]
         not isinstance(cpu, int | float) or isinstance(cpu, bool) or not 0.05 <= cpu <= 64
     ):
         raise InvalidPoolError(f"{where}.resources.cpu: must be a number 0.05-64")
-    mem = res.get("memory")
-    memory = None
-    if mem is not None:
-        m = MEMORY.match(str(mem).strip()) if isinstance(mem, str | int) else None
-        if not m:
-            raise InvalidPoolError(f"{where}.resources.memory: must look like 512Mi or 1Gi")
-        size = float(m.group(1)) * MEMORY_UNITS[m.group(2)]  # inf for 400 digits: compare first
-        if not 6 * (1 << 20) <= size <= 1 << 40:
-            raise InvalidPoolError(f"{where}.resources.memory: must be 6Mi-1Ti")
-        memory = int(size)
-    return (float(cpu) if cpu is not None else None), memory
+    memory = _size(res, "memory", f"{where}.resources.memory", 6 << 20)
+    storage = _size(res, "ephemeralStorage", f"{where}.resources.ephemeralStorage", 1 << 20)
+    return (float(cpu) if cpu is not None else None), memory, storage
+
+
+def _size(res: dict[str, Any], key: str, field: str, least: int) -> int | None:
+    raw = res.get(key)
+    if raw is None:
+        return None
+    m = MEMORY.match(str(raw).strip()) if isinstance(raw, str | int) else None
+    if not m:
+        raise InvalidPoolError(f"{field}: must look like 512Mi or 1Gi")
+    size = float(m.group(1)) * MEMORY_UNITS[m.group(2)]  # inf for 400 digits: compare first
+    if not least <= size <= 1 << 40:
+        raise InvalidPoolError(f"{field}: must be {least >> 20}Mi-1Ti")
+    return int(size)
 
 
 def _probes(c: dict[str, Any], where: str) -> tuple[Probe, ...]:

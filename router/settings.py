@@ -82,6 +82,22 @@ class Settings:
     network_prefix: str = "sessionpool"
     claim_idle_ms: int = 30_000
     metrics_port: int = 0  # worker's Prometheus port; 0 = not served
+    # Sandbox limits (router/limits.py): what a pool that names none gets, and what no pool
+    # may ask for. Sizes accept Ki/Mi/Gi suffixes in variables and flags.
+    sandbox_default_cpu: float = 1.0
+    sandbox_default_memory_bytes: int = 1 * GiB
+    sandbox_default_pids: int = 256
+    sandbox_default_storage_bytes: int = 512 * MiB
+    sandbox_max_cpu: float = 2.0
+    sandbox_max_memory_bytes: int = 4 * GiB
+    sandbox_max_pids: int = 4096
+    sandbox_max_storage_bytes: int = 4 * GiB
+    # The docker runtime re-checks the sandbox networks' host firewall rules this often and
+    # puts back any that went missing.
+    firewall_check_s: float = 10.0
+    # Start sandboxes even where the host firewall rules cannot be installed: sandboxes can
+    # then reach this host's services and metadata addresses. Warned about at every start.
+    insecure_skip_host_firewall: bool = False
     # Kubernetes runtime (workers/kubernetes.py). No kubeconfig: in-cluster config when the
     # worker runs in a pod, else the default kubeconfig ($KUBECONFIG or ~/.kube/config).
     k8s_namespace: str = "sessionpool-sandboxes"  # where sandbox pods, Secrets, policies live
@@ -117,6 +133,7 @@ class Settings:
             "activity_flush_s",
             "reconcile_interval_s",
             "jwks_ttl_s",
+            "firewall_check_s",
             "k8s_api_timeout_s",
             "k8s_schedule_timeout_s",
             "k8s_start_timeout_s",
@@ -169,6 +186,13 @@ class Settings:
             raise ValueError("tls_cert and tls_key: give both or neither")
         if self.create_concurrency < 1:
             raise ValueError("create_concurrency: must be at least 1")
+        for kind in ("cpu", "memory_bytes", "pids", "storage_bytes"):
+            default = getattr(self, f"sandbox_default_{kind}")
+            most = getattr(self, f"sandbox_max_{kind}")
+            if not 0 < default <= most:
+                raise ValueError(
+                    f"sandbox_default_{kind}: must be positive and at most sandbox_max_{kind}"
+                )
         if self.demand_window_s <= 0:
             raise ValueError("demand_window_s: must be positive")
         if self.surplus_grace_s < 0:
@@ -208,8 +232,26 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
+SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti)?", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "ki": 1 << 10, "mi": MiB, "gi": GiB, "ti": 1 << 40}
+
+
+def parse_bytes(raw: str) -> int:
+    """A size: bytes, or a number with a Ki/Mi/Gi/Ti suffix (`512Mi`).
+
+    Raises:
+        ValueError: not a size.
+    """
+    m = SIZE.fullmatch(raw.strip())
+    if m is None:
+        raise ValueError(f"{raw!r} is not a size like 536870912, 512Mi or 1Gi")
+    return int(float(m.group(1)) * SIZE_UNITS[(m.group(2) or "").lower()])
+
+
 def _parse(name: str, type_name: str, raw: str) -> Any:
     try:
+        if type_name == "int" and name.endswith("_bytes"):
+            return parse_bytes(raw)
         if type_name == "int":
             return int(raw)
         if type_name == "float":

@@ -12,8 +12,9 @@ import orjson
 
 from router.errors import InvalidPoolError
 from router.keys import Keys
+from router.limits import LimitPolicy
 from router.logs import configure
-from router.settings import Settings
+from router.settings import Settings, parse_bytes
 from router.store import Store, open_redis, text
 from sessionpool import keys
 from sessionpool.poolfile import apply_file
@@ -33,6 +34,44 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+LIMIT_FLAGS = (
+    ("cpu", float, "CPUs"),
+    ("memory_bytes", parse_bytes, "memory, e.g. 1Gi"),
+    ("pids", int, "processes"),
+    ("storage_bytes", parse_bytes, "writable storage, e.g. 512Mi"),
+)
+SANDBOX_FIELDS = {
+    f"sandbox_{kind}_{name}" for kind in ("default", "max") for name, _, _ in LIMIT_FLAGS
+} | {"firewall_check_s", "insecure_skip_host_firewall"}
+
+
+def _limits(p: argparse.ArgumentParser) -> None:
+    """Sandbox limit flags (router/limits.py): pools are checked against the maximums."""
+    for kind, what in (("default", "a pool that names none gets"), ("max", "no pool may ask")):
+        for name, parse, unit in LIMIT_FLAGS:
+            field = f"sandbox_{kind}_{name}"
+            p.add_argument(
+                "--" + field.replace("_", "-"),
+                type=parse,
+                help=f"{unit} {what} (SESSIONPOOL_{field.upper()})",
+            )
+
+
+def _firewall(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--firewall-check-s",
+        type=float,
+        help="re-check the sandbox firewall rules this often (SESSIONPOOL_FIREWALL_CHECK_S)",
+    )
+    p.add_argument(
+        "--insecure-skip-host-firewall",
+        action="store_const",
+        const=True,
+        help="start sandboxes without host firewall rules: they can reach this host "
+        "(SESSIONPOOL_INSECURE_SKIP_HOST_FIREWALL)",
+    )
+
+
 def _tls(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS/WSS (re-read on change)")
     p.add_argument("--tls-key", help="its private key (PEM)")
@@ -48,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host")
     up.add_argument("--port", type=int)
     up.add_argument("--runtime", choices=["docker", "process"])
+    _limits(up)
+    _firewall(up)
     up.add_argument(
         "--auth",
         choices=["none", "required"],
@@ -63,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--processes", type=int, help="processes sharing the port")
     router.add_argument("--host-suffix", help="serve http://{pool}.{suffix}/… too")
     router.add_argument("--auth", choices=["none", "required"])
+    _limits(router)
     router.add_argument(
         "--header-timeout-s", type=float, help="a request's headers must arrive this fast"
     )
@@ -92,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--role", choices=["all", "replenisher", "reaper"])
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
+    _limits(worker)
+    _firewall(worker)
     worker.add_argument(
         "--create-concurrency", type=int, help="sandboxes started in parallel per worker"
     )
@@ -105,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply = sub.add_parser("apply", help="create or update pools from a file")
     _common(apply)
     apply.add_argument("-f", "--file", type=Path, required=True)
+    _limits(apply)
 
     pools = sub.add_parser("pools", help="table of pools with live counts")
     _common(pools)
@@ -169,6 +214,7 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "k8s_control_namespace",
         "k8s_cluster_cidrs",
     }
+    fields |= SANDBOX_FIELDS
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     overrides.update(extra)
     return Settings.from_env(**overrides)
@@ -186,7 +232,8 @@ async def _with_store(settings: Settings, action: str, args: argparse.Namespace)
     try:
         if action == "apply":
             images = (settings.code_interpreter_image, settings.shell_image)
-            for name, change in await apply_file(store, args.file, *images):
+            limits = LimitPolicy.from_settings(settings)
+            for name, change in await apply_file(store, args.file, *images, limits=limits):
                 print(f"pool {name}: {change}")
         elif action == "pools":
             rows = []

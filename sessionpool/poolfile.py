@@ -9,6 +9,7 @@ import orjson
 import yaml
 
 from router.errors import InvalidPoolError
+from router.limits import LimitPolicy
 from router.pools import CODE_INTERPRETER_IMAGE, SHELL_IMAGE, parse_pool
 from router.store import Store
 
@@ -39,6 +40,7 @@ async def apply_file(
     path: Path,
     code_interpreter_image: str = CODE_INTERPRETER_IMAGE,
     shell_image: str = SHELL_IMAGE,
+    limits: LimitPolicy | None = None,
 ) -> list[tuple[str, str]]:
     """Validate every pool first (nothing half-applied), then write; returns (name, change).
 
@@ -48,14 +50,14 @@ async def apply_file(
     parsed = []
     for name, body in load_pool_file(path).items():
         try:
-            parsed.append(
-                parse_pool(
-                    name,
-                    body,
-                    code_interpreter_image=code_interpreter_image,
-                    shell_image=shell_image,
-                )
+            pool = parse_pool(
+                name,
+                body,
+                code_interpreter_image=code_interpreter_image,
+                shell_image=shell_image,
             )
+            (limits or LimitPolicy()).check(pool)
+            parsed.append(pool)
         except InvalidPoolError as exc:
             raise InvalidPoolError(f"pool {name}: {exc.message}") from None
     changes = []

@@ -16,6 +16,7 @@ from typing import Any
 
 from router.addresses import is_loopback
 from router.keys import Keys
+from router.limits import LimitPolicy
 from router.pools import parse_pool
 from router.server import start_site
 from router.settings import Settings
@@ -190,7 +191,11 @@ async def up(
         await wait_redis(redis, 10.0)
         if file is not None:
             for name, change in await apply_file(
-                store, file, settings.code_interpreter_image, settings.shell_image
+                store,
+                file,
+                settings.code_interpreter_image,
+                settings.shell_image,
+                limits=LimitPolicy.from_settings(settings),
             ):
                 print(f"pool {name}: {change}", flush=True)
         elif await store.get_pool("demo") is None or redis_proc is not None:

@@ -441,6 +441,21 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
         "secrets[1].name",
     ),
     ("demo", definition(secrets=[{"name": "new"}]), "secrets[0].value"),
+    # Above the operator's maximums (router/limits.py), each named.
+    *(
+        (
+            "demo",
+            definition(
+                customContainerTemplate={
+                    "containers": [{"image": "x", "resources": {key: value}}],
+                    "ingress": {"targetPort": 80},
+                }
+            ),
+            f"resources.{key}",
+        )
+        for key, value in (("cpu", 2.5), ("memory", "5Gi"), ("ephemeralStorage", "8Gi"))
+    ),
+    ("demo", definition(sandboxConfiguration={"pidsLimit": 5000}), "pidsLimit"),
 ]
 
 
@@ -576,7 +591,7 @@ async def test_patch_is_a_json_merge_patch_that_keeps_secrets(
     pool = await store.get_pool("demo")
     assert pool is not None
     assert pool.secrets == {"k": SECRET_VALUE, "extra": "v2"}
-    assert pool.pids_limit == 256  # back to the default
+    assert pool.pids_limit is None  # back to the operator's default
     assert view["version"] != created["version"]  # the sandbox changed (pids limit)
     # Arrays are replaced whole: dropping the secret an env var uses is refused.
     status, doc, headers, _ = await send(

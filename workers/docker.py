@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from docker.errors import APIError, ImageNotFound, NotFound
 from docker.models.containers import _create_container_args
 
+from router.limits import LimitPolicy, Limits
+from router.pools import Pool
+from router.settings import Settings
 from workers.docker_engine import ENGINE_ERRORS, connect, explain
 from workers.docker_events import ExitFollower
 from workers.docker_firewall import SandboxNetworks
+from workers.docker_storage import Storage
 from workers.runtime import (
     LABEL_POOL,
     LABEL_SANDBOX,
@@ -32,7 +37,7 @@ from workers.runtime import (
     SandboxSpec,
 )
 
-TMP_MAX_BYTES = 256 << 20
+log = logging.getLogger("sessionpool.docker")
 
 
 class DockerRuntime:
@@ -41,16 +46,40 @@ class DockerRuntime:
     name = "docker"
 
     def __init__(
-        self, network_prefix: str = "sessionpool", client: Any = None, base_url: str | None = None
+        self,
+        network_prefix: str = "sessionpool",
+        client: Any = None,
+        base_url: str | None = None,
+        *,
+        limits: LimitPolicy | None = None,
+        firewall_check_s: float = 10.0,
+        insecure_skip_host_firewall: bool = False,
+        iptables: str = "iptables",
     ) -> None:
         self.network_prefix = network_prefix
+        self.limits = limits or LimitPolicy()
         self._client: Any = client
         self._base_url = base_url
         self._client_lock = asyncio.Lock()
-        self._networks = SandboxNetworks(network_prefix)
+        self._networks = SandboxNetworks(
+            network_prefix,
+            check_s=firewall_check_s,
+            skip_firewall=insecure_skip_host_firewall,
+            iptables=iptables,
+        )
+        self._storage = Storage()
         self._exits = ExitFollower()
         self._cleanups: set[asyncio.Task[None]] = set()
         self._engine_id = ""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DockerRuntime:
+        return cls(
+            network_prefix=settings.network_prefix,
+            limits=LimitPolicy.from_settings(settings),
+            firewall_check_s=settings.firewall_check_s,
+            insecure_skip_host_firewall=settings.insecure_skip_host_firewall,
+        )
 
     def network_name(self, egress: bool) -> str:
         return self._networks.name(egress)
@@ -66,10 +95,15 @@ class DockerRuntime:
     async def create(self, spec: SandboxSpec) -> Handle:
         """Create and start a sandbox; return its container id and `<ip>:<target port>`.
 
+        The sandbox starts only once its network's firewall rules are in place and the engine
+        reports back every limit it was created with (fail closed).
+
         Raises:
-            RuntimeError_: the image is missing, the engine refused or is unreachable.
+            RuntimeError_: the image is missing, the engine refused or is unreachable, the
+                firewall rules cannot be installed, or a limit is not in force.
         """
         pool = spec.pool
+        limits = self.limits.resolve(pool)
         network = await self.ensure_network(pool.egress_enabled)
         client = await self._docker()
         env = {e.name: e.value for e in pool.env if e.value is not None}
@@ -80,9 +114,6 @@ class DockerRuntime:
             LABEL_SANDBOX: spec.sandbox_id,
             LABEL_VERSION: pool.version,
         }
-        tmp_bytes = min(
-            TMP_MAX_BYTES, pool.memory_bytes // 2 if pool.memory_bytes else TMP_MAX_BYTES
-        )
         kwargs: dict[str, Any] = {
             "name": f"sp-{spec.scope}-{pool.name}-{spec.sandbox_id[:12]}",
             "labels": labels,
@@ -97,20 +128,18 @@ class DockerRuntime:
             # Docker already lets unprivileged users bind ports below 1024 in the container.
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
-            "pids_limit": pool.pids_limit,
             "init": True,
             "restart_policy": {"Name": "no"},
-            "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={tmp_bytes}"},
+            # Limits, always (router/limits.py): the pool's own, else the operator's defaults.
+            "nano_cpus": int(limits.cpu * 1e9),
+            "mem_limit": limits.memory_bytes,
+            "memswap_limit": limits.memory_bytes,  # no swap on top
+            "pids_limit": limits.pids,
         }
-        if pool.memory_bytes is not None:
-            kwargs["mem_limit"] = pool.memory_bytes
-            kwargs["memswap_limit"] = pool.memory_bytes  # no swap on top
-        if pool.cpu is not None:
-            kwargs["nano_cpus"] = int(pool.cpu * 1e9)
         if pool.oci_runtime is not None:
             kwargs["runtime"] = pool.oci_runtime
         creating = asyncio.ensure_future(
-            asyncio.to_thread(self._create_sync, client, kwargs, network, spec)
+            asyncio.to_thread(self._create_sync, client, kwargs, network, spec, limits)
         )
         try:
             ip = await asyncio.shield(creating)
@@ -120,18 +149,10 @@ class DockerRuntime:
             raise
         except RuntimeError_:
             raise
-        except ImageNotFound as exc:
-            raise RuntimeError_(
-                f"pool {pool.name}: image {pool.image!r} is not on the Docker engine; build it "
-                f"(deploy/images/build.sh <name> for sessionpool/<name>:dev) or "
-                f"`docker pull {pool.image}`"
-            ) from exc
         except ENGINE_ERRORS as exc:
-            if isinstance(exc, NotFound):
+            if isinstance(exc, NotFound) and not isinstance(exc, ImageNotFound):
                 self._networks.forget(pool.egress_enabled)  # removed behind our back?
-            raise RuntimeError_(
-                f"pool {pool.name}: docker refused the sandbox: {explain(exc)}"
-            ) from exc
+            raise _refused(pool, exc) from exc
         return Handle(ip[0], f"{ip[1]}:{pool.target_port}")
 
     def _remove_abandoned(self, done: asyncio.Future[tuple[str, str]]) -> None:
@@ -142,11 +163,19 @@ class DockerRuntime:
         task.add_done_callback(self._cleanups.discard)
 
     def _create_sync(
-        self, client: Any, kwargs: dict[str, Any], network: str, spec: SandboxSpec
+        self,
+        client: Any,
+        kwargs: dict[str, Any],
+        network: str,
+        spec: SandboxSpec,
+        limits: Limits,
     ) -> tuple[str, str]:
-        """create + start + inspect: three engine calls (create never pulls: an absent image is
-        an error here). The SDK's `containers.create` would add a fourth (it inspects the new
-        container to build its model object), so the same arguments go to the low-level API."""
+        """create, inspect, start, inspect (create never pulls: an absent image is an error
+        here). The SDK's `containers.create` would add a call (it inspects the new container
+        to build its model object), so the same arguments go to the low-level API. The first
+        inspect is the fail-closed check: the container starts only with every limit applied."""
+        home = kwargs["environment"].get("HOME")
+        kwargs |= self._storage.plan(client, spec.pool.image, limits.storage_bytes, home)
         try:
             created = client.api.create_container(
                 **_create_container_args(
@@ -159,6 +188,12 @@ class DockerRuntime:
             return self._adopt(client, kwargs["name"], network, spec, exc)
         cid = str(created["Id"])
         try:
+            missing = limits_not_in_force(client.api.inspect_container(cid), kwargs)
+            if missing:
+                raise RuntimeError_(
+                    f"pool {spec.pool.name}: the engine did not apply {', '.join(missing)}: "
+                    f"sandbox not started"
+                )
             client.api.start(cid)
             info = client.api.inspect_container(cid)
             ip = info["NetworkSettings"]["Networks"][network]["IPAddress"]
@@ -242,8 +277,9 @@ class DockerRuntime:
                 yield item
 
     async def close(self) -> None:
-        """End every `exits()` iterator and release the engine connection."""
+        """End every `exits()` iterator, the firewall check, and the engine connection."""
         await self._exits.close()
+        await self._networks.close()
         if self._client is not None:
             await asyncio.to_thread(self._client.close)
 
@@ -275,3 +311,41 @@ class DockerRuntime:
             if self._client is None:
                 self._client = await asyncio.to_thread(connect, self._base_url)
             return self._client
+
+
+def _refused(pool: Pool, exc: BaseException) -> RuntimeError_:
+    if isinstance(exc, ImageNotFound):
+        return RuntimeError_(
+            f"pool {pool.name}: image {pool.image!r} is not on the Docker engine; build it "
+            f"(deploy/images/build.sh <name> for sessionpool/<name>:dev) or "
+            f"`docker pull {pool.image}`"
+        )
+    return RuntimeError_(f"pool {pool.name}: docker refused the sandbox: {explain(exc)}")
+
+
+def limits_not_in_force(info: dict[str, Any], kwargs: dict[str, Any]) -> list[str]:
+    """The limits and hardening a created container does not carry, as the engine reports it.
+
+    Read back rather than trusted: an engine or OCI runtime that ignores a setting (no pids
+    cgroup, a storage option dropped) must not get a sandbox started without it.
+    """
+    host = info.get("HostConfig") or {}
+    expected = {
+        "NanoCpus": kwargs["nano_cpus"],
+        "Memory": kwargs["mem_limit"],
+        "MemorySwap": kwargs["memswap_limit"],
+        "PidsLimit": kwargs["pids_limit"],
+        "ReadonlyRootfs": kwargs.get("read_only", False),
+    }
+    missing = [f"{key}={want}" for key, want in expected.items() if host.get(key) != want]
+    if "ALL" not in (host.get("CapDrop") or []):
+        missing.append("CapDrop=ALL")
+    if not any(o.startswith("no-new-privileges") for o in host.get("SecurityOpt") or []):
+        missing.append("no-new-privileges")
+    if "storage_opt" in kwargs and (host.get("StorageOpt") or {}) != kwargs["storage_opt"]:
+        missing.append(f"StorageOpt={kwargs['storage_opt']}")
+    tmpfs = host.get("Tmpfs") or {}
+    for path, opts in (kwargs.get("tmpfs") or {}).items():
+        if tmpfs.get(path) != opts:
+            missing.append(f"Tmpfs {path}")
+    return missing

@@ -19,13 +19,20 @@ when it runs as root next to a local engine this runtime also installs, per sand
         -j DROP
 
 Connections the host opens to a sandbox keep working (their replies are ESTABLISHED); what a
-sandbox opens towards the host, metadata services or private networks is dropped. Where the
-rules cannot be installed, a warning lists the exact commands for the operator.
+sandbox opens towards the host, metadata services or private networks is dropped.
+
+Fail closed: where the rules cannot be installed (not root, no NET_ADMIN, no iptables, a
+remote engine) no sandbox starts, and the error lists the exact commands. The rules are
+re-checked every `firewall_check_s` and put back when something removed them (a firewall
+reload, an operator's flush); if they cannot be put back, new sandboxes are refused until
+they can. The only way around this is `insecure_skip_host_firewall`, which says what it gives
+up, and is warned about at every start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -41,6 +48,7 @@ log = logging.getLogger("sessionpool.docker")
 
 LINK_LOCAL = "169.254.0.0/16"
 PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+INSERT_TRIES = 4
 NOT_REPLY = ("-m", "conntrack", "!", "--ctstate", "ESTABLISHED,RELATED", "-j", "DROP")
 
 
@@ -64,10 +72,27 @@ def firewall_rules(bridge: str, egress: bool) -> list[tuple[str, ...]]:
 class SandboxNetworks:
     """The two sandbox networks of one `network_prefix`, each made once with its firewall."""
 
-    def __init__(self, network_prefix: str) -> None:
+    def __init__(
+        self,
+        network_prefix: str,
+        *,
+        check_s: float = 10.0,
+        skip_firewall: bool = False,
+        iptables: str = "iptables",
+    ) -> None:
         self.network_prefix = network_prefix
         self._ids: dict[bool, str] = {}  # egress enabled → network id
         self._locks = {True: asyncio.Lock(), False: asyncio.Lock()}
+        self._check_s = check_s
+        self._skip = skip_firewall
+        self._iptables = iptables
+        self._guarded: dict[bool, str] = {}  # egress → bridge whose rules are kept in place
+        self._watch: asyncio.Task[None] | None = None
+        if skip_firewall:
+            log.warning(
+                "insecure_skip_host_firewall is set: sandboxes start without host firewall "
+                "rules and can reach this host's services and metadata addresses"
+            )
 
     def name(self, egress: bool) -> str:
         return f"{self.network_prefix}-egress-{'enabled' if egress else 'disabled'}"
@@ -93,9 +118,72 @@ class SandboxNetworks:
                 net_id = await asyncio.to_thread(self._network_sync, client, name, bridge, egress)
             except ENGINE_ERRORS as exc:
                 raise RuntimeError_(f"network {name}: {explain(exc)}") from exc
-            await self._install_firewall(client, bridge, egress)
+            if self._skip:
+                log.warning("sandbox network %s: no host firewall rules (insecure)", bridge)
+            else:
+                await self._install_firewall(client, bridge, egress)
+                self._guarded[egress] = bridge
+                if self._watch is None:
+                    self._watch = asyncio.create_task(self._keep_rules(), name="firewall-check")
             self._ids[egress] = net_id
             return name
+
+    async def close(self) -> None:
+        """Stop re-checking the rules (they stay installed: sandboxes may outlive a worker)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+
+    async def check_rules(self) -> None:
+        """Put back any rule of a guarded network that has gone missing; when one cannot be
+        put back, forget the network so that no new sandbox starts until it can."""
+        for egress, bridge in list(self._guarded.items()):
+            missing = await self._missing(bridge, egress)
+            if not missing:
+                continue
+            failed = await self._insert(missing)
+            if failed:
+                log.error(
+                    "sandbox network %s: firewall rules missing and not restorable: %s; "
+                    "new sandboxes are refused until they are back",
+                    bridge,
+                    _commands(failed),
+                )
+                self._ids.pop(egress, None)
+                self._guarded.pop(egress, None)
+            else:
+                log.warning(
+                    "sandbox network %s: firewall rules had gone missing, restored: %s",
+                    bridge,
+                    _commands(missing),
+                )
+
+    async def _keep_rules(self) -> None:
+        while True:
+            await asyncio.sleep(self._check_s)
+            try:
+                await self.check_rules()
+            except OSError as exc:  # iptables vanished: say so every round, keep trying
+                log.error("firewall check: cannot run %s: %s", self._iptables, exc)
+
+    async def _insert(self, rules: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        """Insert each rule; return those still absent after a few tries. With the nf_tables
+        backend a write can fail while another process (the engine, another worker) is
+        changing the same table, so a failure is retried before it counts."""
+        failed = []
+        for rule in rules:
+            for attempt in range(INSERT_TRIES):
+                if await self._run("-I", *rule) == 0 or await self._run("-C", *rule) == 0:
+                    break
+                await asyncio.sleep(0.1 * (attempt + 1))
+            else:
+                failed.append(rule)
+        return failed
+
+    async def _missing(self, bridge: str, egress: bool) -> list[tuple[str, ...]]:
+        return [r for r in firewall_rules(bridge, egress) if await self._run("-C", *r) != 0]
 
     async def remove(self, client: Any) -> None:
         """Remove this prefix's sandbox networks and their firewall rules (tests, uninstall).
@@ -112,11 +200,12 @@ class SandboxNetworks:
             except ENGINE_ERRORS as exc:
                 raise RuntimeError_(f"remove network {name}: {explain(exc)}") from exc
             self._ids.pop(egress, None)
-            if _can_firewall(client):
+            self._guarded.pop(egress, None)
+            if self._can_firewall(client):
                 bridge = bridge_name(self.network_prefix, egress)
                 for rule in firewall_rules(bridge, egress):
-                    while await _iptables("-C", *rule) == 0:
-                        await _iptables("-D", *rule)
+                    while await self._run("-C", *rule) == 0:
+                        await self._run("-D", *rule)
 
     def _network_sync(self, client: Any, name: str, bridge: str, egress: bool) -> str:
         found = _find_network(client, name)
@@ -143,30 +232,44 @@ class SandboxNetworks:
             return found
 
     async def _install_firewall(self, client: Any, bridge: str, egress: bool) -> None:
+        """Install the bridge's rules, or refuse: no sandbox starts on an unguarded network.
+
+        Raises:
+            RuntimeError_: the rules are not in place; the message has the commands.
+        """
         rules = firewall_rules(bridge, egress)
-        if _can_firewall(client):
-            failed = []
-            for rule in rules:
-                if await _iptables("-C", *rule) != 0 and await _iptables("-I", *rule) != 0:
-                    failed.append(rule)
-            if not failed:
+        if self._can_firewall(client):
+            rules = await self._insert(await self._missing(bridge, egress))
+            if not rules:
                 return
-            rules = failed
             why = "iptables refused them"
         else:
             why = "not root, no iptables, or the Docker engine is not local"
-        commands = "; ".join("iptables -I " + " ".join(rule) for rule in rules)
-        log.warning(
-            "sandbox network %s: firewall rules not installed (%s); sandboxes can "
-            "reach this host's services until the operator runs on the Docker host: %s",
-            bridge,
-            why,
-            commands,
+        raise RuntimeError_(
+            f"sandbox network {bridge}: host firewall rules not installed ({why}); no sandbox "
+            f"starts without them. Give the worker root with NET_ADMIN and NET_RAW on the "
+            f"Docker host, or install them there: {_commands(rules)} and run the worker "
+            f"with insecure_skip_host_firewall (sandboxes can then reach this host when the "
+            f"rules go missing)"
         )
 
+    def _can_firewall(self, client: Any) -> bool:
+        return is_local(client) and os.geteuid() == 0 and shutil.which(self._iptables) is not None
 
-def _can_firewall(client: Any) -> bool:
-    return is_local(client) and os.geteuid() == 0 and shutil.which("iptables") is not None
+    async def _run(self, *args: str) -> int:
+        proc = await asyncio.create_subprocess_exec(
+            self._iptables,
+            "-w",
+            "5",
+            *args,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        return await proc.wait()
+
+
+def _commands(rules: list[tuple[str, ...]]) -> str:
+    return "; ".join("iptables -I " + " ".join(rule) for rule in rules)
 
 
 def _find_network(client: Any, name: str) -> str | None:
@@ -174,15 +277,3 @@ def _find_network(client: Any, name: str) -> str | None:
     rows = client.api.networks(names=[name])
     matches = sorted((r.get("Created", ""), r["Id"]) for r in rows if r.get("Name") == name)
     return str(matches[0][1]) if matches else None
-
-
-async def _iptables(*args: str) -> int:
-    proc = await asyncio.create_subprocess_exec(
-        "iptables",
-        "-w",
-        "5",
-        *args,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    return await proc.wait()

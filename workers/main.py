@@ -35,7 +35,7 @@ def open_runtime(settings: Settings) -> Runtime:
     if settings.runtime == "docker":
         from workers.docker import DockerRuntime
 
-        return DockerRuntime(network_prefix=settings.network_prefix)
+        return DockerRuntime.from_settings(settings)
     if settings.runtime == "kubernetes":
         from workers.kubernetes import KubernetesRuntime
 

@@ -6,10 +6,12 @@ answering (until the attack takes the whole sandbox down, which is the point of 
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 from aiohttp import web
 
@@ -113,6 +115,73 @@ async def connect(request):
     return web.json_response({"connected": True, "error": None})
 
 
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _cgroup(v1, v2):
+    """A cgroup file's content: the v2 name under /sys/fs/cgroup, else the v1 one."""
+    got = _read("/sys/fs/cgroup/" + v2)
+    return got if got is not None else _read("/sys/fs/cgroup/" + v1)
+
+
+def _writable(path):
+    try:
+        fd, name = tempfile.mkstemp(dir=path, prefix=".probe-")
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    os.close(fd)
+    os.unlink(name)
+    return "ok"
+
+
+def _report():
+    status = dict(
+        line.split(":", 1)
+        for line in (_read("/proc/self/status") or "").splitlines()
+        if ":" in line
+    )
+    mounts = {}
+    for line in (_read("/proc/self/mountinfo") or "").splitlines():
+        left, _, right = line.partition(" - ")
+        fields, extra = left.split(), right.split()
+        mounts[fields[4]] = {
+            "options": fields[5],
+            "fstype": extra[0] if extra else "",
+            "super": extra[2] if len(extra) > 2 else "",
+        }
+    home = os.path.expanduser("~")
+    paths = ["/", "/etc", "/usr", "/opt", "/tmp", "/var/tmp", "/run", "/mnt/data", "/dev/shm"]
+    paths += [home, os.getcwd()]
+    return {
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "home": home,
+        "cwd": os.getcwd(),
+        "caps": {
+            k: status.get(k, "").strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+        },
+        "no_new_privs": status.get("NoNewPrivs", "").strip(),
+        "seccomp": status.get("Seccomp", "").strip(),
+        "memory_max": _cgroup("memory/memory.limit_in_bytes", "memory.max"),
+        "memsw_max": _cgroup("memory/memory.memsw.limit_in_bytes", "memory.swap.max"),
+        "cpu_max": _cgroup("cpu/cpu.cfs_quota_us", "cpu.max"),
+        "cpu_period": _cgroup("cpu/cpu.cfs_period_us", "cpu.max"),
+        "pids_max": _cgroup("pids/pids.max", "pids.max"),
+        "mounts": mounts,
+        "writable": {p: _writable(p) for p in paths},
+    }
+
+
+async def report(request):
+    """What this sandbox is allowed: capabilities, limits, mounts, where it can write."""
+    return web.json_response(await asyncio.to_thread(_report))
+
+
 async def exists(request):
     found = await asyncio.to_thread(os.path.exists, request.query.get("path", ""))
     return web.json_response({"exists": found})
@@ -127,6 +196,7 @@ def main():
     app.router.add_post("/stubborn", stubborn)
     app.router.add_get("/connect", connect)
     app.router.add_get("/exists", exists)
+    app.router.add_get("/report", report)
     web.run_app(
         app,
         host=os.environ.get("HOST", "0.0.0.0"),
