@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 
+from router.limits import LimitPolicy
 from router.settings import Settings
 from workers import podspec
 from workers.kubernetes_api import KubeApi, KubeError
@@ -63,6 +64,7 @@ class KubernetesRuntime:
         self.settings = settings
         self.namespace = settings.k8s_namespace
         self.api = KubeApi(settings)
+        self.limits = LimitPolicy.from_settings(settings)
         self._ensured: dict[tuple[str, str], str] = {}  # (scope, pool) → version in place
         self._deny: set[str] = set()  # scopes whose deny-all policy is in place
         self._closed = asyncio.Event()
@@ -76,7 +78,7 @@ class KubernetesRuntime:
             RuntimeError_: the API refused, the pod did not schedule, pull or start in time.
         """
         try:
-            body = podspec.pod(spec, self.namespace, self.settings.k8s_ephemeral_storage_bytes)
+            body = podspec.pod(spec, self.namespace, self.limits.resolve(spec.pool))
         except SpecError as exc:
             raise RuntimeError_(f"pool {spec.pool.name}: {exc}") from exc
         name = body["metadata"]["name"]
