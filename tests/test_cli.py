@@ -8,6 +8,7 @@ import io
 import os
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from router.settings import Settings
 from router.store import Store
 from sessionpool import cli as sessionpool_cli
 from tests.helpers import wait_until
+from tests.test_tls import client_context, make_cert
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +45,13 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-async def run_up(runtime: str, key_prefix: str, *extra: str, key: str = "") -> None:
+async def run_up(
+    runtime: str,
+    key_prefix: str,
+    *extra: str,
+    key: str = "",
+    tls: ssl.SSLContext | None = None,
+) -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -72,9 +80,11 @@ async def run_up(runtime: str, key_prefix: str, *extra: str, key: str = "") -> N
             if line.startswith("try:"):
                 curl = line.split("'")[1]
                 assert ("Authorization: Bearer $KEY" in line) == bool(key), line
-        assert curl == f"http://127.0.0.1:{port}/pools/demo/hello?identifier=me-1"
+        scheme = "https" if tls else "http"
+        assert curl == f"{scheme}://127.0.0.1:{port}/pools/demo/hello?identifier=me-1"
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        async with aiohttp.ClientSession() as http:
+        connector = aiohttp.TCPConnector(ssl=tls) if tls else None
+        async with aiohttp.ClientSession(connector=connector) as http:
             if key:  # auth on: an anonymous caller is refused
                 async with http.get(curl) as r:
                     assert r.status == 401
@@ -103,6 +113,13 @@ async def test_up_with_auth_on(key_prefix: str, tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     key = made.stderr.rsplit(" ", 1)[1].strip()
     await run_up("process", key_prefix, "--api-keys-file", str(keys), key=key)
+
+
+async def test_up_with_tls(key_prefix: str, tmp_path: Path) -> None:
+    cert = make_cert("sessionpool-up")
+    cert.install(tmp_path)
+    tls = ["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")]
+    await run_up("process", key_prefix, *tls, tls=client_context(cert))
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "example.test"])

@@ -128,6 +128,20 @@ def test_pod_is_hardened_and_sized_like_the_docker_sandbox() -> None:
     assert plain["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "1000m"
 
 
+def test_a_pool_without_resources_gets_the_operator_defaults() -> None:
+    policy = LimitPolicy.from_settings(
+        Settings(sandbox_default_cpu=0.5, sandbox_default_memory_bytes=384 << 20)
+    )
+    bare = pool()
+    doc = podspec.pod(SandboxSpec("sc", bare, "d" * 32), "ns", policy.resolve(bare))
+    (c,) = doc["spec"]["containers"]
+    assert c["resources"]["limits"] == {
+        "cpu": "500m",
+        "memory": str(384 << 20),
+        "ephemeral-storage": str(192 << 20),  # the default storage, at most half the memory
+    }
+
+
 def test_names_and_labels_the_api_would_refuse_are_caught_here() -> None:
     with pytest.raises(podspec.SpecError, match="pod name"):
         podspec.pod_name("sc", "Not_A_Valid_Id")
