@@ -4,6 +4,8 @@ benchmarks run when they are given no Redis."""
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -15,23 +17,35 @@ class RedisServer:
     """A private redis-server on a unix socket (no TCP port), stoppable and restartable.
 
     `appendonly=True` keeps state across a restart (fsync on every write), for failure tests.
+    `password=True` makes it want a random password, kept in a 0600 file of `directory` (never
+    on a command line) and in `url`: `up`'s process-runtime sandboxes run as this user.
     """
 
-    def __init__(self, directory: Path, appendonly: bool = False) -> None:
+    def __init__(self, directory: Path, appendonly: bool = False, password: bool = False) -> None:
         self.directory = directory
         self.socket = directory / "redis.sock"
         self.appendonly = appendonly
+        self.password = secrets.token_urlsafe(24) if password else ""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"unix://{self.socket}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"unix://{auth}{self.socket}"
 
     def argv(self) -> list[str]:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        argv = [exe, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
+        argv = [exe]
+        if self.password:
+            conf = self.directory / "redis.conf"
+            conf.unlink(missing_ok=True)
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"requirepass {self.password}\n")
+            argv.append(str(conf))  # the config file comes first, options after it
+        argv += ["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
         argv += ["--save", "", "--dir", str(self.directory)]
         if self.appendonly:
             return [*argv, "--appendonly", "yes", "--appendfsync", "always"]

@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from router.addresses import is_loopback
 from router.errors import SandboxRuntimeError
@@ -30,6 +31,13 @@ from workers.runtime import Runtime
 log = logging.getLogger("sessionpool.up")
 # The demo app ships inside the package, so `up --runtime process` works from a wheel too.
 ECHO = Path(__file__).resolve().parent / "demo" / "echo.py"
+
+
+def without_password(url: str) -> str:
+    """`url` with its credentials left out (for printing)."""
+    parts = urlsplit(url)
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}{query}"
 
 
 async def open_docker_runtime(settings: Settings) -> Runtime | None:
@@ -138,14 +146,15 @@ async def up(
     tmp = tempfile.TemporaryDirectory(prefix="sessionpool-")
     redis_server = None
     if own_redis:
-        # A private redis-server on a unix socket, nothing persisted; a session of its own,
-        # so Ctrl-C does not stop Redis before the sandboxes are removed.
+        # A private redis-server: a unix socket, nothing persisted, a random password (a
+        # process-runtime sandbox is a host process); a session of its own, so Ctrl-C does
+        # not stop Redis before the sandboxes are removed.
         if shutil.which("redis-server") is None:
             raise SystemExit(
                 "sessionpool up: redis-server not found (apt-get install redis-server), "
                 "or pass --redis-url"
             )
-        redis_server = RedisServer(Path(tmp.name)).start(new_session=True)
+        redis_server = RedisServer(Path(tmp.name), password=True).start(new_session=True)
         settings = settings.replace(redis_url=redis_server.url)
     if settings.auth == "none":
         log.warning("auth is off: anyone who can reach %s can run sessions", settings.host)
@@ -177,7 +186,8 @@ async def up(
         url = f"{'https' if settings.tls_cert else 'http'}://{host}:{port}"
         pools = await store.pool_names()
         print(
-            f"sessionpool is up: router {url} (runtime {runtime_name}, redis {settings.redis_url})",
+            f"sessionpool is up: router {url} (runtime {runtime_name}, "
+            f"redis {without_password(settings.redis_url)})",
             flush=True,
         )
         for name in pools:

@@ -6,7 +6,9 @@ import asyncio
 import hashlib
 import io
 import os
+import re
 import signal
+import ssl
 import stat
 import subprocess
 import sys
@@ -14,13 +16,16 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio as redis_asyncio
 import yaml
+from redis import exceptions as redis_errors
 
 from router.auth import Principal, load_api_keys
 from router.settings import Settings
 from router.store import Store
 from sessionpool import cli as sessionpool_cli
 from tests.helpers import wait_until
+from tests.test_tls import client_context, make_cert
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +41,25 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-async def run_up(runtime: str, key_prefix: str, *extra: str, key: str = "") -> None:
+async def check_own_redis_is_locked(up_line: str) -> None:
+    """`up`'s own Redis wants a password, and the line that names it does not show it."""
+    url = re.search(r"redis ((?:redis|unix)://\S+?)\)", up_line)
+    assert url is not None and "@" not in url.group(1), up_line
+    bare = redis_asyncio.Redis.from_url(url.group(1))
+    try:
+        with pytest.raises(redis_errors.AuthenticationError):
+            await bare.ping()
+    finally:
+        await bare.aclose()
+
+
+async def run_up(
+    runtime: str,
+    key_prefix: str,
+    *extra: str,
+    key: str = "",
+    tls: ssl.SSLContext | None = None,
+) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -61,14 +84,17 @@ async def run_up(runtime: str, key_prefix: str, *extra: str, key: str = "") -> N
             line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
             assert line, "sessionpool up exited early:\n" + "".join(lines)
             lines.append(line)
-            if line.startswith("sessionpool is up: router http://127.0.0.1:"):
+            if line.startswith("sessionpool is up:"):
                 port = int(line.split()[4].rsplit(":", 1)[1])
+                await check_own_redis_is_locked(line)
             if line.startswith("try:"):
                 curl = line.split("'")[1]
                 assert ("Authorization: Bearer $KEY" in line) == bool(key), line
-        assert curl == f"http://127.0.0.1:{port}/pools/demo/hello?identifier=me-1"
+        scheme = "https" if tls else "http"
+        assert curl == f"{scheme}://127.0.0.1:{port}/pools/demo/hello?identifier=me-1"
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        async with aiohttp.ClientSession() as http:
+        connector = aiohttp.TCPConnector(ssl=tls) if tls else None
+        async with aiohttp.ClientSession(connector=connector) as http:
             if key:  # auth on: an anonymous caller is refused
                 async with http.get(curl) as r:
                     assert r.status == 401
@@ -97,6 +123,13 @@ async def test_up_with_auth_on(key_prefix: str, tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     key = made.stderr.rsplit(" ", 1)[1].strip()
     await run_up("process", key_prefix, "--api-keys-file", str(keys), key=key)
+
+
+async def test_up_with_tls(key_prefix: str, tmp_path: Path) -> None:
+    cert = make_cert("sessionpool-up")
+    cert.install(tmp_path)
+    tls = ["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")]
+    await run_up("process", key_prefix, *tls, tls=client_context(cert))
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "example.test"])

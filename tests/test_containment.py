@@ -14,9 +14,11 @@ second session of the same pool by test_hostile_sessions.py.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import subprocess
+import tarfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from docker.errors import NotFound
 
 from router.limits import DEFAULT, LimitPolicy, Limits
 from router.pools import Pool
@@ -31,6 +34,7 @@ from router.settings import GiB, MiB
 from tests.helpers import make_pool, wait_until
 from workers.docker import DockerRuntime, limits_not_in_force
 from workers.docker_firewall import bridge_name, firewall_rules
+from workers.docker_storage import QUOTA, TMPFS, Storage
 from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE, Handle, RuntimeError_, SandboxSpec
 
 pytestmark = pytest.mark.docker
@@ -302,3 +306,73 @@ def test_a_limit_the_engine_did_not_apply_refuses_the_start() -> None:
         "Tmpfs /tmp",
     ]
     assert json.dumps(limits_not_in_force({}, kwargs))  # nothing reported: all missing
+
+
+class FakeEngine:
+    """Just what the storage planner asks of an engine, for the mechanism this one lacks."""
+
+    def __init__(self, backing: str, files: dict[str, list[str]]) -> None:
+        self.backing = backing
+        self.files = files  # directory → names in it (absent: no such path)
+        self.api = self
+        self.created: list[dict[str, Any]] = []
+        self.removed: list[str] = []
+
+    def info(self) -> dict[str, Any]:
+        return {"Driver": "overlay2", "DriverStatus": [["Backing Filesystem", self.backing]]}
+
+    def inspect_image(self, image: str) -> dict[str, Any]:
+        config = {"User": "1000", "WorkingDir": "/app", "Volumes": {"/data": {}}, "Env": []}
+        return {"Id": f"sha256:{image}", "Config": config}
+
+    def create_host_config(self, **kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+    def create_container(self, image: str, **kwargs: Any) -> dict[str, str]:
+        self.created.append(kwargs)
+        return {"Id": f"probe{len(self.created)}"}
+
+    def remove_container(self, container: str, force: bool) -> None:
+        self.removed.append(container)
+
+    def get_archive(self, container: str, path: str) -> tuple[list[bytes], dict[str, Any]]:
+        if path not in self.files:
+            raise NotFound(path)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            if path == "/etc/passwd":
+                data = b"root:x:0:0::/root:/bin/sh\nsandbox:x:1000:1000::/home/me:/bin/sh\n"
+                info = tarfile.TarInfo("passwd")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                return [buf.getvalue()], {"mode": 0o644, "linkTarget": ""}
+            tar.addfile(tarfile.TarInfo(path.rsplit("/", 1)[-1]), None)
+            for name in self.files[path]:
+                tar.addfile(tarfile.TarInfo(f"{path.rsplit('/', 1)[-1]}/{name}"))
+        return [buf.getvalue()], {"mode": 1 << 31, "linkTarget": ""}  # os.ModeDir
+
+
+def test_storage_plan_quota_where_the_engine_takes_one_else_tmpfs() -> None:
+    files = {"/etc/passwd": [], "/app": ["server.py"], "/data": []}
+    xfs = FakeEngine("xfs", files)
+    storage = Storage()
+    plan = storage.plan(xfs, "img", 8 * MiB)
+    assert storage.mechanism == QUOTA
+    assert plan["storage_opt"] == {"size": str(8 * MiB)}
+    assert "read_only" not in plan
+    # The declared VOLUME would be an anonymous volume on the host's disk: a capped tmpfs.
+    assert plan["tmpfs"] == {"/data": f"rw,nosuid,nodev,exec,size={8 * MiB},uid=1000,gid=1000"}
+    assert xfs.removed == ["probe1"]  # the probe container never outlives the probe
+
+    ext4 = FakeEngine("extfs", files)
+    storage = Storage()
+    plan = storage.plan(ext4, "img", 8 * MiB, home="/home/pool")
+    assert storage.mechanism == TMPFS
+    assert plan["read_only"] is True and "storage_opt" not in plan
+    # /app holds the application: left read-only rather than hidden by an empty tmpfs.
+    assert set(plan["tmpfs"]) == {"/data", "/tmp", "/var/tmp", "/run", "/mnt/data", "/home/pool"}
+    assert plan["tmpfs"]["/tmp"] == f"rw,nosuid,nodev,size={8 * MiB},uid=1000,gid=1000"
+    # No HOME of the pool's own: the image user's, from its /etc/passwd.
+    assert "/home/me" in storage.plan(ext4, "img", 8 * MiB)["tmpfs"]
+    emptied = FakeEngine("extfs", {**files, "/app": []})
+    assert "/app" in Storage().plan(emptied, "img", 8 * MiB)["tmpfs"]  # empty WORKDIR: writable
