@@ -38,7 +38,7 @@ SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 ROUTING = web.AppKey("routing", Routing)
 UPSTREAM = web.AppKey("upstream", proxy.Upstream)
-PROBE_CACHE_S = 0.5
+READY_CACHE_S = 0.25
 METRICS = web.AppKey("metrics", RouterMetrics)
 TRACE_ID = web.RequestKey("trace_id", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -165,27 +165,33 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 class Cached(Generic[T]):
-    """An async answer computed at most once per `ttl_s` however many ask at once, so bursts
-    of /readyz or /metrics cost Redis one call; errors are not cached."""
+    """An async answer shared by everyone who asks while it is being computed, and reused
+    for `ttl_s` after (0: only shared), so a burst of /readyz or /metrics costs Redis one
+    call at a time; errors are not reused."""
 
     def __init__(self, compute: Callable[[], Awaitable[T]], ttl_s: float) -> None:
         self._compute = compute
         self._ttl_s = ttl_s
         self._value: T | None = None
         self._until = 0.0
-        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[T] | None = None
 
     async def get(self) -> T:
-        loop = asyncio.get_running_loop()
         value = self._value
-        if value is not None and loop.time() < self._until:
+        if value is not None and asyncio.get_running_loop().time() < self._until:
             return value
-        async with self._lock:  # the others wait for the one call in flight
-            value = self._value
-            if value is None or loop.time() >= self._until:
-                value = self._value = await self._compute()
-                self._until = loop.time() + self._ttl_s
-        return value
+        if self._task is None:
+            self._task = asyncio.create_task(self._refresh())
+            self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(self._task)
+
+    async def _refresh(self) -> T:
+        try:
+            value = self._value = await self._compute()
+            self._until = asyncio.get_running_loop().time() + self._ttl_s
+            return value
+        finally:
+            self._task = None
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -202,13 +208,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 class Probes:
-    """/readyz and /metrics: their own two Redis connections and short-lived cached answers,
-    so no burst of them takes a connection from the request path."""
+    """/readyz and /metrics: their own two Redis connections, and answers shared by callers
+    who ask at once, so no burst of them takes a connection from the request path."""
 
     def __init__(self, store: Store, metrics: RouterMetrics) -> None:
         self.store = store
-        self.ready = Cached(self._ping, PROBE_CACHE_S)
-        self.metrics = Cached(lambda: metrics.render(store), PROBE_CACHE_S)
+        self.ready = Cached(self._ping, READY_CACHE_S)
+        self.metrics = Cached(lambda: metrics.render(store), 0.0)  # gauges stay exact
 
     async def _ping(self) -> bool:
         try:

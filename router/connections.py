@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -107,7 +107,7 @@ class BoundedHandler(RequestHandler):
         if bounds.open >= bounds.max_connections:
             self._refused = True
             bounds.metrics.refused_connections.inc()
-            assert isinstance(transport, asyncio.Transport)
+            transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
             transport.write(BUSY_RESPONSE)
             # Half-close and let the client finish: closing with its request unread would
             # send a reset that can destroy the answer before the client reads it.

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -21,8 +19,11 @@ from router.errors import (
     SessionUnreachableError,
 )
 from router.forwarding import FORWARDING, set_forwarding
+from router.tunnel import GOING_AWAY, Tunnel, open_tunnel, switching_protocols
 
 if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
     from router.metrics import RouterMetrics
     from router.routing import Lease
     from router.settings import Settings
@@ -46,15 +47,9 @@ HOP_BY_HOP = frozenset(
 )
 # Never forwarded to the session: the caller's credentials and headers the router sets itself.
 DROPPED_UPSTREAM = HOP_BY_HOP | FORWARDING | {"host", "authorization", "x-api-key"}
-WS_HANDSHAKE = frozenset(
-    {
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-        "sec-websocket-protocol",
-        "sec-websocket-accept",
-    }
-)
+# The caller's key, version, protocols and extensions go to the sandbox as they are: the
+# WebSocket is negotiated end to end (router.tunnel).
+WS_ANSWER = frozenset({"sec-websocket-accept"})
 SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -130,7 +125,9 @@ class Upstream:
         self.max_body_bytes = settings.max_body_bytes
         self.ws_max_msg_bytes = settings.ws_max_msg_bytes
         self.metrics = metrics
-        self.websockets: set[web.WebSocketResponse] = set()
+        self._proxy_seconds: dict[str, Histogram] = {}  # labels() per request is not free
+        self.connect_timeout_s = settings.upstream_connect_timeout_s
+        self.websockets: set[Tunnel] = set()
 
     def check_request(self, request: web.Request) -> None:
         """What can be refused before a session is claimed for `request`: a declared body over
@@ -159,16 +156,18 @@ class Upstream:
             if is_websocket(request):
                 return await forward_websocket(
                     request,
-                    self.client,
                     addr,
                     target.rest,
                     target.prefix,
                     self.ws_max_msg_bytes,
                     lease.activity,
+                    self.connect_timeout_s,
                     self.websockets,
                 )
             started = time.monotonic()
-            seconds = self.metrics.proxy.labels(target.pool)
+            seconds = self._proxy_seconds.get(target.pool)
+            if seconds is None:
+                seconds = self._proxy_seconds[target.pool] = self.metrics.proxy.labels(target.pool)
             return await forward_http(
                 request,
                 self.client,
@@ -257,21 +256,28 @@ async def forward_http(
         await up_cm.__aexit__(None, None, None)
 
 
+class _Relayed(web.StreamResponse):
+    """A streamed answer whose headers leave with the first body bytes (one send, not two,
+    for a small answer); `_relay_response` flushes them at once when no body is waiting."""
+
+    _send_headers_immediately = False
+
+
 async def _relay_response(request: web.Request, up: aiohttp.ClientResponse) -> web.StreamResponse:
-    resp = web.StreamResponse(
-        status=up.status, reason=up.reason, headers=downstream_headers(up.headers)
-    )
-    await resp.prepare(request)
+    resp = _Relayed(status=up.status, reason=up.reason, headers=downstream_headers(up.headers))
     try:
+        await resp.prepare(request)
+        await resp.write(up.content.read_nowait())  # the headers, and what has arrived
         async for chunk in up.content.iter_any():
             await resp.write(chunk)
+        await resp.write_eof()
+    except ConnectionResetError:  # the caller went away; aiohttp drops its connection quietly
+        return resp
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
         # Headers are gone already: the only honest signal left is a cut connection.
         log.info("upstream failed mid-response: %r", exc)
         if request.transport is not None:
             request.transport.abort()
-        return resp
-    await resp.write_eof()
     return resp
 
 
@@ -297,104 +303,44 @@ def is_websocket(request: web.Request) -> bool:
 
 async def forward_websocket(
     request: web.Request,
-    client: aiohttp.ClientSession,
     addr: str,
     target: str,
     prefix: str,
     max_msg_bytes: int,
     on_data: Callable[[], None],
-    registry: set[web.WebSocketResponse] | None = None,
-) -> web.WebSocketResponse:
-    """Relay a WebSocket both ways; data frames call `on_data`, pings and pongs do not.
+    connect_timeout_s: float,
+    registry: set[Tunnel],
+) -> web.StreamResponse:
+    """Relay a WebSocket both ways as a byte tunnel (see `router.tunnel`); data frames call
+    `on_data`, pings and pongs do not.
 
     Raises:
         SessionUnreachableError, SessionTimeoutError: the sandbox refused the upgrade.
     """
-    protocols = [
-        p.strip()
-        for v in request.headers.getall("Sec-WebSocket-Protocol", ())
-        for p in v.split(",")
-        if p.strip()
-    ]
-    headers = upstream_headers(request, prefix, drop=WS_HANDSHAKE)
-    url = URL(f"ws://{addr}{target}", encoded=True)
+    key = request.headers["Sec-WebSocket-Key"]  # checked by check_handshake
+    headers = upstream_headers(request, prefix, drop=WS_ANSWER)
+    tunnel = Tunnel(on_data, max_msg_bytes)
+    answer, rest = await open_tunnel(addr, target, headers, key, connect_timeout_s, tunnel)
+    resp = switching_protocols(answer, HOP_BY_HOP)
+    del headers, answer  # an idle tunnel keeps as little as it can
+    registry.add(tunnel)  # closed with 1001 when the router shuts down
     try:
-        up = await client.ws_connect(
-            url,
-            headers=headers,
-            protocols=protocols,
-            max_msg_size=max_msg_bytes,
-            autoclose=False,
-            autoping=True,
-        )
-    except aiohttp.WSServerHandshakeError as exc:
-        raise SessionUnreachableError(
-            f"The session refused the WebSocket upgrade ({exc.status})."
-        ) from exc
-    except TimeoutError as exc:
-        log.warning("session at %s did not answer the upgrade in time: %r", addr, exc)
-        raise SessionTimeoutError("The session did not answer in time.") from exc
-    except aiohttp.ClientError as exc:
-        log.warning("session at %s is unreachable: %r", addr, exc)
-        raise SessionUnreachableError("The session is unreachable.") from exc
-    ws = web.WebSocketResponse(
-        protocols=[up.protocol] if up.protocol else [],
-        max_msg_size=max_msg_bytes,
-        autoclose=False,
-        autoping=True,
-    )
-    try:
-        await ws.prepare(request)
-        if registry is not None:
-            registry.add(ws)  # closed with 1001 when the router shuts down
-        down_task = asyncio.ensure_future(_pump(ws, up, on_data))
-        up_task = asyncio.ensure_future(_pump(up, ws, on_data))
-        try:
-            await asyncio.wait([down_task, up_task], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (down_task, up_task):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await resp.prepare(request)
+        request.protocol.keep_alive(False)
+        if request.transport is None:
+            raise ConnectionResetError("the caller went away")
+        tunnel.start(request.transport, rest)
+        # The caller's bytes now go to the tunnel (aiohttp's parser interface, typed narrowly).
+        request.protocol.set_parser(tunnel)  # type: ignore[arg-type]
+        await tunnel.done
     finally:
-        if registry is not None:
-            registry.discard(ws)
-        await up.close()
-        if ws.prepared:  # else close() raises and would hide why prepare() failed
-            await ws.close()
-    return ws
+        registry.discard(tunnel)
+        if tunnel.up is not None:
+            tunnel.up.close()
+    return resp
 
 
-async def close_websockets(registry: set[web.WebSocketResponse]) -> None:
-    """Router shutdown: tell every relayed WebSocket client we are going away (1001)."""
-    for ws in list(registry):
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"router shutting down")
-
-
-_WSAny = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
-
-
-async def _pump(src: _WSAny, dst: _WSAny, on_data: Callable[[], None]) -> None:
-    """Copy frames from src to dst until one side closes; the close code goes across."""
-    while True:
-        msg = await src.receive()
-        if msg.type == WSMsgType.TEXT:
-            on_data()
-            await dst.send_str(msg.data)
-        elif msg.type == WSMsgType.BINARY:
-            on_data()
-            await dst.send_bytes(msg.data)
-        elif msg.type == WSMsgType.CLOSE:
-            code = msg.data if isinstance(msg.data, int) else 1000
-            await dst.close(code=code, message=(msg.extra or "").encode())
-            await src.close(code=code)
-            return
-        elif msg.type == WSMsgType.ERROR:
-            await dst.close(code=1011, message=b"peer error")
-            return
-        else:  # CLOSING / CLOSED
-            if not dst.closed:
-                code = src.close_code or 1000
-                await dst.close(code=code)
-            return
+async def close_websockets(registry: set[Tunnel]) -> None:
+    """Router shutdown: tell every relayed WebSocket's ends we are going away (1001)."""
+    for tunnel in list(registry):
+        tunnel.close(GOING_AWAY, b"router shutting down")

@@ -1,0 +1,394 @@
+"""The cold path and the workers at scale, each target beside bare Docker in the same run.
+
+    python -m bench.cold [--quick] [--out bench/results]
+
+1. A dry pool's first request vs `docker run` until the port answers (bench/timeline.py, with
+   the step-by-step timeline).
+2. Refill: an empty pool asked for N ready sandboxes, vs N bare containers (same image, limits
+   and network) created and started in parallel by the same number of threads until their
+   ports answer; with dockerd + containerd CPU over the refill, and the whole machine's.
+3. Teardown lag: expiresAt → the engine's `destroy` event, N sessions with a 1 s cooldown,
+   vs a bare `remove_container(force=True)`.
+4. A burst of 20 new identifiers in one second on a pool with readySessionInstances 2, twice:
+   the first meets the pool at its floor, the second the pool grown by the first.
+
+Writes `cold.md` and `cold.json` to `--out`. The machine's load average is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from bench import pool as docker_bench
+from bench import proxies, timeline
+from bench.allocation import percentile
+from bench.common import RESULTS, Proc, RedisServer, cpu_seconds, python, spawn
+from bench.seed import IMAGE, pool_def
+from router.keys import Keys
+from router.store import Store, open_redis
+
+LABEL_SCOPE = docker_bench.LABEL_SCOPE
+NETWORK = "sessionpool-egress-disabled"  # the worker's default sandbox network
+CONCURRENCY = 8  # the worker's default create_concurrency
+
+
+def _pids(*names: str) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(f"/proc/{entry}/comm").read_text().strip() in names:
+                    out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all cores spent not idle since boot (from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuWatch:
+    """dockerd + containerd CPU, and the machine's, between start() and stop()."""
+
+    def start(self) -> None:
+        self.pids = _pids("dockerd", "containerd")
+        self.t0, self.engine0, self.busy0 = time.monotonic(), cpu_seconds(self.pids), 0.0
+        self.busy0 = _machine_busy_s()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.monotonic() - self.t0
+        return {
+            "engine_cores": (cpu_seconds(self.pids) - self.engine0) / wall,
+            "machine_cores": (_machine_busy_s() - self.busy0) / wall,
+        }
+
+
+async def _wait(predicate: Any, limit_s: float, what: str) -> float:
+    deadline = time.monotonic() + limit_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {limit_s} s")
+        await asyncio.sleep(0.01)
+    return time.monotonic()
+
+
+def _bare_create(client: Any, scope: str) -> tuple[str, str]:
+    host = client.api.create_host_config(
+        network_mode=NETWORK,
+        init=True,
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        pids_limit=256,
+        mem_limit=256 << 20,
+        memswap_limit=256 << 20,
+        nano_cpus=500_000_000,
+        tmpfs={"/tmp": "rw,nosuid,nodev,size=128m"},
+    )
+    made = client.api.create_container(
+        IMAGE, labels={LABEL_SCOPE: scope}, host_config=host, detach=True
+    )
+    client.api.start(made["Id"])
+    info = client.api.inspect_container(made["Id"])
+    return made["Id"], info["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
+
+
+async def _port_answers(http: aiohttp.ClientSession, ip: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            async with http.get(f"http://{ip}:8080/health") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{ip}: port never answered")
+        await asyncio.sleep(0.005)
+
+
+async def bare_refill(client: Any, scope: str, n: int) -> dict[str, Any]:
+    """n bare sandboxes started by CONCURRENCY threads, until every port answers."""
+    loop = asyncio.get_running_loop()
+    cpu = CpuWatch()
+    ids: list[str] = []
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        async with aiohttp.ClientSession() as http:
+            cpu.start()
+            t0 = time.monotonic()
+
+            async def one() -> None:
+                cid, ip = await loop.run_in_executor(pool, _bare_create, client, scope)
+                ids.append(cid)
+                await _port_answers(http, ip)
+
+            await asyncio.gather(*(one() for _ in range(n)))
+            took = time.monotonic() - t0
+            share = cpu.stop()
+        t1 = time.monotonic()
+        removes = [loop.run_in_executor(pool, _timed_remove, client, cid) for cid in ids]
+        rm_ms = list(await asyncio.gather(*removes))
+        rm_wall = time.monotonic() - t1
+    return {"n": n, "s": took, "per_s": n / took, **share, "rm_ms": rm_ms, "rm_wall_s": rm_wall}
+
+
+def _timed_remove(client: Any, cid: str) -> float:
+    t0 = time.perf_counter()
+    client.api.remove_container(cid, force=True)
+    return (time.perf_counter() - t0) * 1000
+
+
+async def refill(store: Store, n: int) -> dict[str, Any]:
+    cpu = CpuWatch()
+    cpu.start()
+    t0 = time.monotonic()
+    await store.put_pool(pool_def("refill", ready=n, max_sessions=2 * n + 10, cooldown_s=1))
+
+    async def full() -> bool:
+        return (await store.counts("refill"))["ready"] >= n
+
+    took = await _wait(full, 300, "refill") - t0
+    share = cpu.stop()
+    await store.delete_pool("refill")
+
+    async def removed() -> bool:
+        return not await store.sandboxes("refill")
+
+    await _wait(removed, 120, "refill pool removed")  # its removals must not overlap what follows
+    return {"n": n, "s": took, "per_s": n / took, **share}
+
+
+async def teardown(
+    store: Store, client: Any, router_url: str, scope: str, n: int
+) -> dict[str, list[float]]:
+    """ms from each session's expiresAt to its container's `die` and `destroy` events."""
+    await store.put_pool(pool_def("teardown", ready=n, max_sessions=n, cooldown_s=1))
+
+    async def ready() -> bool:
+        return (await store.counts("teardown"))["ready"] >= n
+
+    await _wait(ready, 300, "teardown pool ready")
+    # No refill while the sessions run out (what is measured is teardown, not creates racing
+    # it): the floor goes to 0, and with every session allocated maxConcurrentSessions leaves
+    # demand-following no room.
+    await store.put_pool(pool_def("teardown", ready=0, max_sessions=n, cooldown_s=1))
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    k = store.pk("teardown")
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(
+            *(_get(http, f"{router_url}/pools/teardown/health?identifier=td-{i}") for i in range(n))
+        )
+    containers: dict[str, str] = {}
+    expires: dict[str, float] = {}
+    live = {f"td-{i}" for i in range(n)}
+    deadline = time.monotonic() + 60
+    while live and time.monotonic() < deadline:
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for ident in live:
+                pipe.hget(k.sessions, ident)
+                pipe.zscore(k.expiry, ident)
+            got = await pipe.execute()
+        for ident, raw, score in zip(list(live), got[::2], got[1::2], strict=True):
+            if raw is None or score is None:
+                live.discard(ident)
+                continue
+            expires[ident] = float(score)
+            containers[ident] = orjson.loads(raw)["container"]
+        await asyncio.sleep(0.01)
+    wanted = set(containers.values())
+
+    async def gone() -> bool:
+        rows = client.api.containers(all=True, filters={"label": f"{LABEL_SCOPE}={scope}"})
+        return not ({c["Id"] for c in rows} & wanted)
+
+    await _wait(gone, 60, "teardown")
+    seen: dict[str, dict[str, float]] = {"die": {}, "destroy": {}}
+    for ev in client.events(
+        since=since,
+        until=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1),
+        decode=True,
+        filters={"type": "container", "label": f"{LABEL_SCOPE}={scope}"},
+    ):
+        action = ev.get("Action") or ev.get("status")
+        if action in seen:
+            seen[action][ev["id"]] = ev["timeNano"] / 1e6
+    ended: dict[str, float] = {}  # identifier -> when EXPIRE ended it (its log entry)
+    for _, fields in await store.redis.xrange(k.log, min="-", max="+"):
+        entry = orjson.loads(fields[b"data"])
+        if entry.get("event") == "idle":
+            ended[entry["identifier"]] = float(entry["at"])
+    await store.delete_pool("teardown")
+    lags = {
+        action: [at[c] - expires[i] for i, c in containers.items() if c in at]
+        for action, at in seen.items()
+    }
+    lags["ended"] = [ended[i] - expires[i] for i in containers if i in ended]
+    return lags
+
+
+async def _get(http: aiohttp.ClientSession, url: str) -> float:
+    t0 = time.perf_counter()
+    async with http.get(url) as r:
+        await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{url}: {r.status}")
+    return (time.perf_counter() - t0) * 1000
+
+
+async def burst(store: Store, router_url: str, n: int) -> dict[str, Any]:
+    """Two bursts of n new identifiers, each spread over one second, 3 s apart."""
+    await store.put_pool(pool_def("burst", ready=2, max_sessions=2 * n + 5))
+
+    async def floor() -> bool:
+        c = await store.counts("burst")
+        return c["ready"] == 2 and c["warming"] == 0
+
+    await _wait(floor, 120, "burst pool at its floor")
+    out: dict[str, Any] = {}
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        for label in ("first", "second"):
+            before = await store.counts("burst")
+
+            async def one(i: int, label: str = label) -> float:
+                await asyncio.sleep(i / n)
+                url = f"{router_url}/pools/burst/health?identifier={label}-{i}"
+                return await _get(http, url)
+
+            ms = list(await asyncio.gather(*(one(i) for i in range(n))))
+            out[label] = {
+                "ready_before": before["ready"] + before["warming"],
+                "p50_ms": percentile(ms, 50),
+                "p99_ms": percentile(ms, 99),
+                "ms": ms,
+            }
+            await asyncio.sleep(3)
+    await store.delete_pool("burst")
+    return out
+
+
+def run(quick: bool, out: Path) -> dict[str, Any]:
+    n = 6 if quick else 12
+    data: dict[str, Any] = {"load_before": Path("/proc/loadavg").read_text().split()[:3]}
+    data["timeline"] = timeline.run(3 if quick else 5, out)
+    client = docker_bench.docker_client()
+    prefix = f"cold{uuid.uuid4().hex[:8]}"
+    started: list[Proc] = []
+    with tempfile.TemporaryDirectory(prefix="sp-cold-") as tmp:
+        redis = RedisServer(Path(tmp)).start()
+        assert redis.proc is not None
+        started.append(redis.proc)
+        logs = out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        env = {
+            "SESSIONPOOL_REDIS_URL": redis.url,
+            "SESSIONPOOL_KEY_PREFIX": prefix,
+            "SESSIONPOOL_WORKER_ID": f"cold-{prefix}",
+        }
+        try:
+            started.append(
+                spawn(
+                    "worker",
+                    [python(), "-m", "sessionpool.cli", "worker", "--runtime", "docker"],
+                    env=env,
+                    log=logs / "cold-worker.log",
+                )
+            )
+            router, url = proxies.router(redis.url, prefix, log=logs / "cold-router.log")
+            started.append(router)
+
+            async def go() -> None:
+                r = open_redis(redis.url)
+                store = Store(r, Keys(prefix))
+                try:
+                    data["bare"] = await bare_refill(client, prefix, n)
+                    data["refill"] = await refill(store, n)
+                    data["teardown_ms"] = await teardown(store, client, url, prefix, n)
+                    data["burst"] = await burst(store, url, 8 if quick else 20)
+                finally:
+                    await r.aclose()
+
+            asyncio.run(go())
+        finally:
+            for p in reversed(started):
+                p.stop()
+            docker_bench.remove_scope(client, prefix)
+            client.close()
+    data["load_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    text = report(data)
+    (out / "cold.json").write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    (out / "cold.md").write_text(text + "\n")
+    print(text)
+    return data
+
+
+def report(data: dict[str, Any]) -> str:
+    cold = timeline._offsets(data["timeline"]["cold"], timeline.STEPS)["upstream answered"]
+    bare_run = timeline._offsets(data["timeline"]["bare"], timeline.BARE_STEPS)["port answers"]
+    bare, ref = data["bare"], data["refill"]
+    td = data["teardown_ms"]["destroy"]
+    td_p50, td_p99 = percentile(td, 50), percentile(td, 99)
+    die = data["teardown_ms"]["die"]
+    rm_p50, rm_p99 = percentile(bare["rm_ms"], 50), percentile(bare["rm_ms"], 99)
+    b1, b2 = data["burst"]["first"], data["burst"]["second"]
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "not met"
+
+    rows = [
+        "| target | sessionpool | bare Docker (same run) | ratio | target | |",
+        "|---|---:|---:|---:|---|---|",
+        f"| dry pool: first request, p50 | {cold:.0f} ms | `docker run` → port answers "
+        f"{bare_run:.0f} ms | {cold / bare_run:.2f}x | ≤ 1.1x | {met(cold <= 1.1 * bare_run)} |",
+        f"| refill {ref['n']} from empty | {ref['per_s']:.1f} /s | {bare['per_s']:.1f} /s "
+        f"({CONCURRENCY} threads, create, start, inspect, port) "
+        f"| {ref['per_s'] / bare['per_s']:.2f}x "
+        f"| ≥ 8 /s | {met(ref['per_s'] >= 8)} |",
+        f"| teardown lag after expiry, p50 / p99 | {td_p50:.0f} / {td_p99:.0f} ms | `rm -f` "
+        f"{rm_p50:.0f} / {rm_p99:.0f} ms | {td_p99 / rm_p99:.2f}x (p99) | p99 ≤ 500 ms "
+        f"| {met(td_p99 <= 500)} |",
+        f"| (expiry to the session ended in Redis, p50 / p99) | "
+        f"{percentile(data['teardown_ms']['ended'], 50):.0f} / "
+        f"{percentile(data['teardown_ms']['ended'], 99):.0f} ms | | | | |",
+        f"| (expiry to the container killed, p50 / p99) | {percentile(die, 50):.0f} / "
+        f"{percentile(die, 99):.0f} ms | | | | |",
+        f"| burst of {len(b1['ms'])} in 1 s, ready 2: first-request p50 / p99 | first burst "
+        f"{b1['p50_ms']:.0f} / {b1['p99_ms']:.0f} ms; second {b2['p50_ms']:.0f} / "
+        f"{b2['p99_ms']:.0f} ms (pool grown to {b2['ready_before']}) | — | — | — | |",
+        "",
+        f"CPU during the refill: dockerd + containerd {ref['engine_cores']:.2f} cores, the "
+        f"whole machine {ref['machine_cores']:.2f} of {os.cpu_count()} cores (bare run: "
+        f"{bare['engine_cores']:.2f} / {bare['machine_cores']:.2f}). Load average before "
+        f"{' '.join(data['load_before'])}, after {' '.join(data['load_after'])}: other work "
+        "shares these cores, so every figure is a same-run ratio, not an absolute.",
+        "",
+        timeline.report(data["timeline"]),
+    ]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer of each (a smoke run)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    run(args.quick, args.out)
+
+
+if __name__ == "__main__":
+    main()
