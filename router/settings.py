@@ -110,7 +110,6 @@ class Settings:
     k8s_api_timeout_s: float = 10.0  # every API call but watches, which re-open each minute
     k8s_schedule_timeout_s: float = 60.0  # a pod not scheduled by then fails creation
     k8s_start_timeout_s: float = 120.0  # a pod not running with an IP by then fails creation
-    k8s_ephemeral_storage_bytes: int = GiB  # kubelet-enforced disk per sandbox (logs, layer)
 
     # Logs.
     log_json: bool = True
@@ -176,8 +175,6 @@ class Settings:
                 ipaddress.ip_network(cidr.strip())
             except ValueError:
                 raise ValueError(f"k8s_cluster_cidrs: {cidr!r} is not a CIDR range") from None
-        if self.k8s_ephemeral_storage_bytes < 16 * MiB:
-            raise ValueError("k8s_ephemeral_storage_bytes: must be at least 16 MiB")
         try:
             parse_networks(self.trusted_proxies)
         except ValueError as exc:

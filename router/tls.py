@@ -48,7 +48,10 @@ class ReloadingTLS:
         self.cert_file = cert_file
         self.key_file = key_file
         self.reloads = 0
-        self._stamp = self._files_stamp()
+        try:  # before loading: a change made meanwhile is then seen at the first check
+            self._stamp = self._files_stamp()
+        except OSError as exc:
+            raise ValueError(f"tls_cert/tls_key: {exc}") from None
         self.context = load_context(cert_file, key_file)
         self.context.sni_callback = self._on_client_hello
         self._current = self.context

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import shutil
 import signal
 import socket
@@ -13,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from router.addresses import is_loopback
 from router.keys import Keys
@@ -39,7 +42,9 @@ def _free_port() -> int:
 
 
 def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A private redis-server on a free loopback port, nothing persisted."""
+    """A private redis-server on a free loopback port, nothing persisted, with a random
+    password (in a 0600 file of `directory`, never on a command line): a process-runtime
+    sandbox shares the host's network and could otherwise reach it."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise SystemExit(
@@ -47,9 +52,15 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
             "redis-server), or pass --redis-url"
         )
     port = _free_port()
+    password = secrets.token_urlsafe(24)
+    conf = directory / "redis.conf"
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"requirepass {password}\n")
     proc = subprocess.Popen(
         [
             exe,
+            str(conf),
             "--bind",
             "127.0.0.1",
             "--port",
@@ -65,7 +76,7 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # Ctrl-C must not stop Redis before sandboxes are removed
-    return proc, f"redis://127.0.0.1:{port}/0"
+    return proc, f"redis://:{password}@127.0.0.1:{port}/0"
 
 
 async def open_docker_runtime(settings: Settings) -> Runtime | None:
@@ -204,9 +215,11 @@ async def up(
         worker = asyncio.create_task(run_worker(settings, runtime, stop))
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         url = f"{'https' if settings.tls_cert else 'http'}://{host}:{port}"
+        redis_at = urlsplit(settings.redis_url).netloc.rpartition("@")[2]  # no password shown
         pools = await store.pool_names()
         print(
-            f"sessionpool is up: router {url} (runtime {runtime_name}, redis {settings.redis_url})",
+            f"sessionpool is up: router {url} (runtime {runtime_name}, "
+            f"redis {urlsplit(settings.redis_url)._replace(netloc=redis_at).geturl()})",
             flush=True,
         )
         for name in pools:

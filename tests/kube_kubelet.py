@@ -123,14 +123,18 @@ class Kubelet:
                 "Error: container has runAsNonRoot and image will run as root",
             )
             return
+        uid, _, gid = user.partition(":")
+        owner = f",uid={uid},gid={gid or uid}" if uid.isdigit() and (gid or uid).isdigit() else ""
         limits = (c.get("resources") or {}).get("limits") or {}
         vols = {v["name"]: v for v in spec.get("volumes") or []}
         tmpfs, binds = {}, {}
         for m in c.get("volumeMounts") or []:
             empty = vols[m["name"]]["emptyDir"]
             if empty.get("medium") == "Memory":
+                # A kubelet makes an emptyDir mode 0777; Docker keeps the mode of the image's
+                # directory under a tmpfs instead, so the pod's user is made its owner.
                 size = quantity_bytes(empty.get("sizeLimit", "64Mi"))
-                tmpfs[m["mountPath"]] = f"rw,nosuid,nodev,size={size},mode=1777"
+                tmpfs[m["mountPath"]] = f"rw,nosuid,nodev,size={size},mode=1777{owner}"
             else:  # a directory on the node, mode 0777, as a kubelet makes it
                 path = Path(self.root, name, m["name"])
                 path.mkdir(parents=True, exist_ok=True)

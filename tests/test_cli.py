@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import os
+import re
 import signal
 import socket
 import ssl
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio as redis_asyncio
 import yaml
+from redis import exceptions as redis_errors
 
 from router.auth import Principal, load_api_keys
 from router.settings import Settings
@@ -43,6 +46,18 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         timeout=60,
         env={**os.environ, **(env or {})},
     )
+
+
+async def check_own_redis_is_locked(up_line: str) -> None:
+    """`up`'s own Redis wants a password, and the line that names it does not show it."""
+    url = re.search(r"redis (redis://\S+?)\)", up_line)
+    assert url is not None and "@" not in url.group(1), up_line
+    bare = redis_asyncio.Redis.from_url(url.group(1))
+    try:
+        with pytest.raises(redis_errors.AuthenticationError):
+            await bare.ping()
+    finally:
+        await bare.aclose()
 
 
 async def run_up(
@@ -77,6 +92,8 @@ async def run_up(
             line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
             assert line, "sessionpool up exited early:\n" + "".join(lines)
             lines.append(line)
+            if line.startswith("sessionpool is up:"):
+                await check_own_redis_is_locked(line)
             if line.startswith("try:"):
                 curl = line.split("'")[1]
                 assert ("Authorization: Bearer $KEY" in line) == bool(key), line

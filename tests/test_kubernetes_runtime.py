@@ -14,6 +14,7 @@ import aiohttp
 import docker
 import pytest
 
+from router.limits import LimitPolicy
 from router.pools import Pool, parse_pool
 from router.settings import Settings
 from tests.helpers import wait_until
@@ -122,7 +123,7 @@ async def test_create_runs_a_hardened_pod_reachable_at_its_ip(
     assert c["resources"]["limits"] == {
         "cpu": "500m",
         "memory": str(256 << 20),
-        "ephemeral-storage": str(1 << 30),
+        "ephemeral-storage": str(128 << 20),  # default storage, at most half the memory
     }
     # The secret value is in the pool's Secret, never in the pod.
     assert b"s3cret" not in str(pod).encode()
@@ -212,7 +213,7 @@ async def test_exits_report_terminated_deleted_and_resume_after_410(
 
 async def test_invalid_objects_are_refused_like_the_api(kube: FakeKube) -> None:
     """The fake is strict where the real API is: a typo'd field, a bad label, a bad quantity."""
-    base = podspec.pod(spec_of(pool()), NS, 1 << 30)
+    base = podspec.pod(spec_of(pool()), NS, LimitPolicy().resolve(pool()))
     typo = {**base, "spec": {**base["spec"], "automountServiceAccountTokn": False}}
     bad_label = {**base, "metadata": {**base["metadata"], "labels": {"a": "-x-"}}}
     c = {**base["spec"]["containers"][0], "resources": {"limits": {"memory": "lots"}}}

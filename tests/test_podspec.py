@@ -79,7 +79,7 @@ def test_pod_carries_placement_runtime_class_and_pull_secret() -> None:
         },
     )
     spec = SandboxSpec("sc", p, "b" * 32)
-    pod = podspec.pod(spec, "ns", 1 << 30)["spec"]
+    pod = podspec.pod(spec, "ns", LimitPolicy().resolve(p))["spec"]
     base = podspec.base_name("sc", "ppool")
     assert pod["runtimeClassName"] == "gvisor"
     assert pod["nodeSelector"] == {"sandbox": "yes"}
@@ -94,25 +94,38 @@ def test_pod_carries_placement_runtime_class_and_pull_secret() -> None:
 
 
 def test_pod_is_hardened_and_sized_like_the_docker_sandbox() -> None:
-    p = pool(container={"resources": {"cpu": 1.5, "memory": "300Mi"}, "command": ["run"]})
-    doc = podspec.pod(SandboxSpec("sc", p, "c" * 32), "ns", 2 << 30)
+    p = pool(
+        container={
+            "resources": {"cpu": 1.5, "memory": "300Mi"},
+            "command": ["run"],
+            "env": [{"name": "HOME", "value": "/home/app"}],
+        }
+    )
+    doc = podspec.pod(SandboxSpec("sc", p, "c" * 32), "ns", LimitPolicy().resolve(p))
     pod = doc["spec"]
     (c,) = pod["containers"]
     assert c["command"] == ["run"] and "args" not in c
+    storage = str(150 << 20)  # no storage asked: the default, at most half the memory
     assert c["resources"]["limits"] == {
         "cpu": "1500m",
         "memory": str(300 << 20),
-        "ephemeral-storage": str(2 << 30),
+        "ephemeral-storage": storage,
     }
     assert c["resources"]["requests"] == c["resources"]["limits"]
-    assert pod["volumes"] == [
-        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": str(150 << 20)}}
-    ]
+    # The docker runtime's writable paths, each a capped memory-backed emptyDir.
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert sorted(mounts.values()) == ["/home/app", "/mnt/data", "/run", "/tmp", "/var/tmp"]
+    assert all(v["emptyDir"] == {"medium": "Memory", "sizeLimit": storage} for v in pod["volumes"])
+    assert {v["name"] for v in pod["volumes"]} == set(mounts)
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
     for flag in ("hostNetwork", "hostPID", "hostIPC", "automountServiceAccountToken"):
         assert pod[flag] is False
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert pod["restartPolicy"] == "Never"
     assert "runtimeClassName" not in pod and "imagePullSecrets" not in pod
+    # Defaults when the pool names no resources.
+    plain = podspec.pod(SandboxSpec("sc", pool(), "c" * 32), "ns", LimitPolicy().resolve(pool()))
+    assert plain["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "1000m"
 
 
 def test_a_pool_without_resources_gets_the_operator_defaults() -> None:
@@ -120,12 +133,12 @@ def test_a_pool_without_resources_gets_the_operator_defaults() -> None:
         Settings(sandbox_default_cpu=0.5, sandbox_default_memory_bytes=384 << 20)
     )
     bare = pool()
-    doc = podspec.pod(SandboxSpec("sc", bare, "d" * 32), "ns", 1 << 30, policy.resolve(bare))
+    doc = podspec.pod(SandboxSpec("sc", bare, "d" * 32), "ns", policy.resolve(bare))
     (c,) = doc["spec"]["containers"]
     assert c["resources"]["limits"] == {
         "cpu": "500m",
         "memory": str(384 << 20),
-        "ephemeral-storage": str(1 << 30),
+        "ephemeral-storage": str(192 << 20),  # the default storage, at most half the memory
     }
 
 

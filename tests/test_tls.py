@@ -226,6 +226,9 @@ async def test_bad_tls_settings_stop_the_router(settings: Settings, tmp_path: Pa
     )
     with pytest.raises(ValueError, match="tls_cert/tls_key: cannot load"):
         await start_site(bad)
+    missing = bad.replace(tls_key=str(tmp_path / "absent.pem"))
+    with pytest.raises(ValueError, match=r"absent\.pem"):
+        await start_site(missing)
     env = Settings.from_env({"SESSIONPOOL_TLS_CERT": "/c.pem", "SESSIONPOOL_TLS_KEY": "/k.pem"})
     assert (env.tls_cert, env.tls_key) == ("/c.pem", "/k.pem")
     assert "/k.pem" not in repr(env)

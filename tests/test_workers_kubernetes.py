@@ -35,6 +35,7 @@ from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio import config as kconfig
 
 from router.app import create_app
+from router.limits import LimitPolicy
 from router.pools import Pool, parse_pool
 from router.settings import Settings
 from router.store import Store
@@ -116,7 +117,8 @@ class Cluster:
     async def stray_pod(self, scope: str, pool: Pool) -> str:
         """A labelled pod no record names (as a dead worker may leave)."""
         sid = uuid.uuid4().hex
-        body = podspec.pod(SandboxSpec(scope, pool, sid), self.namespace, 1 << 30)
+        limits = LimitPolicy().resolve(pool)
+        body = podspec.pod(SandboxSpec(scope, pool, sid), self.namespace, limits)
         await self._json(
             self.core.create_namespaced_pod(self.namespace, body, _preload_content=False)
         )

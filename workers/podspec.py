@@ -28,17 +28,17 @@ from typing import Any
 import orjson
 
 from router.limits import Limits
-from router.pools import Pool
 from workers.runtime import LABEL_POOL, LABEL_SANDBOX, LABEL_SCOPE, LABEL_VERSION, SandboxSpec
 
 Json = dict[str, Any]
 LINK_LOCAL = ("169.254.0.0/16", "fe80::/10")
-TMP_MAX_BYTES = 256 << 20  # as the docker runtime: /tmp is min(256 MiB, memory / 2)
 GRACE_S = 1  # SIGTERM to SIGKILL when a sandbox is destroyed: the session is over
-# The root filesystem is read-only: ACA's session-files directory of the built-in container
-# types is a disk-backed emptyDir (its size counts against the pod's ephemeral storage).
-DATA_DIR_TYPES = {"PythonLTS", "Shell"}
-DATA_DIR = "/mnt/data"
+# The root filesystem is read-only; these are writable, each a memory-backed emptyDir capped at
+# the sandbox's storage size: the paths and sizes of the docker runtime's tmpfs mode
+# (workers/docker_storage.py). Memory-backed, as there: a full one is ENOSPC, and what a session
+# writes counts toward its memory limit. (The image's own $HOME, which Docker reads from the
+# image, is not known here: it is writable only when the pool's env sets HOME.)
+WRITABLE = {"tmp": "/tmp", "var-tmp": "/var/tmp", "run": "/run", "data": "/mnt/data"}
 # The pool's `sandboxConfiguration.runtime` (an OCI runtime) → the RuntimeClass to ask for.
 RUNTIME_CLASSES = {
     "runc": None,
@@ -91,18 +91,9 @@ def labels(spec: SandboxSpec) -> dict[str, str]:
     return out
 
 
-def tmp_bytes(pool: Pool) -> int:
-    return min(TMP_MAX_BYTES, pool.memory_bytes // 2 if pool.memory_bytes else TMP_MAX_BYTES)
-
-
-def pod(
-    spec: SandboxSpec, namespace: str, ephemeral_storage_bytes: int, limits: Limits | None = None
-) -> Json:
-    """The sandbox's pod: the pool's template, hardened, with its limits as requests too.
-
-    `limits`, the operator's policy resolved for this pool (router/limits.py), fills in the
-    CPU and memory a pool leaves out, so that no sandbox pod is unlimited.
-    """
+def pod(spec: SandboxSpec, namespace: str, limits: Limits) -> Json:
+    """The sandbox's pod: the pool's template, hardened, with its limits (router/limits.py:
+    the pool's own, else the operator's defaults) as requests too."""
     pool = spec.pool
     base = base_name(spec.scope, pool.name)
     env: list[Json] = [{"name": e.name, "value": e.value} for e in pool.env if e.value is not None]
@@ -110,21 +101,24 @@ def pod(
         {"name": name, "valueFrom": {"secretKeyRef": {"name": f"{base}-env", "key": name}}}
         for name in sorted(spec.env)
     ]
-    cpu = limits.cpu if limits is not None else pool.cpu
-    memory = limits.memory_bytes if limits is not None else pool.memory_bytes
-    resources: dict[str, str] = {"ephemeral-storage": str(ephemeral_storage_bytes)}
-    if cpu is not None:
-        resources["cpu"] = f"{round(cpu * 1000)}m"
-    if memory is not None:
-        resources["memory"] = str(memory)
+    resources = {
+        "cpu": f"{round(limits.cpu * 1000)}m",
+        "memory": str(limits.memory_bytes),
+        # Disk outside the emptyDirs (the container's logs): bounded by the kubelet too.
+        "ephemeral-storage": str(limits.storage_bytes),
+    }
+    writable = dict(WRITABLE)
+    home = next((e.value for e in pool.env if e.name == "HOME" and e.value), None)
+    if home and home.startswith("/") and home not in writable.values():
+        writable["home"] = home
     container: Json = {
         "name": "sandbox",
         "image": pool.image,
         "imagePullPolicy": "IfNotPresent",
         "env": env,
         "ports": [{"containerPort": pool.target_port, "protocol": "TCP"}],
-        # Requests = limits: the scheduler reserves what the sandbox may use (Guaranteed QoS
-        # when cpu and memory are both set), so a node is never promised twice.
+        # Requests = limits: the scheduler reserves what the sandbox may use (Guaranteed QoS),
+        # so a node is never promised twice.
         "resources": {"requests": dict(resources), "limits": resources},
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -134,16 +128,10 @@ def pod(
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": n, "mountPath": path} for n, path in writable.items()],
     }
-    volumes: list[Json] = [
-        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": str(tmp_bytes(pool))}}
-    ]
-    if pool.container_type in DATA_DIR_TYPES:
-        container["volumeMounts"].append({"name": "data", "mountPath": DATA_DIR})
-        volumes.append(
-            {"name": "data", "emptyDir": {"sizeLimit": str(ephemeral_storage_bytes // 2)}}
-        )
+    size = str(limits.storage_bytes)
+    volumes = [{"name": n, "emptyDir": {"medium": "Memory", "sizeLimit": size}} for n in writable]
     # ACA/Kubernetes semantics, as in the docker runtime: command replaces the entrypoint.
     if pool.command:
         container["command"] = list(pool.command)

@@ -75,6 +75,7 @@ class Reaper:
 
     async def teardown(self, pool: str, event: dict[str, Any]) -> None:
         """Destroy one sandbox and drop its record (idempotent)."""
+        handled = time.time()
         sid = event.get("sandbox") or ""
         container = event.get("container") or ""
         if not container and sid:
@@ -86,11 +87,19 @@ class Reaper:
                     container = obs.container
         if container:
             await self.ctx.runtime.destroy(container)
+        destroyed = time.time()
         if sid:
             await self.ctx.store.forget(pool, sid)
         reason = str(event.get("reason") or "unknown")
         metrics.TEARDOWNS.labels(pool, reason).inc()
-        log.info("pool %s: sandbox %s destroyed (%s)", pool, sid, reason)
+        log.info(
+            "pool %s: sandbox %s destroyed (%s)",
+            pool,
+            sid,
+            reason,
+            # Wall-clock times (bench/cold.py splits the teardown lag with them).
+            extra={"pool": pool, "sandbox": sid, "teardown": [handled, destroyed]},
+        )
 
     # Role (see workers/supervisor.py) -------------------------------------------------------
 
