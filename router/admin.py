@@ -18,11 +18,11 @@ import orjson
 from aiohttp import web
 
 from router.auth import ADMIN, AUTH, Principal
+from router.bodies import read_body
 from router.errors import (
     BadRequestError,
     InvalidPoolError,
     PoolNotFoundError,
-    RequestTooLargeError,
     UnsupportedMediaTypeError,
 )
 from router.limits import LimitPolicy
@@ -111,13 +111,7 @@ async def _read_json(request: web.Request) -> Any:
         raise UnsupportedMediaTypeError(
             f"Content-Type {ctype!r} is not supported; send application/json."
         )
-    if (request.content_length or 0) > MAX_BODY_BYTES:
-        raise RequestTooLargeError(MAX_BODY_BYTES)
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise RequestTooLargeError(MAX_BODY_BYTES)
+    body = await read_body(request, MAX_BODY_BYTES)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

@@ -44,9 +44,9 @@ from mcp_types import (
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ValidationError
 
+from router.bodies import read_body
 from router.errors import (
     PoolNotFoundError,
-    RequestTooLargeError,
     UnauthorizedError,
 )
 from router.mcp_tools import Environments, ToolError, tools_for
@@ -166,13 +166,7 @@ class McpEndpoint:
         Raises:
             RequestTooLargeError: over `MAX_BODY_BYTES`.
         """
-        if (request.content_length or 0) > MAX_BODY_BYTES:
-            raise RequestTooLargeError(MAX_BODY_BYTES)
-        raw = bytearray()
-        async for chunk in request.content.iter_any():
-            raw += chunk
-            if len(raw) > MAX_BODY_BYTES:
-                raise RequestTooLargeError(MAX_BODY_BYTES)
+        raw = await read_body(request, MAX_BODY_BYTES)
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:

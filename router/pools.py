@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -155,16 +156,7 @@ def parse_pool(
         lifecycle=lifecycle,
         cooldown_s=cooldown,
         max_alive_s=max_alive,
-        image=template.image,
-        command=template.command,
-        args=template.args,
-        env=template.env,
-        cpu=template.cpu,
-        memory_bytes=template.memory_bytes,
-        storage_bytes=template.storage_bytes,
-        target_port=template.target_port,
-        probes=template.probes,
-        registry=template.registry,
+        **{f.name: getattr(template, f.name) for f in dataclasses.fields(Template)},
         egress_enabled=status == "EgressEnabled",
         oci_runtime=runtime,
         pids_limit=pids,
