@@ -4,11 +4,7 @@ containers, a self-signed certificate the client is told to trust, API-key auth 
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +20,7 @@ from router.pools import parse_pool
 from router.server import start_site
 from router.settings import Settings
 from router.store import Store
+from sessionpool.testing import spawn_worker, stop_process
 from tests.helpers import wait_until
 from tests.test_tls import client_context, make_cert
 from workers.runtime import LABEL_SCOPE
@@ -74,24 +71,7 @@ async def https_pool(
             [{"name": "sk", "key_sha256": hash_key(KEY), "roles": ["executor"], "pools": [POOL]}]
         )
     )
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sessionpool.cli",
-        "worker",
-        "--runtime",
-        "docker",
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "SESSIONPOOL_REDIS_URL": settings.redis_url,
-            "SESSIONPOOL_KEY_PREFIX": settings.key_prefix,
-            "SESSIONPOOL_WORKER_ID": "w-sk",
-            "SESSIONPOOL_WARM_TIMEOUT_S": "60",
-        },
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    worker = await spawn_worker(settings.replace(warm_timeout_s=60))
     runner = None
     try:
         runner, port = await start_site(
@@ -114,12 +94,9 @@ async def https_pool(
     finally:
         if runner is not None:
             await runner.cleanup()
-        worker.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(worker.wait(), 30)
+            await stop_process(worker, grace_s=30)
         finally:
-            if worker.returncode is None:
-                worker.kill()
             scope = f"{LABEL_SCOPE}={settings.key_prefix}"
             for c in engine.api.containers(all=True, filters={"label": scope}):
                 engine.api.remove_container(c["Id"], force=True)

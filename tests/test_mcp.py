@@ -8,10 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import signal
-import subprocess
-import sys
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -20,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import docker
-import docker.errors
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
@@ -30,8 +24,9 @@ from router.app import create_app
 from router.keys import Keys
 from router.settings import Settings
 from router.store import Store, open_redis
+from sessionpool.testing import spawn_worker, stop_process
 from tests.conftest import RedisServer
-from tests.helpers import wait_until
+from tests.helpers import open_engine, wait_until
 from workers.runtime import LABEL_SCOPE
 
 # One router, worker and pair of pools for the whole module (starting them is most of the cost).
@@ -64,13 +59,9 @@ def _pool(container_type: str, mcp: bool = True) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Any]:
-    client = docker.from_env()
-    client.ping()  # no engine: the tests fail here, they never skip
-    for name, image in IMAGES.items():
-        try:
-            client.images.get(image)
-        except docker.errors.ImageNotFound:
-            subprocess.run(["bash", str(ROOT / "deploy/images/build.sh"), name], check=True)
+    client, *others = [open_engine(image) for image in IMAGES.values()]  # built when missing
+    for other in others:
+        other.close()
     yield client
     client.close()
 
@@ -125,25 +116,8 @@ async def env(engine: Any, redis_server: RedisServer) -> AsyncIterator[Env]:
     )
     redis = open_redis(settings.redis_url)
     store = Store(redis, Keys(settings.key_prefix))
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sessionpool.cli",
-        "worker",
-        "--runtime",
-        "docker",
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "SESSIONPOOL_REDIS_URL": settings.redis_url,
-            "SESSIONPOOL_KEY_PREFIX": settings.key_prefix,
-            "SESSIONPOOL_WORKER_ID": "w0",
-            "SESSIONPOOL_RECONCILE_INTERVAL_S": "1",
-            "SESSIONPOOL_ORPHAN_GRACE_S": "2",
-            "SESSIONPOOL_WARM_TIMEOUT_S": "60",
-        },
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+    worker = await spawn_worker(
+        settings.replace(reconcile_interval_s=1, orphan_grace_s=2, warm_timeout_s=60)
     )
     server = TestServer(
         create_app(settings.replace(allocation_wait_s=60.0)),
@@ -161,13 +135,9 @@ async def env(engine: Any, redis_server: RedisServer) -> AsyncIterator[Env]:
             yield e
     finally:
         await server.close()
-        if worker.returncode is None:
-            worker.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(worker.wait(), 30)
+            await stop_process(worker, grace_s=30)
         finally:
-            if worker.returncode is None:
-                worker.kill()
             raw = engine.api.containers(
                 all=True, filters={"label": f"{LABEL_SCOPE}={settings.key_prefix}"}
             )
