@@ -37,6 +37,7 @@ from kubernetes_asyncio import config as kconfig
 from router.app import create_app
 from router.limits import LimitPolicy
 from router.pools import Pool, parse_pool
+from router.sandboxes import MarkReady
 from router.settings import Settings
 from router.store import Store
 from tests.helpers import wait_until
@@ -279,9 +280,7 @@ async def consistent(kube: Cluster, store: Store, pool: str) -> bool:
     """Every record has a running pod and every running pod a record."""
     recs = await store.sandboxes(pool)
     live = await kube.live_pods(store.keys.prefix)
-    return set(recs) == set(live) and all(
-        r["state"] in ("ready", "allocated") for r in recs.values()
-    )
+    return set(recs) == set(live) and all(r.state in ("ready", "allocated") for r in recs.values())
 
 
 async def hostname(http: aiohttp.ClientSession, url: str) -> str:
@@ -352,7 +351,10 @@ async def test_killed_worker_and_reconciliation_both_ways(
     # A record with no pod: a ready sandbox whose pod vanished.
     lost = uuid.uuid4().hex
     assert await store.reserve(pool, "test", [lost]) == [lost]
-    assert await store.mark_ready("kube", lost, podspec.pod_name(scope, lost), "10.0.0.1:1") == 1
+    assert (
+        await store.mark_ready("kube", lost, podspec.pod_name(scope, lost), "10.0.0.1:1")
+        is MarkReady.READY
+    )
     w = await workers()
     await wait_until(lambda: _warming_with_pod(store), timeout=60, interval=0.01)
     w.send_signal(signal.SIGKILL)  # in the middle of creating pods
@@ -400,4 +402,4 @@ async def _no_session(store: Store, ident: str, pool: str = "kube") -> bool:
 
 async def _warming_with_pod(store: Store) -> bool:
     recs = await store.sandboxes("kube")
-    return any(r["state"] == "warming" and r.get("container") for r in recs.values())
+    return any(r.state == "warming" and r.container for r in recs.values())
