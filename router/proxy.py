@@ -107,11 +107,11 @@ class _CappedBody:
             seen += len(chunk)
             if seen > self.cap:
                 self.exceeded = True
-                raise RequestTooLargeError(f"The request body is larger than {self.cap} bytes.")
+                raise RequestTooLargeError(self.cap)
             yield chunk
 
     def error(self) -> RequestTooLargeError:
-        return RequestTooLargeError(f"The request body is larger than {self.cap} bytes.")
+        return RequestTooLargeError(self.cap)
 
 
 class Upstream:
@@ -137,9 +137,7 @@ class Upstream:
             RequestTooLargeError, BadRequestError.
         """
         if (request.content_length or 0) > self.max_body_bytes:
-            raise RequestTooLargeError(
-                f"The request body is larger than {self.max_body_bytes} bytes."
-            )
+            raise RequestTooLargeError(self.max_body_bytes)
         if is_websocket(request):
             check_handshake(request)
 

@@ -8,7 +8,6 @@ import io
 import os
 import re
 import signal
-import socket
 import ssl
 import stat
 import subprocess
@@ -31,12 +30,6 @@ from tests.test_tls import client_context, make_cert
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sessionpool.cli", *args],
@@ -50,7 +43,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 async def check_own_redis_is_locked(up_line: str) -> None:
     """`up`'s own Redis wants a password, and the line that names it does not show it."""
-    url = re.search(r"redis (redis://\S+?)\)", up_line)
+    url = re.search(r"redis ((?:redis|unix)://\S+?)\)", up_line)
     assert url is not None and "@" not in url.group(1), up_line
     bare = redis_asyncio.Redis.from_url(url.group(1))
     try:
@@ -67,7 +60,6 @@ async def run_up(
     key: str = "",
     tls: ssl.SSLContext | None = None,
 ) -> None:
-    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -76,7 +68,7 @@ async def run_up(
         "--runtime",
         runtime,
         "--port",
-        str(port),
+        "0",
         "--key-prefix",
         key_prefix,
         *extra,
@@ -93,6 +85,7 @@ async def run_up(
             assert line, "sessionpool up exited early:\n" + "".join(lines)
             lines.append(line)
             if line.startswith("sessionpool is up:"):
+                port = int(line.split()[4].rsplit(":", 1)[1])
                 await check_own_redis_is_locked(line)
             if line.startswith("try:"):
                 curl = line.split("'")[1]

@@ -279,6 +279,38 @@ async def test_rules_deleted_behind_the_workers_back_are_restored(engine: None) 
     assert not any(iptables_has(r) for r in rules)
 
 
+async def test_rules_that_cannot_be_put_back_stop_new_sandboxes_until_they_can(
+    engine: None, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    wrapper = tmp_path / "iptables"  # the real iptables, failing while `broken` exists
+    wrapper.write_text(f'#!/bin/sh\n[ -e {broken} ] && exit 4\nexec iptables "$@"\n')
+    wrapper.chmod(0o755)
+    prefix = f"spfc{uuid.uuid4().hex[:6]}"
+    runtime = DockerRuntime(network_prefix=prefix, firewall_check_s=0.2, iptables=str(wrapper))
+    rules = firewall_rules(bridge_name(prefix, False), False)
+    try:
+        await runtime.ensure_network(False)
+        broken.touch()
+        sh("iptables", "-w", "5", "-D", *rules[0])
+
+        async def refused() -> bool:
+            try:
+                await runtime.ensure_network(False)
+            except RuntimeError_ as exc:
+                return "firewall rules not installed" in str(exc)
+            return False
+
+        await wait_until(refused, timeout=10, interval=0.1)
+        broken.unlink()
+        await runtime.ensure_network(False)  # back: the rules are installed again
+        assert all(iptables_has(r) for r in rules)
+    finally:
+        broken.unlink(missing_ok=True)
+        await runtime.close()
+        await remove_networks(prefix)
+
+
 def test_a_limit_the_engine_did_not_apply_refuses_the_start() -> None:
     kwargs = {
         "nano_cpus": 500_000_000,
