@@ -1,1 +1,1 @@
-"""sessionpool benchmark suite: `python bench/run.py [--quick]`."""
+"""sessionpool benchmark suite: `python -m bench.run [--quick]`."""

@@ -174,7 +174,7 @@ async def refill(store: Store, n: int) -> dict[str, Any]:
 
 
 async def teardown(
-    store: Store, client: Any, router_url: str, scope: str, n: int
+    store: Store, client: Any, router_url: str, scope: str, n: int, worker_log: Path
 ) -> dict[str, list[float]]:
     """ms from each session's expiresAt to its container's `die` and `destroy` events."""
     await store.put_pool(pool_def("teardown", ready=n, max_sessions=n, cooldown_s=1))
@@ -194,6 +194,7 @@ async def teardown(
             *(_get(http, f"{router_url}/pools/teardown/health?identifier=td-{i}") for i in range(n))
         )
     containers: dict[str, str] = {}
+    sandbox_of: dict[str, str] = {}
     expires: dict[str, float] = {}
     live = {f"td-{i}" for i in range(n)}
     deadline = time.monotonic() + 60
@@ -208,7 +209,9 @@ async def teardown(
                 live.discard(ident)
                 continue
             expires[ident] = float(score)
-            containers[ident] = orjson.loads(raw)["container"]
+            rec = orjson.loads(raw)
+            containers[ident] = rec["container"]
+            sandbox_of[ident] = rec["sandbox"]
         await asyncio.sleep(0.01)
     wanted = set(containers.values())
 
@@ -238,7 +241,21 @@ async def teardown(
         for action, at in seen.items()
     }
     lags["ended"] = [ended[i] - expires[i] for i in containers if i in ended]
+    # The worker's log: when its handler took each teardown, and when the engine call returned.
+    sandboxes = {i: s for i, s in sandbox_of.items() if i in containers}
+    times = _teardown_times(worker_log)
+    for key, at in (("handled", 0), ("returned", 1)):
+        lags[key] = [times[s][at] * 1000 - expires[i] for i, s in sandboxes.items() if s in times]
     return lags
+
+
+def _teardown_times(log: Path) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for line in log.read_bytes().splitlines() if log.exists() else []:
+        if b'"teardown":[' in line:
+            doc = orjson.loads(line)
+            out[doc["sandbox"]] = doc["teardown"]
+    return out
 
 
 async def _get(http: aiohttp.ClientSession, url: str) -> float:
@@ -286,6 +303,18 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
     n = 6 if quick else 12
     data: dict[str, Any] = {"load_before": Path("/proc/loadavg").read_text().split()[:3]}
     data["timeline"] = timeline.run(3 if quick else 5, out)
+    data.update(_workers(quick, out, n))
+    data["load_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    text = report(data)
+    (out / "cold.json").write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    (out / "cold.md").write_text(text + "\n")
+    print(text)
+    return data
+
+
+def _workers(quick: bool, out: Path, n: int) -> dict[str, Any]:
+    """Refill, teardown and burst against one worker and router of this run's own."""
+    data: dict[str, Any] = {}
     client = docker_bench.docker_client()
     prefix = f"cold{uuid.uuid4().hex[:8]}"
     started: list[Proc] = []
@@ -318,7 +347,9 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
                 try:
                     data["bare"] = await bare_refill(client, prefix, n)
                     data["refill"] = await refill(store, n)
-                    data["teardown_ms"] = await teardown(store, client, url, prefix, n)
+                    data["teardown_ms"] = await teardown(
+                        store, client, url, prefix, n, logs / "cold-worker.log"
+                    )
                     data["burst"] = await burst(store, url, 8 if quick else 20)
                 finally:
                     await r.aclose()
@@ -329,11 +360,6 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
                 p.stop()
             docker_bench.remove_scope(client, prefix)
             client.close()
-    data["load_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    text = report(data)
-    (out / "cold.json").write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
-    (out / "cold.md").write_text(text + "\n")
-    print(text)
     return data
 
 
@@ -365,8 +391,14 @@ def report(data: dict[str, Any]) -> str:
         f"| (expiry to the session ended in Redis, p50 / p99) | "
         f"{percentile(data['teardown_ms']['ended'], 50):.0f} / "
         f"{percentile(data['teardown_ms']['ended'], 99):.0f} ms | | | | |",
+        f"| (expiry to the reaper's handler, p50 / p99) | "
+        f"{percentile(data['teardown_ms']['handled'], 50):.0f} / "
+        f"{percentile(data['teardown_ms']['handled'], 99):.0f} ms | | | | |",
         f"| (expiry to the container killed, p50 / p99) | {percentile(die, 50):.0f} / "
         f"{percentile(die, 99):.0f} ms | | | | |",
+        f"| (expiry to the engine's remove call returned, p50 / p99) | "
+        f"{percentile(data['teardown_ms']['returned'], 50):.0f} / "
+        f"{percentile(data['teardown_ms']['returned'], 99):.0f} ms | | | | |",
         f"| burst of {len(b1['ms'])} in 1 s, ready 2: first-request p50 / p99 | first burst "
         f"{b1['p50_ms']:.0f} / {b1['p99_ms']:.0f} ms; second {b2['p50_ms']:.0f} / "
         f"{b2['p99_ms']:.0f} ms (pool grown to {b2['ready_before']}) | — | — | — | |",

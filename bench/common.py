@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sessionpool.local_redis import RedisServer as RedisServer  # the suite's private Redis
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -132,52 +134,6 @@ def spawn(
         assert not isinstance(out, int)
         out.close()
     return Proc(name, popen)
-
-
-class RedisServer:
-    """A redis-server of the suite's own, on a unix socket in a temporary directory."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.socket = directory / "redis.sock"
-        self.proc: Proc | None = None
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket}"
-
-    def start(self) -> RedisServer:
-        exe = which("redis-server")
-        if exe is None:
-            raise MissingRequirement("redis-server is not installed (apt-get install redis-server)")
-        self.proc = spawn(
-            "redis",
-            [
-                exe,
-                "--port",
-                "0",
-                "--unixsocket",
-                str(self.socket),
-                "--unixsocketperm",
-                "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],
-        )
-        deadline = time.monotonic() + 10
-        while not self.socket.exists():
-            if self.proc.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Run every benchmark side by side and write results.md, results.json and results.png.
 
-    python bench/run.py [--quick] [--no-docker] [--out DIR]
+    python -m bench.run [--quick] [--no-docker] [--out DIR]
 
 Everything runs against its own redis-server (a unix socket in a temporary directory) under a
 fresh key prefix; Docker containers carry `io.sessionpool.scope=<prefix>` and are removed.
@@ -21,8 +21,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     BENCH,

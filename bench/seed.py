@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
-from router.pools import Pool, parse_pool
+from router.pools import Pool
+from router.sandboxes import MarkReady
 from router.store import Store
+from sessionpool.testing import echo_pool
 
 IMAGE = "sessionpool/echo:dev"
 
@@ -17,33 +18,9 @@ IMAGE = "sessionpool/echo:dev"
 def pool_def(
     name: str, *, ready: int, max_sessions: int, cooldown_s: int = 300, probe: bool = True
 ) -> Pool:
-    container: dict[str, Any] = {
-        "name": "main",
-        "image": IMAGE,
-        "resources": {"cpu": 0.5, "memory": "256Mi"},
-    }
-    if probe:
-        container["probes"] = [{"type": "Startup", "httpGet": {"path": "/health", "port": 8080}}]
-    return parse_pool(
-        name,
-        {
-            "properties": {
-                "scaleConfiguration": {
-                    "maxConcurrentSessions": max_sessions,
-                    "readySessionInstances": ready,
-                },
-                "dynamicPoolConfiguration": {
-                    "lifecycleConfiguration": {
-                        "lifecycleType": "Timed",
-                        "cooldownPeriodInSeconds": cooldown_s,
-                    }
-                },
-                "customContainerTemplate": {
-                    "containers": [container],
-                    "ingress": {"targetPort": 8080},
-                },
-            }
-        },
+    probes = None if probe else []  # None: the echo image's /health startup probe
+    return echo_pool(
+        name, ready=ready, max_sessions=max_sessions, cooldown_s=cooldown_s, probes=probes
     )
 
 
@@ -60,7 +37,10 @@ async def seed_ready(
             if got != [sid]:
                 raise RuntimeError("RESERVE refused: the pool's readySessionInstances is too low")
             await store.set_container(pool.name, sid, f"fake-{sid[:12]}")
-            if await store.mark_ready(pool.name, sid, f"fake-{sid[:12]}", addr) != 1:
+            if (
+                await store.mark_ready(pool.name, sid, f"fake-{sid[:12]}", addr)
+                is not MarkReady.READY
+            ):
                 raise RuntimeError("MARK_READY refused")
 
     await asyncio.gather(*(one(s, a) for s, a in zip(sids, addrs, strict=True)))

@@ -142,9 +142,9 @@ async def _measure(
                 {
                     "sent": t0,
                     "demand recorded": demand,
-                    "replenisher reserved": rec["createdAt"] / 1000,
-                    "MARK_READY + publish": rec["readyAt"] / 1000,
-                    "router claims": rec["allocatedAt"] / 1000,
+                    "replenisher reserved": rec.created_ms / 1000,
+                    "MARK_READY + publish": (rec.ready_ms or 0) / 1000,
+                    "router claims": (rec.allocated_ms or 0) / 1000,
                     "upstream answered": done,
                     "_sandbox": session.sandbox,  # type: ignore[dict-item]
                     "_container": session.container,  # type: ignore[dict-item]

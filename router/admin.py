@@ -112,12 +112,12 @@ async def _read_json(request: web.Request) -> Any:
             f"Content-Type {ctype!r} is not supported; send application/json."
         )
     if (request.content_length or 0) > MAX_BODY_BYTES:
-        raise RequestTooLargeError(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+        raise RequestTooLargeError(MAX_BODY_BYTES)
     body = bytearray()
     async for chunk in request.content.iter_any():
         body += chunk
         if len(body) > MAX_BODY_BYTES:
-            raise RequestTooLargeError(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+            raise RequestTooLargeError(MAX_BODY_BYTES)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -213,7 +213,7 @@ class AdminApi:
     def _name(request: web.Request) -> str:
         name = request.match_info["pool"]
         if not POOL_NAME.match(name):
-            raise PoolNotFoundError(f"Session pool '{name}' was not found.")
+            raise PoolNotFoundError(name)
         return name
 
     async def _view(self, request: web.Request, pool: Pool) -> dict[str, Any]:
@@ -224,18 +224,13 @@ class AdminApi:
     async def _existing(self, request: web.Request, name: str) -> Pool:
         pool = await request.app[self.store_key].get_pool(name)
         if pool is None:
-            raise PoolNotFoundError(f"Session pool '{name}' was not found.")
+            raise PoolNotFoundError(name)
         return pool
 
     async def _stored_properties(self, request: web.Request, name: str) -> dict[str, Any] | None:
         """The stored properties, secrets included, read without validating them again: a
         definition that a later release validates more strictly can still be replaced."""
-        store = request.app[self.store_key]
-        raw = await store.redis.get(store.pk(name).definition)
-        if raw is None:
-            return None
-        props = orjson.loads(raw).get("properties")
-        return props if isinstance(props, dict) else {}
+        return await request.app[self.store_key].stored_properties(name)
 
     async def list_pools(self, request: web.Request) -> web.Response:
         principal = await self._authorize(request, None)
@@ -287,7 +282,7 @@ class AdminApi:
         await self._authorize(request, name)
         old = await self._stored_properties(request, self._name(request))
         if old is None:
-            raise PoolNotFoundError(f"Session pool '{name}' was not found.")
+            raise PoolNotFoundError(name)
         patch = _properties(name, await _read_json(request))
         props = merge_patch(old, patch)  # onto the stored definition, secrets included
         props = _keep_secret_values(props, _secret_values(old))
@@ -323,7 +318,7 @@ class AdminApi:
         await self._authorize(request, name)
         # Ends every session and retires every sandbox; the workers remove the containers.
         if not await request.app[self.store_key].delete_pool(self._name(request)):
-            raise PoolNotFoundError(f"Session pool '{name}' was not found.")
+            raise PoolNotFoundError(name)
         return web.Response(status=204)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router import admin, auth, management, mcp, proxy
 from router.addresses import parse_networks
-from router.errors import PoolNotFoundError, SessionPoolError, UnauthorizedError
+from router.errors import PoolNotFoundError, SessionPoolError, StoreUnavailableError
 from router.forwarding import TRUSTED_PROXIES
 from router.identifiers import query_identifier
 from router.keys import Keys
@@ -45,11 +45,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(
-    status: int, code: str, message: str, trace_id: str, retry_after_s: int | None = None
+    status: int, code: str, message: str, trace_id: str, extra: dict[str, str] | None = None
 ) -> web.Response:
-    headers = {"x-ms-error-code": code, "x-ms-trace-id": trace_id}
-    if retry_after_s is not None:
-        headers["Retry-After"] = str(retry_after_s)
+    headers = {"x-ms-error-code": code, "x-ms-trace-id": trace_id, **(extra or {})}
     body = {"error": {"code": code, "message": message, "traceId": trace_id}}
     return web.Response(
         status=status, body=orjson.dumps(body), headers=headers, content_type="application/json"
@@ -58,26 +56,30 @@ def error_response(
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error the router produces leaves here, in the ACA envelope."""
-    trace_id = uuid.uuid4().hex
+    """Every error the router produces leaves here, in the ACA envelope; every response is
+    counted by status class."""
+    trace_id = os.urandom(16).hex()  # 32 hex digits like a uuid4, without building one
     request[TRACE_ID] = trace_id
     trace_id_var.set(trace_id)
-    metrics = request.app[METRICS]
+    resp = await _envelope_errors(request, handler, trace_id)
+    request.app[METRICS].responses.labels(f"{resp.status // 100}xx").inc()
+    return resp
+
+
+async def _envelope_errors(
+    request: web.Request, handler: Handler, trace_id: str
+) -> web.StreamResponse:
     try:
-        return await handler(request)
+        try:
+            return await handler(request)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailableError("The session store is unavailable.") from exc
     except SessionPoolError as exc:
-        resp = error_response(exc.status, exc.code, exc.message, trace_id, exc.retry_after_s)
-        if isinstance(exc, UnauthorizedError):
-            resp.headers["WWW-Authenticate"] = auth.CHALLENGE
+        if isinstance(exc, StoreUnavailableError):
+            request.app[METRICS].store_errors.inc()
         if exc.status >= 500:
-            log.warning("%s: %s", exc.code, exc.message)
-        return resp
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        log.warning("store unavailable: %s", exc)
-        metrics.store_errors.inc()
-        return error_response(
-            503, "StoreUnavailable", "The session store is unavailable.", trace_id, 1
-        )
+            log.warning("%s: %s (%s)", exc.code, exc.message, exc.__cause__ or "")
+        return error_response(exc.status, exc.code, exc.message, trace_id, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -138,7 +140,7 @@ async def _serve(request: web.Request, target: Target) -> web.StreamResponse:
     app = request.app
     principal = await app[auth.AUTH].authorize(request, auth.EXECUTOR, target.pool)
     if not POOL_NAME.match(target.pool):
-        raise PoolNotFoundError(f"Session pool '{target.pool}' was not found.")
+        raise PoolNotFoundError(target.pool)
     routing, upstream = app[ROUTING], app[UPSTREAM]
     local = _local(target.path)
     if local is not None:
@@ -213,15 +215,8 @@ class Probes:
 
     def __init__(self, store: Store, metrics: RouterMetrics) -> None:
         self.store = store
-        self.ready = Cached(self._ping, READY_CACHE_S)
+        self.ready = Cached(store.ping, READY_CACHE_S)
         self.metrics = Cached(lambda: metrics.render(store), 0.0)  # gauges stay exact
-
-    async def _ping(self) -> bool:
-        try:
-            await self.store.redis.ping()
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            return False
-        return True
 
 
 PROBES = web.AppKey("probes", Probes)
@@ -307,6 +302,7 @@ async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
         connector=connector,
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=proxy.SKIP_AUTO_SESSION,
         timeout=proxy.client_timeout(
             settings.upstream_connect_timeout_s, settings.upstream_idle_timeout_s
         ),

@@ -131,13 +131,15 @@ class BoundedHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # read and dropped until the client closes
-        if self._head_handle is None and self._waiter is not None:
-            self._arm_head()  # the first byte of the next request on a kept-alive connection
+        between_requests = self._waiter is not None
         count = self._request_count
         super().data_received(data)
-        if self._request_count != count and self._head_handle is not None:
-            self._head_handle.cancel()  # the request line and headers are in
-            self._head_handle = None
+        if self._request_count != count:
+            if self._head_handle is not None:
+                self._head_handle.cancel()  # the request line and headers are in
+                self._head_handle = None
+        elif between_requests and self._head_handle is None:
+            self._arm_head()  # the next request on a kept-alive connection began, unfinished
 
     def _arm_head(self) -> None:
         self._head_handle = self._loop.call_later(self._bounds.header_timeout_s, self._head_late)

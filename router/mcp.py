@@ -167,14 +167,12 @@ class McpEndpoint:
             RequestTooLargeError: over `MAX_BODY_BYTES`.
         """
         if (request.content_length or 0) > MAX_BODY_BYTES:
-            raise RequestTooLargeError(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+            raise RequestTooLargeError(MAX_BODY_BYTES)
         raw = bytearray()
         async for chunk in request.content.iter_any():
             raw += chunk
             if len(raw) > MAX_BODY_BYTES:
-                raise RequestTooLargeError(
-                    f"The request body is larger than {MAX_BODY_BYTES} bytes."
-                )
+                raise RequestTooLargeError(MAX_BODY_BYTES)
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:

@@ -7,6 +7,8 @@ warming = `PoolPendingPodCount`.
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from router.store import Store
@@ -36,37 +38,22 @@ class RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.ready = Gauge(
-            "sessionpool_pool_ready",
-            "Ready sandboxes (ACA PoolReadyPodCount)",
-            ["pool"],
-            registry=r,
+        pool_gauge = functools.partial(Gauge, labelnames=["pool"], registry=r)
+        self.ready = pool_gauge("sessionpool_pool_ready", "Ready sandboxes (ACA PoolReadyPodCount)")
+        self.allocated = pool_gauge(
+            "sessionpool_pool_allocated", "Allocated sessions (ACA PoolExecutingPodCount)"
         )
-        self.allocated = Gauge(
-            "sessionpool_pool_allocated",
-            "Allocated sessions (ACA PoolExecutingPodCount)",
-            ["pool"],
-            registry=r,
+        self.warming = pool_gauge(
+            "sessionpool_pool_warming", "Sandboxes starting (ACA PoolPendingPodCount)"
         )
-        self.warming = Gauge(
-            "sessionpool_pool_warming",
-            "Sandboxes starting (ACA PoolPendingPodCount)",
-            ["pool"],
-            registry=r,
+        latency = functools.partial(
+            Histogram, labelnames=["pool"], buckets=LATENCY_BUCKETS_S, registry=r
         )
-        self.allocation = Histogram(
-            "sessionpool_allocation_seconds",
-            "Time to claim a sandbox for a new identifier",
-            ["pool"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
+        self.allocation = latency(
+            "sessionpool_allocation_seconds", "Time to claim a sandbox for a new identifier"
         )
-        self.proxy = Histogram(
-            "sessionpool_proxy_seconds",
-            "Time from request to the session's response headers",
-            ["pool"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
+        self.proxy = latency(
+            "sessionpool_proxy_seconds", "Time from request to the session's response headers"
         )
         self.upstream_errors = Counter(
             "sessionpool_upstream_errors",

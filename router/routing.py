@@ -18,21 +18,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from router.errors import (
     NoReadySessionError,
     PoolNotFoundError,
     SessionLimitError,
     SessionUnreachableError,
+    StoreUnavailableError,
 )
 from router.identifiers import session_key
 from router.keys import SEP
 from router.pools import Pool
 from router.settings import Settings
-from router.store import Session, Store, iter_pubsub
+from router.store import UNAVAILABLE as REDIS_UNAVAILABLE
+from router.store import Session, Store
 
+# Redis unreachable: through the store (mapped at its boundary) or the pub/sub client.
+UNAVAILABLE = (StoreUnavailableError, *REDIS_UNAVAILABLE)
 log = logging.getLogger("sessionpool.router")
 POOL_CACHE_TTL_S = 5.0
 
@@ -77,7 +78,7 @@ class Routing:
         pool = await self.store.get_pool(name)
         if pool is None:
             self._pools.pop(name, None)
-            raise PoolNotFoundError(f"Session pool '{name}' was not found.")
+            raise PoolNotFoundError(name)
         self._pools[name] = (pool, now + POOL_CACHE_TTL_S)
         return pool
 
@@ -224,7 +225,7 @@ class Routing:
         for pool, items in self._take_batch():
             try:
                 await self.store.touch(pool, items)
-            except (RedisConnectionError, RedisTimeoutError):
+            except UNAVAILABLE:
                 for ident, cooldown_ms in items:
                     self._pending[pool].setdefault(ident, cooldown_ms)
                 raise
@@ -235,9 +236,9 @@ class Routing:
                 await asyncio.wait_for(stop.wait(), self.settings.activity_flush_s)
             try:
                 await self.flush()
-            except (RedisConnectionError, RedisTimeoutError) as exc:
+            except UNAVAILABLE as exc:
                 log.warning("activity flush failed: %s", exc)
-        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+        with contextlib.suppress(*UNAVAILABLE):
             await self.flush()
 
     # Invalidation --------------------------------------------------------------------------
@@ -263,14 +264,14 @@ class Routing:
         keys = self.store.keys
         while not stop.is_set():
             try:
-                async for channel, data in iter_pubsub(
-                    self.store.redis, stop, keys.invalidation_channel, keys.ready_channel
+                async for channel, data in self.store.subscribe(
+                    stop, keys.invalidation_channel, keys.ready_channel
                 ):
                     if not channel:  # subscribed: from now on no invalidation is missed
                         self.cache_enabled = True
                         continue
                     self._on_message(channel, data)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (*UNAVAILABLE, OSError) as exc:
                 log.warning("invalidation subscription lost: %s", exc)
             finally:
                 self.cache_enabled = False

@@ -13,6 +13,9 @@ from typing import Any
 from router.addresses import parse_networks
 
 ENV_PREFIX = "SESSIONPOOL_"
+# What PythonLTS and Shell pools that name no container run (the defaults of the settings).
+CODE_INTERPRETER_IMAGE = "sessionpool/code-interpreter:dev"
+SHELL_IMAGE = "sessionpool/shell:dev"
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -59,8 +62,8 @@ class Settings:
     jwt_audience: str = "https://dynamicsessions.io"  # comma-separated: any one matches
     jwt_leeway_s: float = 30.0
     jwks_ttl_s: float = 300.0
-    code_interpreter_image: str = "sessionpool/code-interpreter:dev"  # PythonLTS default
-    shell_image: str = "sessionpool/shell:dev"  # Shell default
+    code_interpreter_image: str = CODE_INTERPRETER_IMAGE  # PythonLTS default
+    shell_image: str = SHELL_IMAGE  # Shell default
     # Comma-separated CIDRs whose X-Forwarded-*/Forwarded/X-Real-IP are believed (appended
     # to); from any other peer those headers are replaced by what the router saw.
     trusted_proxies: str = ""

@@ -4,23 +4,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ParamSpec, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router import scripts
+from router.errors import StoreUnavailableError
+from router.events import Allocated, Event, PoolChanged, PoolDeleted, Teardown, decode, encode
 from router.keys import Keys, PoolKeys
 from router.pools import Pool
+from router.sandboxes import MarkReady, Sandbox
 
 STREAM_MAXLEN = 10_000
 Redis = aioredis.Redis
+# What "the store is unreachable" looks like from redis-py (BusyLoadingError is a
+# ConnectionError): Store turns these into StoreUnavailableError at its boundary.
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _store_call(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Map Redis being unreachable to `StoreUnavailableError` (the cause is kept)."""
+
+    @functools.wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except UNAVAILABLE as exc:
+            raise StoreUnavailableError(f"The session store is unavailable: {exc}") from exc
+
+    return call
 
 
 def glob_escape(value: str) -> str:
@@ -171,20 +194,24 @@ class Store:
 
     # Pools ---------------------------------------------------------------------------------
 
+    @_store_call
     async def get_pool(self, name: str) -> Pool | None:
         raw = await self.redis.get(self.pk(name).definition)
         return None if raw is None else Pool.loads(raw)
 
+    @_store_call
     async def pool_names(self) -> list[str]:
         names = await self.redis.smembers(self.keys.pools)
         return sorted(text(n) for n in names)
 
+    @_store_call
     async def put_pool(self, pool: Pool) -> None:
         await self.redis.set(self.pk(pool.name).definition, pool.dumps())
         await self.redis.sadd(self.keys.pools, pool.name)
         await self.redis.publish(self.keys.invalidation_channel, f"{pool.name}\x00")
-        await self.add_event(pool.name, {"kind": "pool-changed"})
+        await self.add_event(pool.name, PoolChanged())
 
+    @_store_call
     async def delete_pool(self, name: str) -> bool:
         """Remove the definition, end every session and retire every sandbox.
 
@@ -198,42 +225,47 @@ class Store:
             await self.stop(name, text(ident), "stopped")
         for sid in map(text, await self.redis.hkeys(k.sandboxes)):
             if await self.retire(name, sid, "deleted"):
-                await self.add_event(
-                    name, {"kind": "teardown", "sandbox": sid, "reason": "deleted"}
-                )
-        await self.add_event(name, {"kind": "pool-deleted"})
+                await self.add_event(name, Teardown(sandbox=sid, reason="deleted"))
+        await self.add_event(name, PoolDeleted())
         return existed
 
     # MCP -----------------------------------------------------------------------------------
 
+    @_store_call
     async def mcp_key(self, pool: str) -> str | None:
         """The pool's MCP API key, None before the first fetch. Read on every call, never
         cached, so a rotation shuts the old key out of every router at once."""
         raw = await self.redis.get(self.pk(pool).mcp_key)
         return None if raw is None else text(raw)
 
+    @_store_call
     async def fetch_mcp_key(self, pool: str, new_key: str) -> str:
         """The pool's MCP API key, set to `new_key` if it has none yet (concurrent first
         fetches agree on one)."""
         old = await self.redis.set(self.pk(pool).mcp_key, new_key, nx=True, get=True)
         return new_key if old is None else text(old)
 
+    @_store_call
     async def rotate_mcp_key(self, pool: str, new_key: str) -> None:
         await self.redis.set(self.pk(pool).mcp_key, new_key)
 
+    @_store_call
     async def mcp_env(self, pool: str, environment: str) -> str | None:
         """An MCP environment's state ("new" or "live"), None when unknown or expired."""
         raw = await self.redis.get(self.pk(pool).mcp_env(environment))
         return None if raw is None else text(raw)
 
+    @_store_call
     async def set_mcp_env(self, pool: str, environment: str, state: str, ttl_s: int) -> None:
         await self.redis.set(self.pk(pool).mcp_env(environment), state, ex=ttl_s)
 
+    @_store_call
     async def delete_mcp_env(self, pool: str, environment: str) -> None:
         await self.redis.delete(self.pk(pool).mcp_env(environment))
 
     # Sessions ------------------------------------------------------------------------------
 
+    @_store_call
     async def claim(
         self, pool: Pool, identifier: str, owner: str = "", wait_ms: int = 30_000
     ) -> ClaimResult:
@@ -269,6 +301,7 @@ class Store:
             return ClaimResult(None, empty=True)
         return ClaimResult(Session.from_json(identifier, raw, None), created=code == 2)
 
+    @_store_call
     async def touch(self, pool: str, items: Sequence[tuple[str, int]]) -> int:
         """Record activity for (identifier, cooldown ms) pairs of Timed sessions."""
         if not items:
@@ -282,6 +315,7 @@ class Store:
         k = self.pk(pool)
         return [k.sessions, k.expiry, k.sandboxes, k.events, k.log]
 
+    @_store_call
     async def stop(
         self, pool: str, identifier: str, reason: str, sandbox: str = "", owner: str = ""
     ) -> bool:
@@ -301,6 +335,7 @@ class Store:
         )
         return bool(int(ended))
 
+    @_store_call
     async def expire(self, pool: str, limit: int = 500) -> list[str]:
         ended = await self._expire(
             keys=self._stop_keys(pool),
@@ -308,6 +343,7 @@ class Store:
         )
         return [text(e) for e in ended]
 
+    @_store_call
     async def next_expiry_ms(self, pool: str) -> int | None:
         """Milliseconds until the pool's earliest expiresAt by Redis' clock; None: no session."""
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -318,6 +354,7 @@ class Store:
             return None
         return max(int(first[0][1]) - (int(sec) * 1000 + int(usec) // 1000), 0)
 
+    @_store_call
     async def get_session(self, pool: str, identifier: str) -> Session | None:
         k = self.pk(pool)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -326,6 +363,7 @@ class Store:
             raw, expires = await pipe.execute()
         return None if raw is None else Session.from_json(identifier, raw, expires)
 
+    @_store_call
     async def list_sessions(self, pool: str, skip: int, limit: int) -> tuple[list[Session], int]:
         """A page of sessions ordered by expiry, and the total count."""
         k = self.pk(pool)
@@ -341,6 +379,7 @@ class Store:
         ]
         return out, total
 
+    @_store_call
     async def sessions_named(self, pool: str, prefix: str) -> list[Session]:
         """Every session whose stored name starts with `prefix` (one principal's, on a
         tenant-bound pool), ordered by expiry. Redis filters: no other session leaves it."""
@@ -362,6 +401,7 @@ class Store:
         out.sort(key=lambda s: (s.expires_ms or 0, s.identifier))
         return out
 
+    @_store_call
     async def counts(self, pool: str) -> dict[str, int]:
         k = self.pk(pool)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -373,6 +413,7 @@ class Store:
 
     # Sandboxes (workers) -------------------------------------------------------------------
 
+    @_store_call
     async def reserve(
         self, pool: Pool, worker: str, candidates: Sequence[str], target: int | None = None
     ) -> list[str]:
@@ -393,6 +434,7 @@ class Store:
         )
         return [text(s) for s in out]
 
+    @_store_call
     async def retire_surplus(self, pool: str, target: int, grace_ms: int, limit: int) -> list[str]:
         """Retire unclaimed ready sandboxes above `target` that have waited `grace_ms`."""
         k = self.pk(pool)
@@ -402,6 +444,7 @@ class Store:
         )
         return [text(s) for s in out]
 
+    @_store_call
     async def allocations_since(self, pool: str, window_ms: int, cap: int) -> int:
         """How many sessions the pool allocated in the last `window_ms` (Redis' clock), read
         from its event stream (at most `cap` entries looked at)."""
@@ -410,51 +453,74 @@ class Store:
         entries: Any = await self.redis.xrevrange(
             self.pk(pool).events, max="+", min=str(max(start, 0)), count=cap
         )
-        return sum(
-            1
-            for _, fields in entries
-            if orjson.loads(fields.get(b"data") or b"{}").get("kind") == "allocated"
-        )
+        return sum(1 for _, fields in entries if isinstance(decode(fields.get(b"data")), Allocated))
 
+    @_store_call
     async def set_container(
         self, pool: str, sandbox: str, container: str, engine: str = ""
     ) -> bool:
         args = [sandbox, container, engine]
         return bool(int(await self._set_container(keys=[self.pk(pool).sandboxes], args=args)))
 
-    async def mark_ready(self, pool: str, sandbox: str, container: str, addr: str) -> int:
+    @_store_call
+    async def mark_ready(self, pool: str, sandbox: str, container: str, addr: str) -> MarkReady:
         k = self.pk(pool)
-        return int(
-            await self._mark_ready(
-                keys=[k.sandboxes, k.warming, k.ready, k.definition],
-                args=[sandbox, container, addr, self.keys.ready_channel, pool],
-            )
+        answer = await self._mark_ready(
+            keys=[k.sandboxes, k.warming, k.ready, k.definition],
+            args=[sandbox, container, addr, self.keys.ready_channel, pool],
         )
+        return MarkReady(int(answer))
 
+    @_store_call
     async def retire(self, pool: str, sandbox: str, reason: str) -> bool:
         k = self.pk(pool)
         return bool(
             int(await self._retire(keys=[k.sandboxes, k.warming, k.ready], args=[sandbox, reason]))
         )
 
+    @_store_call
     async def forget(self, pool: str, sandbox: str) -> bool:
         k = self.pk(pool)
         return bool(int(await self._forget(keys=[k.sandboxes, k.warming, k.ready], args=[sandbox])))
 
-    async def sandboxes(self, pool: str) -> dict[str, dict[str, Any]]:
+    @_store_call
+    async def sandboxes(self, pool: str) -> dict[str, Sandbox]:
+        """Every sandbox record of the pool, by sandbox id."""
         raw = await self.redis.hgetall(self.pk(pool).sandboxes)
-        return {text(s): orjson.loads(v) for s, v in raw.items()}
+        return {text(s): Sandbox.loads(text(s), v) for s, v in raw.items()}
+
+    @_store_call
+    async def sandbox(self, pool: str, sandbox: str) -> Sandbox | None:
+        raw = await self.redis.hget(self.pk(pool).sandboxes, sandbox)
+        return None if raw is None else Sandbox.loads(sandbox, raw)
+
+    @_store_call
+    async def ready_ids(self, pool: str) -> list[str]:
+        """Ready sandbox ids, longest ready first."""
+        return [text(s) for s in await self.redis.zrange(self.pk(pool).ready, 0, -1)]
 
     # Streams -------------------------------------------------------------------------------
 
-    async def add_event(self, pool: str, event: dict[str, Any]) -> None:
+    def events_stream(self, pool: str) -> str:
+        """The key of the pool's work stream, for the workers' stream readers (they read many
+        pools' streams at once, blocking, on a client of their own)."""
+        return self.pk(pool).events
+
+    @_store_call
+    async def ack_events(self, pool: str, group: str, ids: Sequence[str]) -> None:
+        await self.redis.xack(self.pk(pool).events, group, *ids)
+
+    @_store_call
+    async def add_event(self, pool: str, event: Event) -> None:
+        """Queue work for the workers on the pool's stream."""
         await self.redis.xadd(
             self.pk(pool).events,
-            {"data": orjson.dumps(event)},
+            {"data": encode(event)},
             maxlen=STREAM_MAXLEN,
             approximate=True,
         )
 
+    @_store_call
     async def log_event(self, pool: str, event: dict[str, Any]) -> None:
         """Append to the pool's lifecycle stream (what `sessionpool events` shows)."""
         t = await self.redis.time()
@@ -463,9 +529,52 @@ class Store:
             self.pk(pool).log, {"data": orjson.dumps(event)}, maxlen=STREAM_MAXLEN, approximate=True
         )
 
-    async def ensure_group(self, stream: str, group: str) -> None:
-        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
-            await self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+    # Operators -------------------------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        """Whether Redis answers (for readiness: never raises)."""
+        try:
+            await self.redis.ping()
+        except (*UNAVAILABLE, OSError):
+            return False
+        return True
+
+    @_store_call
+    async def pool_exists(self, name: str) -> bool:
+        return bool(await self.redis.sismember(self.keys.pools, name))
+
+    @_store_call
+    async def stored_properties(self, name: str) -> dict[str, Any] | None:
+        """The stored properties, secrets included, without validating them again (so a
+        definition a later release validates more strictly can still be replaced)."""
+        raw = await self.redis.get(self.pk(name).definition)
+        if raw is None:
+            return None
+        props = orjson.loads(raw).get("properties")
+        return props if isinstance(props, dict) else {}
+
+    @_store_call
+    async def session_ids(self, pool: str) -> list[str]:
+        return [text(i) for i in await self.redis.hkeys(self.pk(pool).sessions)]
+
+    @_store_call
+    async def read_logs(
+        self, after: dict[str, str], block_ms: int | None = None
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """Lifecycle events of the pools in `after` (pool → last id seen, "0-0" for all), as
+        (pool, id, event), oldest first; waits up to `block_ms` for new ones when given."""
+        streams = {self.pk(pool).log: pool for pool in after}
+        last = {key: after[pool] for key, pool in streams.items()}
+        reply: Any = await self.redis.xread(last, count=1000, block=block_ms)  # type: ignore[arg-type]
+        out = []
+        for stream, entries in reply or []:
+            for mid, fields in entries:
+                out.append((streams[text(stream)], text(mid), orjson.loads(fields[b"data"])))
+        return out
+
+    def subscribe(self, stop: asyncio.Event, *channels: str) -> AsyncIterator[tuple[str, str]]:
+        """`iter_pubsub` on this store's client (channels from `self.keys`)."""
+        return iter_pubsub(self.redis, stop, *channels)
 
 
 async def wait_redis(redis: Redis, deadline_s: float) -> None:

@@ -15,7 +15,7 @@ from router.keys import Keys
 from router.limits import LimitPolicy
 from router.logs import configure
 from router.settings import Settings, parse_bytes
-from router.store import Store, open_redis, text
+from router.store import Store, open_redis
 from sessionpool import keys
 from sessionpool.poolfile import apply_file
 from sessionpool.up import up, up_settings
@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--k8s-cluster-cidrs", help="pod/service ranges EgressEnabled pools cannot reach"
     )
+    worker.add_argument("--k8s-api-timeout-s", type=float, help="bound on every API call")
+    worker.add_argument(
+        "--k8s-schedule-timeout-s", type=float, help="a pod not scheduled by then fails"
+    )
+    worker.add_argument("--k8s-start-timeout-s", type=float, help="a pod not running by then fails")
     worker.add_argument("--role", choices=["all", "replenisher", "reaper"])
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
     _limits(worker)
@@ -166,20 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def print_events(store: Store, pool: str | None, follow: bool) -> None:
     """Print the pools' lifecycle streams as JSON lines, oldest first, then follow."""
-    names = [pool] if pool else await store.pool_names()
-    streams = {store.pk(n).log: n for n in names}
-    last: dict[Any, Any] = dict.fromkeys(streams, "0-0")
+    after = dict.fromkeys([pool] if pool else await store.pool_names(), "0-0")
     while True:
-        reply: Any = await store.redis.xread(last, count=1000, block=1000 if follow else None)
-        if not reply and not follow:
+        entries = await store.read_logs(after, block_ms=1000 if follow else None)
+        if not entries and not follow:
             return
-        for stream, entries in reply or []:
-            key = text(stream)
-            for mid, fields in entries:
-                last[key] = text(mid)
-                event = orjson.loads(fields[b"data"])
-                event["pool"] = streams[key]
-                print(orjson.dumps(event).decode(), flush=True)
+        for name, mid, event in entries:
+            after[name] = mid
+            print(orjson.dumps({**event, "pool": name}).decode(), flush=True)
 
 
 def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -213,6 +212,9 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "k8s_context",
         "k8s_control_namespace",
         "k8s_cluster_cidrs",
+        "k8s_api_timeout_s",
+        "k8s_schedule_timeout_s",
+        "k8s_start_timeout_s",
     }
     fields |= SANDBOX_FIELDS
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}

@@ -5,12 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,65 +14,30 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from router.addresses import is_loopback
+from router.errors import SandboxRuntimeError
 from router.keys import Keys
 from router.limits import LimitPolicy
 from router.pools import parse_pool
 from router.server import start_site
 from router.settings import Settings
-from router.store import Store, open_redis, text, wait_redis
+from router.store import Store, open_redis, wait_redis
+from sessionpool.local_redis import RedisServer
 from sessionpool.poolfile import apply_file
 from workers.context import REDIS_ERRORS
 from workers.main import open_runtime
 from workers.main import run as run_worker
-from workers.runtime import Runtime, RuntimeError_
+from workers.runtime import Runtime
 
 log = logging.getLogger("sessionpool.up")
 # The demo app ships inside the package, so `up --runtime process` works from a wheel too.
 ECHO = Path(__file__).resolve().parent / "demo" / "echo.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A private redis-server on a free loopback port, nothing persisted, with a random
-    password (in a 0600 file of `directory`, never on a command line): a process-runtime
-    sandbox shares the host's network and could otherwise reach it."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit(
-            "sessionpool up: redis-server not found (apt-get install "
-            "redis-server), or pass --redis-url"
-        )
-    port = _free_port()
-    password = secrets.token_urlsafe(24)
-    conf = directory / "redis.conf"
-    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"requirepass {password}\n")
-    proc = subprocess.Popen(
-        [
-            exe,
-            str(conf),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # Ctrl-C must not stop Redis before sandboxes are removed
-    return proc, f"redis://:{password}@127.0.0.1:{port}/0"
+def without_password(url: str) -> str:
+    """`url` with its credentials left out (for printing)."""
+    parts = urlsplit(url)
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}{query}"
 
 
 async def open_docker_runtime(settings: Settings) -> Runtime | None:
@@ -85,7 +46,7 @@ async def open_docker_runtime(settings: Settings) -> Runtime | None:
     runtime = open_runtime(settings.replace(runtime="docker"))
     try:
         await runtime.list(settings.key_prefix)
-    except RuntimeError_:
+    except SandboxRuntimeError:
         await runtime.close()
         return None
     return runtime
@@ -118,8 +79,8 @@ def demo_pool(runtime: str) -> dict[str, Any]:
 async def clean_up(store: Store, runtime: Runtime, scope: str) -> None:
     """End every session and destroy every sandbox of this scope; pool definitions stay."""
     for name in await store.pool_names():
-        for ident in await store.redis.hkeys(store.pk(name).sessions):
-            await store.stop(name, text(ident), "stopped")
+        for ident in await store.session_ids(name):
+            await store.stop(name, ident, "stopped")
         for sid in await store.sandboxes(name):
             await store.retire(name, sid, "shutdown")
             await store.forget(name, sid)
@@ -183,10 +144,18 @@ async def up(
     runtime_name = runtime_name or ("docker" if runtime is not None else "process")
     settings = settings.replace(runtime=runtime_name)
     tmp = tempfile.TemporaryDirectory(prefix="sessionpool-")
-    redis_proc = None
+    redis_server = None
     if own_redis:
-        redis_proc, redis_url = start_redis(Path(tmp.name))
-        settings = settings.replace(redis_url=redis_url)
+        # A private redis-server: a unix socket, nothing persisted, a random password (a
+        # process-runtime sandbox is a host process); a session of its own, so Ctrl-C does
+        # not stop Redis before the sandboxes are removed.
+        if shutil.which("redis-server") is None:
+            raise SystemExit(
+                "sessionpool up: redis-server not found (apt-get install redis-server), "
+                "or pass --redis-url"
+            )
+        redis_server = RedisServer(Path(tmp.name), password=True).start(new_session=True)
+        settings = settings.replace(redis_url=redis_server.url)
     if settings.auth == "none":
         log.warning("auth is off: anyone who can reach %s can run sessions", settings.host)
     redis = open_redis(settings.redis_url)
@@ -209,17 +178,16 @@ async def up(
                 limits=LimitPolicy.from_settings(settings),
             ):
                 print(f"pool {name}: {change}", flush=True)
-        elif await store.get_pool("demo") is None or redis_proc is not None:
+        elif await store.get_pool("demo") is None or redis_server is not None:
             await store.put_pool(parse_pool("demo", demo_pool(runtime_name)))
         runner, port = await start_site(settings)
         worker = asyncio.create_task(run_worker(settings, runtime, stop))
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         url = f"{'https' if settings.tls_cert else 'http'}://{host}:{port}"
-        redis_at = urlsplit(settings.redis_url).netloc.rpartition("@")[2]  # no password shown
         pools = await store.pool_names()
         print(
             f"sessionpool is up: router {url} (runtime {runtime_name}, "
-            f"redis {urlsplit(settings.redis_url)._replace(netloc=redis_at).geturl()})",
+            f"redis {without_password(settings.redis_url)})",
             flush=True,
         )
         for name in pools:
@@ -245,9 +213,8 @@ async def up(
         if cleanup_runtime is not runtime:
             await cleanup_runtime.close()
         await redis.aclose()
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait()
+        if redis_server is not None:
+            redis_server.stop()
         tmp.cleanup()
         print("sessionpool stopped; no sandbox left behind.", flush=True)
     return 0

@@ -1,6 +1,6 @@
 """Chaos run with a checked history: real routers, workers, Redis and Docker, faults at random.
 
-    python tests/chaos.py --duration 600 [--seed 7]
+    python -m tests.chaos --duration 600 [--seed 7]
 
 Starts its own redis-server (AOF on, so a restart keeps state), two routers and two workers as
 real processes, a pool of echo sandboxes, and a bounded client load over many identifiers.
@@ -31,15 +31,14 @@ from typing import Any
 
 import aiohttp
 import docker
-import redis.asyncio as aioredis
+
+from router.errors import StoreUnavailableError
+from router.keys import Keys
+from router.pools import parse_pool
+from router.store import Store, open_redis, wait_redis
+from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from router.keys import Keys  # noqa: E402
-from router.pools import parse_pool  # noqa: E402
-from router.store import Store, open_redis, wait_redis  # noqa: E402
-from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE  # noqa: E402
 
 POOL = "chaos"
 
@@ -370,7 +369,7 @@ class Chaos:
             try:
                 recs = await store.sandboxes(POOL)
                 counts = await store.counts(POOL)
-            except (aioredis.ConnectionError, aioredis.TimeoutError):
+            except StoreUnavailableError:
                 await asyncio.sleep(0.5)  # our own client met a Redis restart: ask again
                 continue
             live = {

@@ -4,35 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
-import time
+import subprocess
 import uuid
-from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 
-from router.pools import Pool, parse_pool
+from router.pools import Pool
 from router.store import Store
+from sessionpool import testing
+from sessionpool.testing import wait_until
 
+__all__ = ["FakeSandbox", "add_ready", "make_pool", "open_engine", "pattern_sha", "wait_until"]
+
+ROOT = Path(__file__).resolve().parent.parent
 CHUNK = bytes(range(256)) * 256  # 64 KiB of a known pattern
-
-
-async def wait_until(
-    predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02
-) -> Any:
-    """Poll `predicate` until it returns something truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
 
 
 def pattern_sha(size: int) -> str:
@@ -45,7 +33,7 @@ def pattern_sha(size: int) -> str:
 
 
 class FakeSandbox:
-    """An HTTP server on loopback that plays a session container (like deploy/images/echo)."""
+    """An HTTP server on loopback that plays a session container (like the echo image)."""
 
     def __init__(self) -> None:
         self.name = f"sbx-{uuid.uuid4().hex[:8]}"
@@ -154,32 +142,26 @@ def make_pool(
     cooldown_s: int = 300,
     **props: Any,
 ) -> Pool:
-    body: dict[str, Any] = {
-        "properties": {
-            "scaleConfiguration": {
-                "maxConcurrentSessions": max_sessions,
-                "readySessionInstances": ready,
-            },
-            "dynamicPoolConfiguration": {
-                "lifecycleConfiguration": {
-                    "lifecycleType": "Timed",
-                    "cooldownPeriodInSeconds": cooldown_s,
-                }
-            },
-            "customContainerTemplate": {
-                "containers": [{"name": "main", "image": "sessionpool/echo:dev"}],
-                "ingress": {"targetPort": 8080},
-            },
-            **props,
-        }
-    }
-    return parse_pool(name, body)
+    return testing.make_pool(
+        name, ready=ready, max_sessions=max_sessions, cooldown_s=cooldown_s, **props
+    )
 
 
 async def add_ready(store: Store, pool: Pool, sandbox: FakeSandbox) -> str:
     """Put a running fake sandbox in the ready set exactly as the replenisher does."""
-    sid = uuid.uuid4().hex
-    assert await store.reserve(pool, "test", [sid]) == [sid], "reserve refused: raise `ready`"
-    assert await store.set_container(pool.name, sid, f"fake-{sandbox.name}")
-    assert await store.mark_ready(pool.name, sid, f"fake-{sandbox.name}", sandbox.addr) == 1
-    return sid
+    return await testing.add_ready(store, pool, f"fake-{sandbox.name}", sandbox.addr)
+
+
+def open_engine(image: str) -> Any:
+    """A Docker client, with `image` built by deploy/images/build.sh if it is missing. No
+    engine: the caller fails here (Docker tests never skip)."""
+    import docker
+
+    client = docker.from_env()
+    client.ping()
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        name = image.split("/", 1)[1].split(":", 1)[0]  # sessionpool/<name>:<tag>
+        subprocess.run(["bash", str(ROOT / "deploy/images/build.sh"), name], check=True)
+    return client

@@ -628,7 +628,7 @@ async def test_delete_ends_sessions_and_then_404(
         assert status == 204
         assert body == b""
         records = await store.sandboxes("demo")
-        assert sorted(s["state"] for s in records.values()) == ["stopping", "stopping"]
+        assert sorted(s.state for s in records.values()) == ["stopping", "stopping"]
         assert await store.get_session("demo", "user1") is None
         assert used in {sb.name for sb in sandboxes}
         status, doc, _, _ = await send(http, "GET", url)

@@ -1,4 +1,4 @@
-"""`python bench/run.py --quick` runs to the end and reports every SPEC §10 row (no timings
+"""`python -m bench.run --quick` runs to the end and reports every SPEC §10 row (no timings
 are asserted: benchmarks are not timed tests)."""
 
 from __future__ import annotations
@@ -10,17 +10,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.report import ROWS
 
-from bench.report import ROWS  # noqa: E402 - bench/ is not an installed package
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_quick_run_reports_every_row(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "bench/run.py", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""A short chaos run (the long one is `python tests/chaos.py --duration 600`)."""
+"""A short chaos run (the long one is `python -m tests.chaos --duration 600`)."""
 
 from __future__ import annotations
 

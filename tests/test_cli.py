@@ -8,12 +8,12 @@ import io
 import os
 import re
 import signal
-import socket
 import ssl
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -29,12 +29,6 @@ from tests.test_tls import client_context, make_cert
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sessionpool.cli", *args],
@@ -47,10 +41,15 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 async def check_own_redis_is_locked(up_line: str) -> None:
-    """`up`'s own Redis wants a password, and the line that names it does not show it."""
-    url = re.search(r"redis redis://([^/@\s]+):(\d+)/\d+\)", up_line)
-    assert url is not None, up_line
-    reader, writer = await asyncio.open_connection(url.group(1), int(url.group(2)))
+    """`up`'s own Redis wants a password, and the line that names it does not show it.
+    (A raw client: redis-py would leave the refused connection to a later test's loop.)"""
+    url = re.search(r"redis ((?:redis|unix)://\S+?)\)", up_line)
+    assert url is not None and "@" not in url.group(1), up_line
+    parts = urlsplit(url.group(1))
+    if parts.scheme == "unix":
+        reader, writer = await asyncio.open_unix_connection(parts.path)
+    else:
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     try:
         writer.write(b"PING\r\n")
         assert (await reader.readline()).startswith(b"-NOAUTH"), "up's Redis answers anyone"
@@ -66,7 +65,6 @@ async def run_up(
     key: str = "",
     tls: ssl.SSLContext | None = None,
 ) -> None:
-    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -75,7 +73,7 @@ async def run_up(
         "--runtime",
         runtime,
         "--port",
-        str(port),
+        "0",
         "--key-prefix",
         key_prefix,
         *extra,
@@ -92,6 +90,7 @@ async def run_up(
             assert line, "sessionpool up exited early:\n" + "".join(lines)
             lines.append(line)
             if line.startswith("sessionpool is up:"):
+                port = int(line.split()[4].rsplit(":", 1)[1])
                 await check_own_redis_is_locked(line)
             if line.startswith("try:"):
                 curl = line.split("'")[1]

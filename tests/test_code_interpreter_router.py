@@ -7,10 +7,6 @@ Every request goes through the router with the shapes the ACA client libraries s
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import docker
-import docker.errors
 import pytest
 from aiohttp.test_utils import TestServer
 from yarl import URL
@@ -29,7 +23,8 @@ from router.app import create_app
 from router.pools import parse_pool
 from router.settings import Settings
 from router.store import Store
-from tests.helpers import wait_until
+from sessionpool.testing import spawn_worker, stop_process
+from tests.helpers import open_engine, wait_until
 from workers.runtime import LABEL_SCOPE
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
@@ -51,14 +46,7 @@ BINARY = bytes(range(256)) * 8 + b"\r\n\x00end"
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Any]:
-    client = docker.from_env()
-    client.ping()  # no engine: the tests fail here, they never skip
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run(
-            ["bash", str(ROOT / "deploy/images/build.sh"), "code-interpreter"], check=True
-        )
+    client = open_engine(IMAGE)
     yield client
     client.close()
 
@@ -99,26 +87,10 @@ async def env(engine: Any, settings: Settings, store: Store) -> AsyncIterator[En
             },
         )
     )
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sessionpool.cli",
-        "worker",
-        "--runtime",
-        "docker",
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "SESSIONPOOL_REDIS_URL": settings.redis_url,
-            "SESSIONPOOL_KEY_PREFIX": settings.key_prefix,
-            "SESSIONPOOL_WORKER_ID": "w0",
-            "SESSIONPOOL_RECONCILE_INTERVAL_S": "1",
-            "SESSIONPOOL_ORPHAN_GRACE_S": "2",
-            "SESSIONPOOL_WARM_TIMEOUT_S": "60",
-            "SESSIONPOOL_CLAIM_IDLE_MS": "2000",
-        },
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+    worker = await spawn_worker(
+        settings.replace(
+            reconcile_interval_s=1, orphan_grace_s=2, warm_timeout_s=60, claim_idle_ms=2000
+        )
     )
     server = TestServer(
         create_app(settings.replace(allocation_wait_s=60.0)),
@@ -131,13 +103,9 @@ async def env(engine: Any, settings: Settings, store: Store) -> AsyncIterator[En
         yield Env(f"http://127.0.0.1:{server.port}", store, engine, settings.key_prefix)
     finally:
         await server.close()
-        if worker.returncode is None:
-            worker.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(worker.wait(), 30)
+            await stop_process(worker, grace_s=30)
         finally:
-            if worker.returncode is None:
-                worker.kill()
             raw = engine.api.containers(
                 all=True, filters={"label": f"{LABEL_SCOPE}={settings.key_prefix}"}
             )

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/hostile:dev"
-HOSTILE_API = "2"  # the image's io.sessionpool.hostile-api label: /report is there
+HOSTILE_API = "3"  # the image's io.sessionpool.hostile-api label: /report is there
 SCOPE = f"c{uuid.uuid4().hex[:8]}"
 PREFIX = f"spcont{uuid.uuid4().hex[:6]}"
 WRITABLE = ("/tmp", "/var/tmp", "/run", "/mnt/data", "/home/sandbox")
@@ -216,6 +216,11 @@ async def test_writing_stops_with_enospc_at_every_cap(
     for path in ("/opt", "/var/lib"):
         got = await call(http, handle, "POST", f"/fill?path={path}/fill&max_mb=1")
         assert (got["written"], "Read-only file system" in (got["error"] or "")) == (0, True)
+    # tmpfs is memory: what a session keeps on it is charged to its memory limit.
+    before = int((await call(http, handle, "GET", "/report"))["memory_usage"])
+    got = await call(http, handle, "POST", "/fill?path=/mnt/data/kept&max_mb=64&keep=1")
+    after = int((await call(http, handle, "GET", "/report"))["memory_usage"])
+    assert after - before >= got["written"] - MiB, (before, after, got)
     got = await call(http, handle, "POST", "/fill?path=/dev/shm/fill&max_mb=128")
     assert got["written"] <= 64 * MiB and got["error"], got  # Docker's default shm size
     assert (await call(http, handle, "GET", "/health"))["status"] == "ok"
@@ -277,6 +282,38 @@ async def test_rules_deleted_behind_the_workers_back_are_restored(engine: None) 
         await runtime.close()
         await remove_networks(prefix)
     assert not any(iptables_has(r) for r in rules)
+
+
+async def test_rules_that_cannot_be_put_back_stop_new_sandboxes_until_they_can(
+    engine: None, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    wrapper = tmp_path / "iptables"  # the real iptables, failing while `broken` exists
+    wrapper.write_text(f'#!/bin/sh\n[ -e {broken} ] && exit 4\nexec iptables "$@"\n')
+    wrapper.chmod(0o755)
+    prefix = f"spfc{uuid.uuid4().hex[:6]}"
+    runtime = DockerRuntime(network_prefix=prefix, firewall_check_s=0.2, iptables=str(wrapper))
+    rules = firewall_rules(bridge_name(prefix, False), False)
+    try:
+        await runtime.ensure_network(False)
+        broken.touch()
+        sh("iptables", "-w", "5", "-D", *rules[0])
+
+        async def refused() -> bool:
+            try:
+                await runtime.ensure_network(False)
+            except RuntimeError_ as exc:
+                return "firewall rules not installed" in str(exc)
+            return False
+
+        await wait_until(refused, timeout=10, interval=0.1)
+        broken.unlink()
+        await runtime.ensure_network(False)  # back: the rules are installed again
+        assert all(iptables_has(r) for r in rules)
+    finally:
+        broken.unlink(missing_ok=True)
+        await runtime.close()
+        await remove_networks(prefix)
 
 
 def test_a_limit_the_engine_did_not_apply_refuses_the_start() -> None:

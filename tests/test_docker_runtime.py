@@ -18,20 +18,13 @@ from typing import Any
 import aiohttp
 import pytest
 
+from router.errors import SandboxRuntimeError
 from router.pools import Pool
 from tests.helpers import make_pool, wait_until
+from workers import runtime as labels
 from workers.docker import DockerRuntime
 from workers.docker_firewall import bridge_name, firewall_rules
-from workers.runtime import (
-    LABEL_POOL,
-    LABEL_SANDBOX,
-    LABEL_SCOPE,
-    LABEL_VERSION,
-    Exit,
-    Handle,
-    RuntimeError_,
-    SandboxSpec,
-)
+from workers.runtime import Exit, Handle, SandboxSpec
 
 pytestmark = pytest.mark.docker
 
@@ -51,7 +44,7 @@ def inspect(container: str) -> dict[str, Any]:
 
 
 def scope_containers() -> list[str]:
-    out = sh("docker", "ps", "-aq", "--no-trunc", "--filter", f"label={LABEL_SCOPE}={SCOPE}")
+    out = sh("docker", "ps", "-aq", "--no-trunc", "--filter", f"label={labels.LABEL_SCOPE}={SCOPE}")
     return out.stdout.split()
 
 
@@ -168,10 +161,10 @@ async def test_create_is_hardened_listed_and_destroyed(
     assert (
         info["Config"]["Labels"].items()
         >= {
-            LABEL_SCOPE: SCOPE,
-            LABEL_POOL: "hardened",
-            LABEL_SANDBOX: s.sandbox_id,
-            LABEL_VERSION: pool.version,
+            labels.LABEL_SCOPE: SCOPE,
+            labels.LABEL_POOL: "hardened",
+            labels.LABEL_SANDBOX: s.sandbox_id,
+            labels.LABEL_VERSION: pool.version,
         }.items()
     )
     env = info["Config"]["Env"]
@@ -210,7 +203,7 @@ async def test_create_again_returns_the_same_sandbox(
     first = await runtime.create(s)
     assert await runtime.create(s) == first  # a retried create adopts its running container
     other = SandboxSpec(scope=SCOPE, pool=s.pool, sandbox_id=s.sandbox_id[:12] + "f" * 20)
-    with pytest.raises(RuntimeError_, match="is taken"):
+    with pytest.raises(SandboxRuntimeError, match="is taken"):
         await runtime.create(other)  # same name, another sandbox: refused, not adopted
     await wait_ready(http, first)
     await runtime.destroy(first.container)
@@ -262,7 +255,7 @@ async def test_exits_reports_own_exits_and_outside_kills(
     assert by_id[exiting.container].pool == "exits"
     assert (
         by_id[killed.container].sandbox_id
-        == inspect(killed.container)["Config"]["Labels"][LABEL_SANDBOX]
+        == inspect(killed.container)["Config"]["Labels"][labels.LABEL_SANDBOX]
     )
     assert inspect(exiting.container)["State"]["ExitCode"] == 3
     observed = {o.container: o for o in await runtime.list(SCOPE)}
@@ -303,7 +296,7 @@ async def test_missing_image_is_a_clear_error_leaving_nothing(runtime: DockerRun
     )
     before = set(scope_containers())
     s = spec(pool)
-    with pytest.raises(RuntimeError_, match="not on the Docker engine") as err:
+    with pytest.raises(SandboxRuntimeError, match="not on the Docker engine") as err:
         await runtime.create(s)
     assert image in str(err.value)
     assert "build.sh" in str(err.value)
@@ -331,7 +324,7 @@ async def test_cancelled_create_leaves_no_container(runtime: DockerRuntime) -> N
             "--until",
             f"{time.time():.3f}",
             "--filter",
-            f"label={LABEL_SANDBOX}={s.sandbox_id}",
+            f"label={labels.LABEL_SANDBOX}={s.sandbox_id}",
             "--filter",
             "event=destroy",
             "--format",
@@ -340,7 +333,7 @@ async def test_cancelled_create_leaves_no_container(runtime: DockerRuntime) -> N
         return bool(events.stdout.strip())
 
     await wait_until(destroyed, timeout=15)
-    labelled = sh("docker", "ps", "-aq", "--filter", f"label={LABEL_SANDBOX}={s.sandbox_id}")
+    labelled = sh("docker", "ps", "-aq", "--filter", f"label={labels.LABEL_SANDBOX}={s.sandbox_id}")
     assert labelled.stdout.strip() == ""
 
 

@@ -8,6 +8,7 @@ import uuid
 import aiohttp
 import pytest
 
+from router.sandboxes import MarkReady
 from router.settings import Settings
 from router.store import Store, open_redis
 from tests.helpers import make_pool
@@ -33,7 +34,10 @@ async def test_records_of_another_engine_are_left_alone(
         sid = uuid.uuid4().hex
         assert await store.reserve(pool, "test", [sid]) == [sid]
         assert await store.set_container("guard", sid, f"elsewhere-{sid[:8]}", engine)
-        assert await store.mark_ready("guard", sid, f"elsewhere-{sid[:8]}", "10.9.9.9:80") == 1
+        assert (
+            await store.mark_ready("guard", sid, f"elsewhere-{sid[:8]}", "10.9.9.9:80")
+            is MarkReady.READY
+        )
         assert (await store.claim(pool, user)).created
         return sid
 
@@ -53,8 +57,9 @@ async def test_records_of_another_engine_are_left_alone(
     assert fixed["lost"] == 1
     assert await store.get_session("guard", "ours") is None
     assert await store.get_session("guard", "theirs") is not None
-    assert (await store.sandboxes("guard"))[other]["state"] == "allocated"
-    assert (await store.sandboxes("guard")).get(ours, {}).get("state") != "allocated"
+    assert (await store.sandboxes("guard"))[other].state == "allocated"
+    rec = (await store.sandboxes("guard")).get(ours)
+    assert rec is None or rec.state != "allocated"
     refusals = [r for r in caplog.records if "not reconciling" in r.getMessage()]
     assert len(refusals) == 1  # said once, not at every pass
     assert "docker:another-engine" in refusals[0].getMessage()

@@ -2,7 +2,7 @@
 
 Each test runs a worker process (docker runtime, its own sandbox networks), a router in this
 process listening on every address (so its admin API is a target), and a Redis on TCP
-0.0.0.0:<port> (another target). A session of `deploy/images/hostile` attacks; another session
+0.0.0.0:<port> (another target). A hostile-image session attacks; another session
 of the same pool must keep serving meanwhile, and afterwards the hostile session is ended and
 its container gone.
 
@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -26,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import docker
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -35,7 +31,8 @@ from router.keys import Keys
 from router.pools import Pool, parse_pool
 from router.settings import Settings
 from router.store import Store, open_redis
-from tests.helpers import wait_until
+from sessionpool.testing import spawn_worker, stop_process
+from tests.helpers import open_engine, wait_until
 from workers.docker import DockerRuntime
 from workers.runtime import LABEL_SCOPE
 
@@ -55,12 +52,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Any]:
-    client = docker.from_env()
-    client.ping()  # no engine: the tests fail here, they never skip
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run(["bash", str(ROOT / "deploy/images/build.sh"), "hostile"], check=True)
+    client = open_engine(IMAGE)
     yield client
     asyncio.run(_remove_networks())
     client.close()
@@ -196,28 +188,15 @@ class Cluster:
 @pytest.fixture
 async def cluster(engine: Any, tcp_redis: int, settings: Settings) -> AsyncIterator[Cluster]:
     redis_url = f"redis://127.0.0.1:{tcp_redis}/0"
-    env = {
-        **os.environ,
-        "SESSIONPOOL_REDIS_URL": redis_url,
-        "SESSIONPOOL_KEY_PREFIX": settings.key_prefix,
-        "SESSIONPOOL_NETWORK_PREFIX": NETWORK_PREFIX,
-        "SESSIONPOOL_RECONCILE_INTERVAL_S": "1",
-        "SESSIONPOOL_ORPHAN_GRACE_S": "2",
-        "SESSIONPOOL_WARM_TIMEOUT_S": "30",
-        "SESSIONPOOL_CLAIM_IDLE_MS": "2000",
-        "SESSIONPOOL_WORKER_ID": "hostile-w0",
-    }
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sessionpool.cli",
-        "worker",
-        "--runtime",
-        "docker",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+    worker = await spawn_worker(
+        settings.replace(
+            redis_url=redis_url,
+            network_prefix=NETWORK_PREFIX,
+            reconcile_interval_s=1,
+            orphan_grace_s=2,
+            warm_timeout_s=30,
+            claim_idle_ms=2000,
+        )
     )
     router_settings = settings.replace(redis_url=redis_url, allocation_wait_s=30.0)
     server = TestServer(create_app(router_settings), host="0.0.0.0", handler_cancellation=True)
@@ -230,13 +209,7 @@ async def cluster(engine: Any, tcp_redis: int, settings: Settings) -> AsyncItera
     finally:
         await c.http.close()
         await server.close()
-        if worker.returncode is None:
-            worker.send_signal(signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(worker.wait(), 30)
-        if worker.returncode is None:
-            worker.kill()
-            await worker.wait()
+        await stop_process(worker, grace_s=30)
         for container in c.containers():
             engine.api.remove_container(container, force=True)
         await redis.aclose()

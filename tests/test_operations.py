@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from router.app import create_app
 from router.settings import Settings
 from router.store import Store
+from sessionpool.testing import spawn_router, stop_process
 from tests.helpers import FakeSandbox, add_ready, make_pool, wait_until
 from tests.test_workers import process_pool
 from workers.main import run
@@ -57,6 +57,17 @@ async def scrape(http: aiohttp.ClientSession, base: str) -> str:
         return await r.text()
 
 
+async def shows(
+    http: aiohttp.ClientSession, base: str, name: str, value: float, **labels: str
+) -> None:
+    """Wait until a scrape of `base` shows `name{labels} == value` (/metrics is cached briefly)."""
+
+    async def seen() -> bool:
+        return metric(await scrape(http, base), name, **labels) == value
+
+    await wait_until(seen, timeout=5)
+
+
 async def test_router_metrics_move_and_agree(store: Store, routers: list[str]) -> None:
     pool = make_pool()
     await store.put_pool(pool)
@@ -65,74 +76,46 @@ async def test_router_metrics_move_and_agree(store: Store, routers: list[str]) -
         await add_ready(store, pool, live)
         async with aiohttp.ClientSession() as http:
             for base in routers:  # the gauges come from Redis: every router agrees
-                text = await scrape(http, base)
-                assert metric(text, "sessionpool_pool_ready", pool="demo") == 1
-                assert metric(text, "sessionpool_pool_allocated", pool="demo") == 0
-                assert metric(text, "sessionpool_pool_warming", pool="demo") == 0
+                await shows(http, base, "sessionpool_pool_ready", 1, pool="demo")
+                await shows(http, base, "sessionpool_pool_allocated", 0, pool="demo")
+                await shows(http, base, "sessionpool_pool_warming", 0, pool="demo")
             async with http.get(f"{routers[0]}/pools/demo/x?identifier=metered") as r:
                 assert r.status == 200
             for base in routers:
-                text = await scrape(http, base)
-                assert metric(text, "sessionpool_pool_ready", pool="demo") == 0
-                assert metric(text, "sessionpool_pool_allocated", pool="demo") == 1
-            text = await scrape(http, routers[0])
-            assert metric(text, "sessionpool_allocation_seconds_count", pool="demo") == 1
-            assert metric(text, "sessionpool_proxy_seconds_count", pool="demo") == 1
+                await shows(http, base, "sessionpool_pool_ready", 0, pool="demo")
+                await shows(http, base, "sessionpool_pool_allocated", 1, pool="demo")
+            await shows(http, routers[0], "sessionpool_allocation_seconds_count", 1, pool="demo")
+            await shows(http, routers[0], "sessionpool_proxy_seconds_count", 1, pool="demo")
             await store.reserve(pool, "test", ["warm-1"])
-            text = await scrape(http, routers[1])
-            assert metric(text, "sessionpool_pool_warming", pool="demo") == 1
+            await shows(http, routers[1], "sessionpool_pool_warming", 1, pool="demo")
             await store.forget("demo", "warm-1")
             async with http.post(
                 f"{routers[1]}/pools/demo/.management/stopSession?identifier=metered"
             ) as r:
                 assert r.status == 200
-            text = await scrape(http, routers[0])
-            assert metric(text, "sessionpool_pool_allocated", pool="demo") == 0
+            await shows(http, routers[0], "sessionpool_pool_allocated", 0, pool="demo")
             await add_ready(store, pool, dead)
             await dead.close()  # its port now refuses connections
             async with http.get(f"{routers[0]}/pools/demo/x?identifier=unlucky") as r:
                 assert r.status == 502
-            text = await scrape(http, routers[0])
-            assert (
-                metric(
-                    text,
-                    "sessionpool_upstream_errors_total",
-                    pool="demo",
-                    kind="SessionUnreachable",
-                )
-                == 1
-            )
+            unreachable = {"pool": "demo", "kind": "SessionUnreachable"}
+            await shows(http, routers[0], "sessionpool_upstream_errors_total", 1, **unreachable)
+            await shows(http, routers[0], "sessionpool_responses_total", 1, code="5xx")
     finally:
         await live.close()
 
 
-async def test_router_logs_are_json_with_the_trace_id(settings: Settings, store: Store) -> None:
+async def test_router_logs_are_json_with_the_trace_id(
+    settings: Settings, store: Store, tmp_path: Path
+) -> None:
     pool = make_pool()
     await store.put_pool(pool)
     dead = await FakeSandbox().start()
     await add_ready(store, pool, dead)
     await dead.close()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sessionpool.cli",
-        "router",
-        "--port",
-        "0",
-        "--auth",
-        "none",
-        "--redis-url",
-        settings.redis_url,
-        "--key-prefix",
-        settings.key_prefix,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
+    log = tmp_path / "router.log"
+    proc, base = await spawn_router(settings, log=log)
     try:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        base = line.rsplit(" ", 1)[1].strip()
         async with aiohttp.ClientSession() as http:
             async with http.get(
                 f"{base}/pools/demo/x?identifier=logged",
@@ -141,14 +124,13 @@ async def test_router_logs_are_json_with_the_trace_id(settings: Settings, store:
                 assert r.status == 502
                 trace_id = (await r.json())["error"]["traceId"]
     finally:
-        proc.terminate()
-        err = (await asyncio.wait_for(proc.stderr.read(), 30)).decode()
-        await proc.wait()
+        await stop_process(proc)
+    err = log.read_text()
     records = [orjson.loads(x) for x in err.splitlines() if x.strip()]  # every line is JSON
     assert records
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
     tagged = [r for r in records if r.get("traceId") == trace_id]
-    assert tagged and "SessionUnreachable" in tagged[0]["msg"]
+    assert any("SessionUnreachable" in r["msg"] for r in tagged)
     assert "sekrit-token" not in err
 
 

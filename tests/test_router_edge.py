@@ -253,7 +253,7 @@ async def test_management_get_list_stop(
         assert_envelope(r.status, await r.json(), r.headers, "SessionNotFound")
     # The stopped sandbox is queued for teardown and never handed out again.
     sandboxes_now = await store.sandboxes("demo")
-    assert sorted(s["state"] for s in sandboxes_now.values()) == ["allocated", "stopping"]
+    assert sorted(s.state for s in sandboxes_now.values()) == ["allocated", "stopping"]
     async with http.get(f"{ep}/?identifier=alpha") as r:
         assert r.status == 503  # no ready sandbox left: a stopped one is never reused
 

@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from router.settings import Settings
 from router.store import Store
+from sessionpool.testing import spawn, spawn_router
 from tests.helpers import CHUNK, FakeSandbox, add_ready, make_pool, pattern_sha, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,28 +30,9 @@ async def router_proc(settings: Settings) -> AsyncIterator[Callable[[], Awaitabl
     procs: list[asyncio.subprocess.Process] = []
 
     async def start() -> RouterProc:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "sessionpool.cli",
-            "router",
-            "--port",
-            "0",
-            "--redis-url",
-            settings.redis_url,
-            "--key-prefix",
-            settings.key_prefix,
-            "--auth",
-            "none",
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        proc, base = await spawn_router(settings)
         procs.append(proc)
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert "listening on" in line, line
-        return proc, line.rsplit(" ", 1)[1].strip()
+        return proc, base
 
     yield start
     for proc in procs:
@@ -173,31 +154,13 @@ async def test_sigterm_drains_in_flight_then_exits(
 async def test_processes_share_one_port(settings: Settings, store: Store) -> None:
     import socket
 
-    with socket.socket() as s:
+    with socket.socket() as s:  # a fixed port: several processes cannot share port 0
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     pool = make_pool()
     await store.put_pool(pool)
     sb = await FakeSandbox().start()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sessionpool.cli",
-        "router",
-        "--port",
-        str(port),
-        "--processes",
-        "2",
-        "--redis-url",
-        settings.redis_url,
-        "--key-prefix",
-        settings.key_prefix,
-        "--auth",
-        "none",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await spawn("router", settings.replace(port=port, processes=2))
     assert proc.stdout is not None
     try:
         await add_ready(store, pool, sb)

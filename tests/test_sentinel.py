@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from router.app import create_app
+from router.errors import StoreUnavailableError
 from router.keys import Keys
 from router.settings import Settings
 from router.store import Store, open_redis, wait_redis
@@ -201,7 +202,7 @@ async def test_failover_under_load(topology: Topology, key_prefix: str) -> None:
 async def _ready(store: Store, n: int) -> bool:
     try:
         return (await store.counts("proc"))["ready"] == n
-    except (aioredis.ConnectionError, aioredis.TimeoutError):
+    except StoreUnavailableError:
         return False
 
 

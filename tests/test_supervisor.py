@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from router import events
+from router.events import PoolDeleted, Teardown
 from router.settings import Settings
 from router.store import Store, open_redis
 from tests.helpers import make_pool, wait_until
@@ -17,12 +19,17 @@ from workers.context import Context, Event
 from workers.supervisor import Supervisor
 
 
+def tagged(tag: str) -> Teardown:
+    """An entry a test can recognise (the Recorder role only records it)."""
+    return Teardown(sandbox=tag, reason="tag")
+
+
 class Recorder:
     """A role that records what it is handed, per pool."""
 
     def __init__(self, group: str) -> None:
         self.group = group
-        self.seen: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.seen: dict[str, list[events.Event | None]] = defaultdict(list)
         self.watching: set[str] = set()
 
     async def handle(self, pool: str, batch: list[Event]) -> None:
@@ -36,7 +43,7 @@ class Recorder:
             self.watching.discard(pool)
 
     def tags(self, pool: str) -> list[str]:
-        return [e["tag"] for e in self.seen[pool] if "tag" in e]
+        return [e.sandbox for e in self.seen[pool] if isinstance(e, Teardown) and e.reason == "tag"]
 
 
 @pytest.fixture
@@ -70,7 +77,7 @@ async def test_one_reader_per_role_hands_each_pool_its_own_entries(
     await wait_until(lambda: sup.reading(0) == set(names) and sup.reading(1) == set(names))
     for round_ in range(3):
         for name in names:
-            await store.add_event(name, {"kind": "probe", "tag": f"{name}/{round_}"})
+            await store.add_event(name, tagged(f"{name}/{round_}"))
     want = {name: [f"{name}/{r}" for r in range(3)] for name in names}
     await wait_until(lambda: all(first.tags(n) == want[n] for n in names))
     await wait_until(lambda: all(second.tags(n) == want[n] for n in names))
@@ -92,7 +99,7 @@ async def test_a_pool_defined_later_is_picked_up_by_event(
     await store.put_pool(make_pool("late", ready=0))
     # Well before the periodic resync (reconcile_interval_s is 10 s here).
     await wait_until(lambda: "late" in sup.reading(0), timeout=3)
-    await store.add_event("late", {"kind": "probe", "tag": "hello"})
+    await store.add_event("late", tagged("hello"))
     await wait_until(lambda: first.tags("late") == ["hello"], timeout=3)
 
 
@@ -109,10 +116,10 @@ async def test_deleting_a_pool_stops_its_work(
     await wait_until(lambda: "doomed" not in first.watching | second.watching)
     # Both roles handled the pool-deleted entry before stopping.
     for role in (first, second):
-        assert role.seen["doomed"][-1]["kind"] == "pool-deleted"
+        assert isinstance(role.seen["doomed"][-1], PoolDeleted)
     # An entry written to the deleted pool's stream now goes nowhere; the live pool's does.
-    await store.add_event("doomed", {"kind": "probe", "tag": "late"})
-    await store.add_event("kept", {"kind": "probe", "tag": "after"})
+    await store.add_event("doomed", tagged("late"))
+    await store.add_event("kept", tagged("after"))
     await wait_until(lambda: first.tags("kept") == ["after"] == second.tags("kept"))
     assert first.tags("doomed") == [] == second.tags("doomed")
     # Defined again: work starts again.

@@ -57,7 +57,7 @@ async def test_warm_pool_grows_under_a_burst_and_shrinks_after(
     assert violations == []
     recs = await store.sandboxes("proc")
     await wait_until(lambda: _runtime_count(runtime, store, 11), timeout=10)
-    assert sorted(r["state"] for r in recs.values()).count("allocated") == 10
+    assert sorted(r.state for r in recs.values()).count("allocated") == 10
 
 
 async def _runtime_count(runtime: Any, store: Store, n: int) -> bool:

@@ -16,9 +16,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from router.app import create_app
-from router.pools import Pool, parse_pool
+from router.pools import Pool
 from router.settings import Settings
 from router.store import Store
+from sessionpool.testing import make_pool
 from tests.helpers import wait_until
 from workers.main import run
 from workers.process import ProcessRuntime
@@ -35,34 +36,15 @@ def process_pool(
     lifecycle: str = "Timed",
     **extra: Any,
 ) -> Pool:
-    life: dict[str, Any] = {"lifecycleType": lifecycle}
-    if lifecycle == "Timed":
-        life["cooldownPeriodInSeconds"] = cooldown_s
-    else:
-        life["maxAlivePeriodInSeconds"] = extra.pop("max_alive_s", 3600)
-    return parse_pool(
+    return make_pool(
         name,
-        {
-            "properties": {
-                "scaleConfiguration": {
-                    "maxConcurrentSessions": max_sessions,
-                    "readySessionInstances": ready,
-                },
-                "dynamicPoolConfiguration": {"lifecycleConfiguration": life},
-                "customContainerTemplate": {
-                    "containers": [
-                        {
-                            "name": "main",
-                            "image": "local",
-                            "command": [sys.executable],
-                            "args": [APP],
-                            **extra,
-                        }
-                    ],
-                    "ingress": {"targetPort": 8080},
-                },
-            }
-        },
+        image="local",
+        ready=ready,
+        max_sessions=max_sessions,
+        cooldown_s=cooldown_s,
+        lifecycle=lifecycle,
+        max_alive_s=extra.pop("max_alive_s", None),
+        container={"command": [sys.executable], "args": [APP], **extra},
     )
 
 
@@ -158,7 +140,7 @@ async def _gone(store: Store, ident: str) -> bool:
 async def _only_ready(store: Store, runtime: ProcessRuntime) -> bool:
     recs = await store.sandboxes("proc")
     live = {o.sandbox_id for o in await runtime.list(store.keys.prefix)}
-    return all(r["state"] == "ready" for r in recs.values()) and live == set(recs)
+    return all(r.state == "ready" for r in recs.values()) and live == set(recs)
 
 
 async def test_stop_exit_and_external_kill_end_sessions(
@@ -220,8 +202,8 @@ async def test_template_change_replaces_ready_keeps_allocated(
 
     async def replaced() -> bool:
         recs = (await store.sandboxes("proc")).values()
-        ready = [r for r in recs if r["state"] == "ready"]
-        return len(ready) == 2 and all(r["version"] == new.version for r in ready)
+        ready = [r for r in recs if r.state == "ready"]
+        return len(ready) == 2 and all(r.version == new.version for r in ready)
 
     await wait_until(replaced, timeout=15)
     assert await get_host(f"{router_url}/pools/proc/?identifier=keeper") == host

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import docker
 import pytest
 from aiohttp.test_utils import TestServer
 
 from router.app import create_app
-from router.pools import Pool, parse_pool
+from router.pools import Pool
+from router.sandboxes import MarkReady
 from router.settings import Settings
 from router.store import Store
-from tests.helpers import wait_until
+from sessionpool import testing
+from sessionpool.testing import spawn_worker
+from tests.helpers import open_engine, wait_until
 from workers.runtime import LABEL_POOL, LABEL_SANDBOX, LABEL_SCOPE, LABEL_VERSION
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(180)]
@@ -29,54 +28,15 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/echo:dev"
 
 
+def echo_pool(name: str = "dock", **kwargs: Any) -> Pool:
+    return testing.echo_pool(name, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def engine() -> Any:
-    client = docker.from_env()
-    client.ping()  # no engine: the tests fail here, they never skip
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run(["bash", str(ROOT / "deploy/images/build.sh"), "echo"], check=True)
+    client = open_engine(IMAGE)
     yield client
     client.close()
-
-
-def echo_pool(
-    name: str = "dock",
-    *,
-    ready: int = 2,
-    max_sessions: int = 10,
-    cooldown_s: int = 300,
-    lifecycle: str = "Timed",
-    probes: list[dict[str, Any]] | None = None,
-) -> Pool:
-    life: dict[str, Any] = {"lifecycleType": lifecycle}
-    if lifecycle == "Timed":
-        life["cooldownPeriodInSeconds"] = cooldown_s
-    return parse_pool(
-        name,
-        {
-            "properties": {
-                "scaleConfiguration": {
-                    "maxConcurrentSessions": max_sessions,
-                    "readySessionInstances": ready,
-                },
-                "dynamicPoolConfiguration": {"lifecycleConfiguration": life},
-                "customContainerTemplate": {
-                    "containers": [
-                        {
-                            "name": "main",
-                            "image": IMAGE,
-                            "resources": {"cpu": 0.5, "memory": "256Mi"},
-                            "probes": probes
-                            or [{"type": "Startup", "httpGet": {"path": "/health", "port": 8080}}],
-                        }
-                    ],
-                    "ingress": {"targetPort": 8080},
-                },
-            }
-        },
-    )
 
 
 class Seen:
@@ -94,21 +54,8 @@ def containers(engine: Any, scope: str) -> list[Seen]:
 
 
 @pytest.fixture
-def worker_env(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "SESSIONPOOL_REDIS_URL": settings.redis_url,
-        "SESSIONPOOL_KEY_PREFIX": settings.key_prefix,
-        "SESSIONPOOL_RECONCILE_INTERVAL_S": "1",
-        "SESSIONPOOL_ORPHAN_GRACE_S": "2",
-        "SESSIONPOOL_WARM_TIMEOUT_S": "20",
-        "SESSIONPOOL_CLAIM_IDLE_MS": "2000",
-    }
-
-
-@pytest.fixture
 async def workers(
-    engine: Any, worker_env: dict[str, str], settings: Settings, tmp_path: Path
+    engine: Any, settings: Settings, tmp_path: Path
 ) -> AsyncIterator[Callable[..., Awaitable[asyncio.subprocess.Process]]]:
     procs: list[asyncio.subprocess.Process] = []
     logs: list[Path] = []
@@ -116,20 +63,10 @@ async def workers(
     async def start(*extra: str) -> asyncio.subprocess.Process:
         log = tmp_path / f"worker-{len(procs)}.log"
         logs.append(log)
-        with log.open("ab") as out:  # kept for the failure report below
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "sessionpool.cli",
-                "worker",
-                "--runtime",
-                "docker",
-                *extra,
-                cwd=ROOT,
-                env={**worker_env, "SESSIONPOOL_WORKER_ID": f"w{len(procs)}"},
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=out,
-            )
+        worker_settings = settings.replace(
+            reconcile_interval_s=1, orphan_grace_s=2, warm_timeout_s=20, claim_idle_ms=2000
+        )
+        proc = await spawn_worker(worker_settings, *extra, log=log)  # the log: failure report
         procs.append(proc)
         return proc
 
@@ -176,7 +113,7 @@ async def consistent(engine: Any, store: Store, pool: str) -> bool:
         for c in containers(engine, store.keys.prefix)
         if c.status == "running"
     }
-    return set(recs) == live and all(r["state"] in ("ready", "allocated") for r in recs.values())
+    return set(recs) == live and all(r.state in ("ready", "allocated") for r in recs.values())
 
 
 async def test_warm_pool_serves_and_refills(
@@ -312,7 +249,7 @@ async def test_killed_worker_leaks_nothing_and_orphans_are_removed(
 
 async def _warming_with_containers(store: Store, engine: Any) -> bool:
     recs = await store.sandboxes("dock")
-    return sum(1 for r in recs.values() if r["state"] == "warming" and r.get("container")) >= 1
+    return sum(1 for r in recs.values() if r.state == "warming" and r.container) >= 1
 
 
 async def test_two_replicas_keep_exactly_the_target(
@@ -353,7 +290,10 @@ async def test_reconcile_leaves_starting_and_paused_sandboxes_alone(
             sid = "pausedsandbox0001"
             assert await store.reserve(pool, "test", [sid]) == [sid]
             handle = await runtime.create(SandboxSpec(store.keys.prefix, pool, sid))
-            assert await store.mark_ready("dock", sid, handle.container, handle.addr) == 1
+            assert (
+                await store.mark_ready("dock", sid, handle.container, handle.addr)
+                is MarkReady.READY
+            )
             assert (await store.claim(pool, "paused-user")).created
             engine.api.pause(handle.container)
             # A sandbox whose container exists but has not been started yet.
@@ -372,8 +312,8 @@ async def test_reconcile_leaves_starting_and_paused_sandboxes_alone(
             assert fixed == {"orphans": 0, "lost": 0, "stale_warming": 0, "stuck": 0}
             assert await store.get_session("dock", "paused-user") is not None
             recs = await store.sandboxes("dock")
-            assert recs[sid]["state"] == "allocated"
-            assert recs[starting]["state"] == "warming"
+            assert recs[sid].state == "allocated"
+            assert recs[starting].state == "warming"
             assert engine.api.inspect_container(created["Id"])["State"]["Status"] == "created"
             engine.api.unpause(handle.container)
             # The same pass does end a session whose container really exited.

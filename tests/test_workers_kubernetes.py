@@ -37,6 +37,7 @@ from kubernetes_asyncio import config as kconfig
 from router.app import create_app
 from router.limits import LimitPolicy
 from router.pools import Pool, parse_pool
+from router.sandboxes import MarkReady
 from router.settings import Settings
 from router.store import Store
 from tests.helpers import wait_until
@@ -193,6 +194,7 @@ async def workers(
         "SESSIONPOOL_CLAIM_IDLE_MS": "2000",
         "SESSIONPOOL_K8S_KUBECONFIG": str(kube.kubeconfig),
         "SESSIONPOOL_K8S_NAMESPACE": kube.namespace,
+        "SESSIONPOOL_K8S_SCHEDULE_TIMEOUT_S": "1",
     }
 
     async def start() -> asyncio.subprocess.Process:
@@ -214,6 +216,7 @@ async def workers(
         procs.append(proc)
         return proc
 
+    start.logs = logs  # type: ignore[attr-defined]
     yield start
     running = [p for p in procs if p.returncode is None]
     for proc in running:
@@ -279,9 +282,7 @@ async def consistent(kube: Cluster, store: Store, pool: str) -> bool:
     """Every record has a running pod and every running pod a record."""
     recs = await store.sandboxes(pool)
     live = await kube.live_pods(store.keys.prefix)
-    return set(recs) == set(live) and all(
-        r["state"] in ("ready", "allocated") for r in recs.values()
-    )
+    return set(recs) == set(live) and all(r.state in ("ready", "allocated") for r in recs.values())
 
 
 async def hostname(http: aiohttp.ClientSession, url: str) -> str:
@@ -352,7 +353,10 @@ async def test_killed_worker_and_reconciliation_both_ways(
     # A record with no pod: a ready sandbox whose pod vanished.
     lost = uuid.uuid4().hex
     assert await store.reserve(pool, "test", [lost]) == [lost]
-    assert await store.mark_ready("kube", lost, podspec.pod_name(scope, lost), "10.0.0.1:1") == 1
+    assert (
+        await store.mark_ready("kube", lost, podspec.pod_name(scope, lost), "10.0.0.1:1")
+        is MarkReady.READY
+    )
     w = await workers()
     await wait_until(lambda: _warming_with_pod(store), timeout=60, interval=0.01)
     w.send_signal(signal.SIGKILL)  # in the middle of creating pods
@@ -400,4 +404,29 @@ async def _no_session(store: Store, ident: str, pool: str = "kube") -> bool:
 
 async def _warming_with_pod(store: Store) -> bool:
     recs = await store.sandboxes("kube")
-    return any(r["state"] == "warming" and r.get("container") for r in recs.values())
+    return any(r.state == "warming" and r.container for r in recs.values())
+
+
+async def test_unschedulable_pool_fails_creates_with_the_reason_and_leaves_nothing(
+    kube: Cluster, store: Store, workers: Any
+) -> None:
+    await workers()
+    pool = echo_pool("nowhere", ready=2)
+    body = orjson.loads(pool.dumps())["properties"]
+    body["sandboxConfiguration"] = {"nodeSelector": {"sessionpool.io/no-such-node": "true"}}
+    await store.put_pool(parse_pool("nowhere", {"properties": body}))
+
+    def logged() -> bool:
+        text = "".join(log.read_text() for log in workers.logs)
+        return "not scheduled" in text and "node affinity/selector" in text
+
+    await wait_until(logged, timeout=30)
+    counts = await store.counts("nowhere")
+    assert counts["ready"] == 0
+    scope = store.keys.prefix
+    # Every failed create removed its pod: only the ones being tried right now may exist.
+    await wait_until(lambda: _at_most(kube, scope, 2), timeout=10)
+
+
+async def _at_most(kube: Cluster, scope: str, n: int) -> bool:
+    return len(await kube.pods(scope)) <= n

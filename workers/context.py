@@ -6,19 +6,21 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from router import events
+from router.errors import StoreUnavailableError
 from router.settings import Settings
 from router.store import Redis, Store
 from workers.runtime import Runtime
 
 log = logging.getLogger("sessionpool.worker")
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
-Event = tuple[str, dict[str, Any]]
+# Redis unreachable: from the store (mapped at its boundary) or from a raw client (streams).
+REDIS_ERRORS = (StoreUnavailableError, RedisConnectionError, RedisTimeoutError)
+Event = tuple[str, events.Event | None]  # (stream id, event); None: malformed or unknown
 
 
 @dataclass

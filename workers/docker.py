@@ -175,7 +175,9 @@ class DockerRuntime:
         to build its model object), so the same arguments go to the low-level API. The first
         inspect is the fail-closed check: the container starts only with every limit applied."""
         home = kwargs["environment"].get("HOME")
-        kwargs |= self._storage.plan(client, spec.pool.image, limits.storage_bytes, home)
+        kwargs |= self._storage.plan(
+            client, spec.pool.image, limits.storage_bytes, home, (spec.scope, spec.pool.name)
+        )
         try:
             created = client.api.create_container(
                 **_create_container_args(

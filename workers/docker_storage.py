@@ -32,6 +32,7 @@ from typing import Any
 from docker.errors import APIError, NotFound
 
 from workers.docker_engine import explain
+from workers.runtime import LABEL_POOL, LABEL_SCOPE
 
 log = logging.getLogger("sessionpool.docker")
 
@@ -64,16 +65,22 @@ class Storage:
         self._logged = False
 
     def plan(
-        self, client: Any, image: str, size_bytes: int, home: str | None = None
+        self,
+        client: Any,
+        image: str,
+        size_bytes: int,
+        home: str | None = None,
+        owner: tuple[str, str] = ("", ""),
     ) -> dict[str, Any]:
         """The `containers.create` arguments that bound a sandbox's writable space (blocking:
-        run it in a thread). `home` is the pool's own HOME variable, when it sets one.
+        run it in a thread). `home` is the pool's own HOME variable, when it sets one; `owner` the
+        (scope, pool) a probe container is labelled with.
 
         Raises:
             ImageNotFound: the image is not on the engine.
             DockerException: the engine refused or is unreachable (or an OSError).
         """
-        layout = self._layout(client, image)
+        layout = self._layout(client, image, owner)
         tmpfs_paths = [*layout.volumes]
         kwargs: dict[str, Any] = {}
         if self.mechanism == QUOTA:
@@ -94,7 +101,7 @@ class Storage:
             kwargs["tmpfs"] = tmpfs
         return kwargs
 
-    def _layout(self, client: Any, image: str) -> ImageLayout:
+    def _layout(self, client: Any, image: str, owner: tuple[str, str]) -> ImageLayout:
         # A tag can be moved to another image: trust what it named for a short while only,
         # so that most creates cost no extra engine call.
         now = time.monotonic()
@@ -105,16 +112,19 @@ class Storage:
         image_id = str(info["Id"])
         with self._lock:
             if image_id not in self._layouts:
-                self._layouts[image_id] = self._probe(client, image_id, info)
+                self._layouts[image_id] = self._probe(client, image_id, info, owner)
             self._by_ref[image] = (now, self._layouts[image_id])
             return self._layouts[image_id]
 
-    def _probe(self, client: Any, image_id: str, info: dict[str, Any]) -> ImageLayout:
+    def _probe(
+        self, client: Any, image_id: str, info: dict[str, Any], owner: tuple[str, str]
+    ) -> ImageLayout:
         """Create (never start) a container of the image to read its files; detect quota."""
         config = info.get("Config") or {}
         kwargs: dict[str, Any] = {
             "network_disabled": True,
-            "labels": {LABEL_PROBE: "1"},
+            # Should the worker die mid-probe, the reaper removes it as an orphan of this pool.
+            "labels": {LABEL_PROBE: "1", LABEL_SCOPE: owner[0], LABEL_POOL: owner[1]},
             "entrypoint": ["/never-started"],
         }
         created = None
@@ -156,8 +166,8 @@ class Storage:
                         image_id,
                         volume,
                     )
-            owner = f",uid={user.uid},gid={user.gid}" if user.uid else ""
-            return ImageLayout(home=home, owner=owner, workdir=workdir, volumes=volumes)
+            ids = f",uid={user.uid},gid={user.gid}" if user.uid else ""
+            return ImageLayout(home=home, owner=ids, workdir=workdir, volumes=volumes)
         finally:
             client.api.remove_container(created["Id"], force=True)
 

@@ -294,7 +294,9 @@ class KubernetesRuntime:
                     + (f"; events: {events}" if events else "")
                 )
             await asyncio.sleep(interval)
-            interval = min(interval * 1.5, 1.0)
+            # Quick while a pod usually starts (a warm pool's refill waits on it), gentler on
+            # the API server once it is slow (pulling, scheduling).
+            interval = min(interval * 1.5, 0.2 if waited < 10 else 1.0)
 
     async def _events(self, name: str) -> str:
         """The pod's warning events, oldest first, for an error message ("" if unreadable)."""

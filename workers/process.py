@@ -21,7 +21,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from workers.runtime import Exit, Handle, Observed, RuntimeError_, SandboxSpec
+from router.errors import SandboxRuntimeError
+from workers.runtime import Exit, Handle, Observed, SandboxSpec
 
 log = logging.getLogger("sessionpool.process")
 
@@ -63,7 +64,7 @@ class ProcessRuntime:
         pool = spec.pool
         argv = [*pool.command, *pool.args]
         if not argv:
-            raise RuntimeError_(f"pool {pool.name}: the process runtime needs a command")
+            raise SandboxRuntimeError(f"pool {pool.name}: the process runtime needs a command")
         port = _free_port()
         # A private, writable scratch directory: HOME and TMPDIR point there.
         scratch = tempfile.mkdtemp(prefix=f"sessionpool-{spec.sandbox_id[:8]}-")
@@ -102,7 +103,7 @@ class ProcessRuntime:
             )
         except OSError as exc:
             shutil.rmtree(scratch, ignore_errors=True)
-            raise RuntimeError_(f"pool {pool.name}: cannot start {argv[0]!r}: {exc}") from exc
+            raise SandboxRuntimeError(f"pool {pool.name}: cannot start {argv[0]!r}: {exc}") from exc
         container = f"proc-{proc.pid}-{spec.sandbox_id[:8]}"
         entry = _Proc(spec, proc, time.time(), scratch)
         self._procs[container] = entry

@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
 
+from router.events import Allocated, PoolChanged, Teardown
+from router.sandboxes import SandboxState
 from workers import metrics
 from workers.context import REDIS_ERRORS, Context, Event
 from workers.probes import probe_once
@@ -73,24 +74,32 @@ class Reaper:
 
     # Teardown ---------------------------------------------------------------------------------
 
-    async def teardown(self, pool: str, event: dict[str, Any]) -> None:
+    async def teardown(self, pool: str, event: Teardown) -> None:
         """Destroy one sandbox and drop its record (idempotent)."""
-        sid = event.get("sandbox") or ""
-        container = event.get("container") or ""
+        handled = time.time()
+        sid, container = event.sandbox, event.container
         if not container and sid:
-            rec = (await self.ctx.store.sandboxes(pool)).get(sid, {})
-            container = rec.get("container", "")
+            rec = await self.ctx.store.sandbox(pool, sid)
+            container = rec.container if rec is not None else ""
         if not container and sid:
             for obs in await self.ctx.runtime.list(self.ctx.scope):
                 if obs.sandbox_id == sid:
                     container = obs.container
         if container:
             await self.ctx.runtime.destroy(container)
+        destroyed = time.time()
         if sid:
             await self.ctx.store.forget(pool, sid)
-        reason = str(event.get("reason") or "unknown")
+        reason = event.reason or "unknown"
         metrics.TEARDOWNS.labels(pool, reason).inc()
-        log.info("pool %s: sandbox %s destroyed (%s)", pool, sid, reason)
+        log.info(
+            "pool %s: sandbox %s destroyed (%s)",
+            pool,
+            sid,
+            reason,
+            # Wall-clock times (bench/cold.py splits the teardown lag with them).
+            extra={"pool": pool, "sandbox": sid, "teardown": [handled, destroyed]},
+        )
 
     # Role (see workers/supervisor.py) -------------------------------------------------------
 
@@ -99,8 +108,8 @@ class Reaper:
     async def handle(self, pool: str, batch: list[Event]) -> None:
         """Destroy what the batch says must go (in parallel); a new session or a changed pool
         may bring the next expiry forward, so the pool's expiry loop looks again."""
-        todo = [e for _, e in batch if e.get("kind") == "teardown"]
-        if any(e.get("kind") in ("allocated", "pool-changed") for _, e in batch):
+        todo = [e for _, e in batch if isinstance(e, Teardown)]
+        if any(isinstance(e, Allocated | PoolChanged) for _, e in batch):
             wake = self._wakes.get(pool)
             if wake is not None:
                 wake.set()
@@ -111,22 +120,16 @@ class Reaper:
     async def on_exit(self, pool: str, sid: str, reason: str = "exited") -> None:
         """A sandbox's container stopped: end its session, or take it out of the ready set."""
         store = self.ctx.store
-        rec = (await store.sandboxes(pool)).get(sid)
-        if rec is None or rec.get("state") == "stopping":
+        rec = await store.sandbox(pool, sid)
+        if rec is None or rec.state == SandboxState.STOPPING:
             return  # ours: already being torn down
-        if rec.get("state") == "allocated" and await store.stop(
-            pool, rec.get("identifier", ""), reason, sandbox=sid
+        if rec.state == SandboxState.ALLOCATED and await store.stop(
+            pool, rec.identifier, reason, sandbox=sid
         ):
             return
         if await store.retire(pool, sid, reason):
             await store.add_event(
-                pool,
-                {
-                    "kind": "teardown",
-                    "sandbox": sid,
-                    "container": rec.get("container", ""),
-                    "reason": reason,
-                },
+                pool, Teardown(sandbox=sid, container=rec.container, reason=reason)
             )
 
     async def run_exits(self) -> None:
@@ -146,12 +149,12 @@ class Reaper:
             if pool is None or probe is None:
                 continue
             for sid, rec in (await store.sandboxes(name)).items():
-                if rec.get("state") != "allocated" or not rec.get("addr"):
+                if rec.state != SandboxState.ALLOCATED or not rec.addr:
                     continue
                 if self._liveness_due.get(sid, 0.0) > now:
                     continue
                 self._liveness_due[sid] = now + probe.period_s
-                if await probe_once(self.ctx.http, rec["addr"], pool, probe):
+                if await probe_once(self.ctx.http, rec.addr, pool, probe):
                     self._liveness_failures.pop(sid, None)
                     continue
                 failures = self._liveness_failures.get(sid, 0) + 1
@@ -191,7 +194,7 @@ class Reaper:
                         obs.pool, {"event": "orphan-removed", "sandbox": obs.sandbox_id}
                     )
                     fixed["orphans"] += 1
-            elif not obs.running and rec.get("state") in ("ready", "allocated"):
+            elif not obs.running and rec.live:
                 await self.on_exit(obs.pool, obs.sandbox_id)
                 fixed["lost"] += 1
         # Records with no container. Listed after reading the records, so any container a
@@ -200,28 +203,29 @@ class Reaper:
         mine = await runtime.engine_id()
         for name, recs in records.items():
             for sid, rec in recs.items():
-                if rec.get("engine", mine) != mine:
-                    self._refuse_foreign(name, sid, rec["engine"], mine)
+                if (rec.engine or mine) != mine:
+                    self._refuse_foreign(name, sid, rec.engine, mine)
                     continue
-                state = rec.get("state")
-                age_ms = now_ms - float(rec.get("createdAt", now_ms))
+                state = rec.state
+                age_ms = now_ms - (rec.created_ms or now_ms)
                 if sid in after:
                     # Stuck: a teardown whose message was lost, or a worker that died while
                     # its sandbox was starting.
-                    since = float(rec.get("stoppingAt", rec.get("createdAt", now_ms)))
-                    if (state == "stopping" and now_ms - since > 30_000) or (
-                        state == "warming" and age_ms > ctx.settings.warm_timeout_s * 1000
+                    since = rec.stopping_ms or rec.created_ms or now_ms
+                    if (state == SandboxState.STOPPING and now_ms - since > 30_000) or (
+                        state == SandboxState.WARMING
+                        and age_ms > ctx.settings.warm_timeout_s * 1000
                     ):
                         await store.retire(name, sid, "stuck")
-                        await self.teardown(name, {"sandbox": sid, "reason": "stuck"})
+                        await self.teardown(name, Teardown(sandbox=sid, reason="stuck"))
                         fixed["stuck"] += 1
                     continue
-                if state in ("ready", "allocated"):
+                if rec.live:
                     await self.on_exit(name, sid)  # queues the teardown that drops the record
                     fixed["lost"] += 1
-                elif state == "stopping":
+                elif state == SandboxState.STOPPING:
                     await store.forget(name, sid)
-                elif state == "warming" and age_ms > ctx.settings.warm_timeout_s * 1000:
+                elif state == SandboxState.WARMING and age_ms > ctx.settings.warm_timeout_s * 1000:
                     await store.forget(name, sid)
                     fixed["stale_warming"] += 1
         if any(fixed.values()):

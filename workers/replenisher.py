@@ -23,8 +23,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from router.events import Teardown
 from router.pools import Pool
-from router.store import text
+from router.sandboxes import MarkReady
 from workers import metrics
 from workers.context import REDIS_ERRORS, Context, Event
 from workers.probes import wait_started
@@ -100,26 +101,19 @@ class Replenisher:
     async def _retire_stale(self, pool: Pool) -> None:
         """Ready sandboxes of an older template are replaced (allocated ones run on)."""
         store = self.ctx.store
-        ready = await store.redis.zrange(store.pk(pool.name).ready, 0, -1)
+        ready = await store.ready_ids(pool.name)
         if not ready:
             return
         records = await store.sandboxes(pool.name)
-        for raw in ready:
-            sid = text(raw)
+        for sid in ready:
             rec = records.get(sid)
             if (
                 rec is not None
-                and rec.get("version") != pool.version
+                and rec.version != pool.version
                 and await store.retire(pool.name, sid, "replaced")
             ):
                 await store.add_event(
-                    pool.name,
-                    {
-                        "kind": "teardown",
-                        "sandbox": sid,
-                        "container": rec.get("container", ""),
-                        "reason": "replaced",
-                    },
+                    pool.name, Teardown(sandbox=sid, container=rec.container, reason="replaced")
                 )
 
     async def _create(self, pool: Pool, sid: str) -> None:
@@ -168,7 +162,7 @@ class Replenisher:
             state = await self._persist(
                 lambda: store.mark_ready(pool.name, sid, handle.container, handle.addr)
             )
-            if state != 1:  # pool deleted or template changed while it started
+            if state is not MarkReady.READY:  # pool deleted or template changed meanwhile
                 await ctx.runtime.destroy(handle.container)
                 await store.forget(pool.name, sid)
                 return

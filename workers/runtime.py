@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from router.errors import SandboxRuntimeError
 from router.pools import Pool
 
 # Labels every sandbox container carries; `scope` is the deployment's key prefix, so two
@@ -16,8 +17,8 @@ LABEL_SANDBOX = "io.sessionpool.sandbox"
 LABEL_VERSION = "io.sessionpool.version"
 
 
-class RuntimeError_(Exception):
-    """A sandbox could not be created or inspected; the message says why."""
+# The old name, kept while branches that raise it move over to SandboxRuntimeError.
+RuntimeError_ = SandboxRuntimeError
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,7 @@ class Runtime(Protocol):
         """Create and start a sandbox; return once it is started (not yet probed).
 
         Raises:
-            RuntimeError_: the image is missing, the engine refused, ...
+            SandboxRuntimeError: the image is missing, the engine refused, ...
         """
         ...
 

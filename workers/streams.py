@@ -22,9 +22,10 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import orjson
 from redis.exceptions import ResponseError
 
+from router import events
+from workers import metrics
 from workers.context import REDIS_ERRORS, Context, Event
 
 log = logging.getLogger("sessionpool.worker")
@@ -59,7 +60,7 @@ class StreamReader:
         return set(self._pools.values())
 
     def add(self, pool: str) -> None:
-        stream = self.ctx.store.pk(pool).events
+        stream = self.ctx.store.events_stream(pool)
         if stream not in self._pools:
             self._pools[stream] = pool
             self._unready.add(stream)
@@ -67,7 +68,7 @@ class StreamReader:
             self._interrupt()
 
     def remove(self, pool: str) -> None:
-        stream = self.ctx.store.pk(pool).events
+        stream = self.ctx.store.events_stream(pool)
         if self._pools.pop(stream, None) is not None:
             self._unready.discard(stream)
             self._outstanding.pop(stream, None)
@@ -80,15 +81,14 @@ class StreamReader:
 
     async def ack(self, pool: str, ids: Iterable[str]) -> None:
         """Acknowledge entries of `pool` once their side effects are done."""
-        stream = self.ctx.store.pk(pool).events
         ids = list(ids)
         if ids:
-            await self.ctx.store.redis.xack(stream, self.group, *ids)
+            await self.ctx.store.ack_events(pool, self.group, ids)
         self.release(pool, ids)
 
     def release(self, pool: str, ids: Iterable[str]) -> None:
         """Forget entries handed out (acked, or left for XAUTOCLAIM to deliver again)."""
-        held = self._outstanding.get(self.ctx.store.pk(pool).events)
+        held = self._outstanding.get(self.ctx.store.events_stream(pool))
         if held is not None:
             held.difference_update(ids)
 
@@ -110,6 +110,7 @@ class StreamReader:
                     await self._autoclaim()
                 await self._read_once()
             except REDIS_ERRORS as exc:
+                metrics.REDIS_ERRORS.inc()
                 log.warning("streams (%s): %s", self.group, exc)
                 self._unready.update(self._pools)
                 await ctx.pause(0.5)
@@ -193,16 +194,14 @@ def _text(value: Any) -> str:
 
 
 def decode(entries: list[Any]) -> list[Event]:
-    """Stream entries as (id, event); a malformed entry becomes an empty event (still acked)."""
+    """Stream entries as (id, event); a malformed or unknown entry becomes None (still acked)."""
     out: list[Event] = []
     for mid, fields in entries:
         if fields is None:  # deleted from the stream while pending
             continue
-        raw = fields.get(b"data") or fields.get("data")
         mid_s = _text(mid)
-        try:
-            out.append((mid_s, orjson.loads(raw) if raw else {}))
-        except orjson.JSONDecodeError:
+        event = events.decode(fields.get(b"data") or fields.get("data"))
+        if event is None:
             log.warning("dropping malformed stream entry %s", mid_s)
-            out.append((mid_s, {}))
+        out.append((mid_s, event))
     return out

@@ -19,8 +19,8 @@ from typing import Protocol
 
 from redis.asyncio.cluster import RedisCluster
 
+from router.events import PoolDeleted
 from router.keys import SEP
-from router.store import iter_pubsub
 from workers.context import REDIS_ERRORS, Context, Event
 from workers.runtime import RuntimeError_
 from workers.streams import StreamReader
@@ -109,8 +109,10 @@ class Supervisor:
 
     def _deliver(self, role: int, pool: str, batch: list[Event]) -> None:
         work = self._work.get((role, pool))
-        if work is None:
-            self._reader(role, pool).release(pool, [mid for mid, _ in batch])
+        if work is None:  # stopped meanwhile: left pending for XAUTOCLAIM
+            reader = self._readers.get((role, pool if self._per_pool_readers else ""))
+            if reader is not None:
+                reader.release(pool, [mid for mid, _ in batch])
             return
         work.queue.put_nowait(batch)
 
@@ -169,15 +171,13 @@ class Supervisor:
             except REDIS_ERRORS as exc:
                 log.warning("pool %s: ack: %s", pool, exc)
                 reader.release(pool, ids)
-            if any(e.get("kind") == "pool-deleted" for _, e in batch) and not await self._exists(
-                pool
-            ):
+            if any(isinstance(e, PoolDeleted) for _, e in batch) and not await self._exists(pool):
                 self.stop(role, pool)
                 return
 
     async def _exists(self, pool: str) -> bool:
         try:
-            return bool(await self.ctx.store.redis.sismember(self.ctx.store.keys.pools, pool))
+            return await self.ctx.store.pool_exists(pool)
         except REDIS_ERRORS:
             return True  # cannot tell: keep working, the resync decides later
 
@@ -189,7 +189,7 @@ class Supervisor:
         channel = ctx.store.keys.invalidation_channel
         while not ctx.stop.is_set():
             try:
-                async for ch, data in iter_pubsub(ctx.store.redis, ctx.stop, channel):
+                async for ch, data in ctx.store.subscribe(ctx.stop, channel):
                     if not ch:
                         await self.resync()  # subscribed: nothing is missed from here on
                         continue

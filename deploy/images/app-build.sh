@@ -3,7 +3,7 @@
 # no network: sessionpool's own wheel, every dependency as a binary wheel for the image's
 # Python (version, machine and glibc read from the base image), and pip's wheel to install them.
 #
-#   deploy/images/app-build.sh DEST      (run by router/prebuild.sh and worker/prebuild.sh)
+#   deploy/images/app-build.sh DEST      (run by app/prebuild.sh)
 #
 # BASE=<image> names the base the wheels must fit (default: this host's Python). The package
 # index is whatever pip on this host is configured to use. SESSIONPOOL_PYTHON picks the Python

@@ -270,11 +270,16 @@ class Kernel:
         if state == "timeout":
             deadline = loop.time() + self._settings.interrupt_grace_s
             grace = "timeout"
+            window_s = 0.5
             while grace == "timeout" and loop.time() < deadline:
                 # Repeated: an interrupt that lands before the kernel starts running the
-                # code (a loaded machine) is lost, and the loop would then run on.
+                # code (a loaded machine) is lost, and the loop would then run on. Each wait
+                # is longer than the last, so that a kernel slow to finish handling the first
+                # is not hit by a second one it could carry into the next execution.
                 await km.interrupt_kernel()
-                grace = await self._collect(kc, msg_id, collector, min(deadline, loop.time() + 0.5))
+                until = min(deadline, loop.time() + window_s)
+                grace = await self._collect(kc, msg_id, collector, until)
+                window_s *= 2
             note = f"Execution timed out after {timeout_s:g} seconds and was interrupted."
             if grace != "idle":
                 note = (
@@ -286,28 +291,34 @@ class Kernel:
             collector.stderr.append(note + "\n")
             outcome = collector.outcome(started, timed_out=True, kernel_restarted=restarted)
             return replace(outcome, error_name="TimeoutError", error_message=note)
-        if user_code:
-            await self._collect_figures(kc, collector)
+        if user_code and await self._collect_figures(kc, collector):
+            return collector.outcome(started, kernel_restarted=True)
         return collector.outcome(started)
 
-    async def _collect_figures(self, kc: AsyncKernelClient, collector: _Collector) -> None:
-        """Send figures left open by the code just run, whatever the backend, then close them."""
+    async def _collect_figures(self, kc: AsyncKernelClient, collector: _Collector) -> bool:
+        """Send figures left open by the code just run, whatever the backend, then close them.
+
+        Returns True when the kernel had to be restarted (it died or would not stop).
+        """
         await self._drain_shell(kc)
         msg_id = kc.execute(_FIGURES_CODE, silent=False, store_history=False, allow_stdin=False)
         figures = _Collector(collector.limit)
         deadline = asyncio.get_running_loop().time() + _FIGURES_TIMEOUT_S
         state = await self._collect(kc, msg_id, figures, deadline)
+        if state == "timeout" and self._km is not None:
+            # Stopped and waited for here, so that no interrupt reaches the next execution.
+            await self._km.interrupt_kernel()
+            grace = asyncio.get_running_loop().time() + self._settings.interrupt_grace_s
+            state = await self._collect(kc, msg_id, figures, grace)
         if state != "idle":
-            log.warning("figure collection did not finish (%s); figures dropped", state)
-            if state == "died":
-                await self.restart()
-            elif self._km is not None:
-                await self._km.interrupt_kernel()
-            return
+            log.warning("figure collection did not finish (%s); kernel restarted", state)
+            await self.restart()
+            return True
         if figures.image is not None:
             collector.image = figures.image
         if figures.error_name:
             log.warning("figure collection failed: %s", figures.error_message)
+        return False
 
     async def _collect(
         self, kc: AsyncKernelClient, msg_id: str, collector: _Collector, deadline: float
