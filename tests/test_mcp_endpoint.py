@@ -200,3 +200,22 @@ async def test_custom_container_pools_keep_their_own_mcp_path(
             assert r.status == 400
     finally:
         await sandbox.close()
+
+
+async def test_a_deleted_pool_takes_its_key_along(
+    http: aiohttp.ClientSession, router: str, store: Store
+) -> None:
+    pool = shell_pool("mcpgone")
+    mcp = await open_mcp(http, router, store, pool)
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    assert (await mcp.post(ping))[0] == 200
+    async with http.delete(f"{router}/admin/pools/{pool.name}") as r:
+        assert r.status == 204
+    async with http.post(mcp.url, json=ping, headers={"x-ms-apikey": mcp.key}) as r:
+        # Gone: its /mcp is an ordinary (missing) pool path now, not an MCP endpoint.
+        assert r.status in (400, 401, 404)
+    # A pool made again under the same name gets a new key; the old one opens nothing.
+    again = await open_mcp(http, router, store, pool)
+    assert again.key != mcp.key
+    assert (await mcp.post(ping))[0] == 401
+    assert (await again.post(ping))[0] == 200
