@@ -110,13 +110,15 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
             for c in (1, 32):  # interleaved: every path at one concurrency before the next
                 for name, (url, proc) in paths.items():
                     runs.setdefault(name, {})[c] = wrk(url, c, secs, proc, warm)
+            # Profiled before the c=1000 run, whose end cuts a thousand requests mid-way (and
+            # so their sandbox connections): the profile shows the steady state.
+            res["profile"] = profile(router, paths[ROUTER][0], secs)
             for c in (256, 1000):
                 runs[ROUTER][c] = wrk(paths[ROUTER][0], c, secs, router, warm)
             res["runs"] = {
                 n: {str(c): {**vars(r), "per_core": r.rps_per_core} for c, r in by_c.items()}
                 for n, by_c in runs.items()
             }
-            res["profile"] = profile(router, paths[ROUTER][0], secs)
         finally:
             for p in started:
                 p.stop()

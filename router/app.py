@@ -302,6 +302,7 @@ async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
         connector=connector,
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=proxy.SKIP_AUTO_SESSION,
         timeout=proxy.client_timeout(
             settings.upstream_connect_timeout_s, settings.upstream_idle_timeout_s
         ),

@@ -150,9 +150,10 @@ class McpEndpoint:
 
     async def _authenticate(self, request: web.Request, pool: Pool) -> None:
         """Raises: UnauthorizedError (missing or wrong `x-ms-apikey`)."""
-        sent = request.headers.get("x-ms-apikey", "")
+        # aiohttp keeps undecodable header bytes as surrogates: compare bytes, never raise.
+        sent = request.headers.get("x-ms-apikey", "").encode("utf-8", "surrogateescape")
         stored = await request.app[self.routing_key].store.mcp_key(pool.name)
-        if not sent or stored is None or not hmac.compare_digest(sent.encode(), stored.encode()):
+        if not sent or stored is None or not hmac.compare_digest(sent, stored.encode()):
             # Same answer for "no key made yet", "missing" and "wrong": nothing to probe.
             raise UnauthorizedError(
                 "This MCP endpoint needs the pool's key in the x-ms-apikey header "

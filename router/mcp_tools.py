@@ -41,6 +41,9 @@ EXECUTIONS_API_VERSION = "2025-02-02-preview"
 # Above the session's own execution cap (220 s), so the session reports a timeout itself.
 EXECUTION_TIMEOUT_S = 240.0
 MAX_CODE_CHARS = 1 << 20
+# An answer is stdout, stderr and a result, each already cut short by the session's server;
+# a hostile session that sends more costs the router no more than this.
+MAX_ANSWER_BYTES = 64 << 20
 # Implementation-defined JSON-RPC server errors (MCP leaves -32000..-32019 to servers).
 ENVIRONMENT_GONE = -32001
 SESSION_UNAVAILABLE = -32002
@@ -215,7 +218,15 @@ class Environments:
                 headers={"Accept-Encoding": "identity"},
                 timeout=aiohttp.ClientTimeout(total=EXECUTION_TIMEOUT_S),
             ) as resp:
-                return await resp.read(), resp.status
+                raw = bytearray()
+                async for chunk in resp.content.iter_any():
+                    raw += chunk
+                    if len(raw) > MAX_ANSWER_BYTES:  # the session's code is not trusted
+                        raise ToolError(
+                            INTERNAL_ERROR,
+                            f"The session's answer is larger than {MAX_ANSWER_BYTES} bytes.",
+                        )
+                return bytes(raw), resp.status
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise SessionUnreachableError(
                 f"The environment's session did not answer: {type(exc).__name__}"
@@ -255,7 +266,8 @@ def _output(answer: dict[str, Any]) -> dict[str, Any]:
 
 def _python_result(answer: dict[str, Any]) -> CallToolResult:
     out = _output(answer)
-    value = (answer.get("result") or {}).get("executionResult")
+    result = answer.get("result")
+    value = result.get("executionResult") if isinstance(result, dict) else None
     status = str(answer.get("status", ""))
     structured: dict[str, Any] = {**out, "result": value, "status": status}
     content: list[TextContent | ImageContent] = []

@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--k8s-cluster-cidrs", help="pod/service ranges EgressEnabled pools cannot reach"
     )
+    worker.add_argument("--k8s-api-timeout-s", type=float, help="bound on every API call")
+    worker.add_argument(
+        "--k8s-schedule-timeout-s", type=float, help="a pod not scheduled by then fails"
+    )
+    worker.add_argument("--k8s-start-timeout-s", type=float, help="a pod not running by then fails")
     worker.add_argument("--role", choices=["all", "replenisher", "reaper"])
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
     _limits(worker)
@@ -207,6 +212,9 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "k8s_context",
         "k8s_control_namespace",
         "k8s_cluster_cidrs",
+        "k8s_api_timeout_s",
+        "k8s_schedule_timeout_s",
+        "k8s_start_timeout_s",
     }
     fields |= SANDBOX_FIELDS
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}

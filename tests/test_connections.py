@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import uvloop
 from aiohttp import web
 
 from router.connections import BoundedRunner
@@ -97,10 +98,7 @@ async def test_an_idle_keepalive_connection_gets_a_fresh_header_timeout(serve: S
     writer.close()
 
 
-async def test_past_the_connection_cap_new_clients_get_503_and_retry_after(
-    serve: Start,
-) -> None:
-    runner, port = await serve(max_connections=3)
+async def cap_scenario(runner: BoundedRunner, port: int) -> None:
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
     await wait_until(lambda: runner.bounds.open == 3)
     answer = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: r\r\n\r\n")
@@ -114,6 +112,26 @@ async def test_past_the_connection_cap_new_clients_get_503_and_retry_after(
     assert await served(port)
     for _, writer in held[1:]:
         writer.close()
+
+
+async def test_past_the_connection_cap_new_clients_get_503_and_retry_after(
+    serve: Start,
+) -> None:
+    await cap_scenario(*await serve(max_connections=3))
+
+
+def test_the_connection_cap_on_uvloop(settings: Settings) -> None:
+    """The router serves on uvloop, whose transports are not asyncio.Transport subclasses."""
+
+    async def scenario() -> None:
+        runner, port = await start_site(settings.replace(port=0, max_connections=3))
+        try:
+            assert isinstance(runner, BoundedRunner)
+            await cap_scenario(runner, port)
+        finally:
+            await runner.cleanup()
+
+    uvloop.run(scenario())
 
 
 async def test_malformed_requests_are_counted_and_logged_once_per_interval(

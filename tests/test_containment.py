@@ -41,7 +41,7 @@ pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/hostile:dev"
-HOSTILE_API = "2"  # the image's io.sessionpool.hostile-api label: /report is there
+HOSTILE_API = "3"  # the image's io.sessionpool.hostile-api label: /report is there
 SCOPE = f"c{uuid.uuid4().hex[:8]}"
 PREFIX = f"spcont{uuid.uuid4().hex[:6]}"
 WRITABLE = ("/tmp", "/var/tmp", "/run", "/mnt/data", "/home/sandbox")
@@ -216,6 +216,11 @@ async def test_writing_stops_with_enospc_at_every_cap(
     for path in ("/opt", "/var/lib"):
         got = await call(http, handle, "POST", f"/fill?path={path}/fill&max_mb=1")
         assert (got["written"], "Read-only file system" in (got["error"] or "")) == (0, True)
+    # tmpfs is memory: what a session keeps on it is charged to its memory limit.
+    before = int((await call(http, handle, "GET", "/report"))["memory_usage"])
+    got = await call(http, handle, "POST", "/fill?path=/mnt/data/kept&max_mb=64&keep=1")
+    after = int((await call(http, handle, "GET", "/report"))["memory_usage"])
+    assert after - before >= got["written"] - MiB, (before, after, got)
     got = await call(http, handle, "POST", "/fill?path=/dev/shm/fill&max_mb=128")
     assert got["written"] <= 64 * MiB and got["error"], got  # Docker's default shm size
     assert (await call(http, handle, "GET", "/health"))["status"] == "ok"

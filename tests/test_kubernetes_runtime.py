@@ -321,3 +321,14 @@ async def test_code_interpreter_runs_on_a_read_only_root(
     assert props["status"] == "Success", props
     assert props["stdout"].strip() == "30"  # EROFS: the root is read-only
     await runtime.destroy(handle.container)
+
+
+async def test_a_missing_kubeconfig_is_a_clear_error(tmp_path: Path) -> None:
+    rt = KubernetesRuntime(Settings(runtime="kubernetes", k8s_kubeconfig=str(tmp_path / "absent")))
+    try:
+        with pytest.raises(RuntimeError_, match="kubernetes configuration"):
+            await rt.list("kt")
+        with pytest.raises(RuntimeError_, match="kubernetes configuration"):
+            await rt.engine_id()
+    finally:
+        await rt.close()

@@ -3,6 +3,7 @@ play a session's executions API. What must never become a 500, and what must sta
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -200,3 +201,82 @@ async def test_custom_container_pools_keep_their_own_mcp_path(
             assert r.status == 400
     finally:
         await sandbox.close()
+
+
+async def test_a_deleted_pool_takes_its_key_along(
+    http: aiohttp.ClientSession, router: str, store: Store
+) -> None:
+    pool = shell_pool("mcpgone")
+    mcp = await open_mcp(http, router, store, pool)
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    assert (await mcp.post(ping))[0] == 200
+    async with http.delete(f"{router}/admin/pools/{pool.name}") as r:
+        assert r.status == 204
+    async with http.post(mcp.url, json=ping, headers={"x-ms-apikey": mcp.key}) as r:
+        # Gone: its /mcp is an ordinary (missing) pool path now, not an MCP endpoint.
+        assert r.status in (400, 401, 404)
+    # A pool made again under the same name gets a new key; the old one opens nothing.
+    again = await open_mcp(http, router, store, pool)
+    assert again.key != mcp.key
+    assert (await mcp.post(ping))[0] == 401
+    assert (await again.post(ping))[0] == 200
+
+
+async def test_a_key_header_that_is_not_utf8_is_a_401(
+    http: aiohttp.ClientSession, router: str, store: Store
+) -> None:
+    pool = shell_pool("mcpbytes")
+    await open_mcp(http, router, store, pool)
+    host, port = router.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}'
+    writer.write(
+        b"POST /pools/mcpbytes/mcp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"x-ms-apikey: \xff\xfe\x80key\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    assert status_line.split()[1] == b"401"
+
+
+class HostileSandbox(ShellSandbox):
+    """A session whose server answers executions with whatever the command asks for."""
+
+    async def execute(self, request: web.Request) -> web.StreamResponse:
+        command = (await request.json())["shellCommand"]
+        if command == "flood":  # far more than any honest answer
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await resp.prepare(request)
+            chunk = b"x" * (1 << 20)
+            for _ in range(80):
+                await resp.write(chunk)
+            return resp
+        shapes: dict[str, bytes] = {
+            "not-json": b"<html>",
+            "a-list": b"[1, 2]",
+            "odd-result": b'{"result": [1], "exitCode": "zero"}',
+            "refused": b'{"error": {"code": "X", "message": "no"}}',
+        }
+        status = 400 if command == "refused" else 200
+        return web.Response(body=shapes[command], status=status, content_type="application/json")
+
+
+async def test_a_hostile_session_answer_is_a_json_rpc_error_or_a_plain_result(
+    http: aiohttp.ClientSession, router: str, store: Store, shells: list[ShellSandbox]
+) -> None:
+    pool = shell_pool("mcphostile")
+    mcp = await open_mcp(http, router, store, pool)
+    sandbox = HostileSandbox()
+    await sandbox.server.start_server()
+    shells.append(sandbox)
+    await add_ready(store, pool, sandbox)  # type: ignore[arg-type]
+    env = await mcp.launch()
+    for command in ("flood", "not-json", "a-list", "refused"):
+        body = await mcp.call(RUN_SH, {"environmentId": env, "shellCommand": command})
+        assert "error" in body, (command, body)
+    odd = await mcp.call(RUN_SH, {"environmentId": env, "shellCommand": "odd-result"})
+    assert odd["result"]["structuredContent"] == {"stdout": "", "stderr": "", "exitCode": None}

@@ -186,3 +186,26 @@ def test_kubernetes_settings_are_validated(fields: dict[str, Any], message: str)
     with pytest.raises(ValueError, match=message):
         Settings(runtime="kubernetes", **fields)
     assert Settings.from_env({"SESSIONPOOL_K8S_NAMESPACE": "sb"}).k8s_namespace == "sb"
+
+
+def test_worker_flags_set_the_kubernetes_settings() -> None:
+    from sessionpool.cli import build_parser, settings_from
+
+    args = build_parser().parse_args(
+        [
+            "worker",
+            "--runtime",
+            "kubernetes",
+            "--k8s-namespace",
+            "sbx",
+            "--k8s-context",
+            "prod",
+            "--k8s-api-timeout-s",
+            "3",
+            "--k8s-schedule-timeout-s",
+            "30",
+        ]
+    )
+    s = settings_from(args)
+    assert (s.runtime, s.k8s_namespace, s.k8s_context) == ("kubernetes", "sbx", "prod")
+    assert (s.k8s_api_timeout_s, s.k8s_schedule_timeout_s) == (3.0, 30.0)

@@ -125,3 +125,29 @@ async def test_deleting_a_pool_stops_its_work(
     # Defined again: work starts again.
     await store.put_pool(make_pool("doomed", ready=0))
     await wait_until(lambda: sup.pools(0) == {"doomed", "kept"} == sup.pools(1))
+
+
+async def test_entries_read_but_never_handled_are_taken_back(
+    settings: Settings, store: Store
+) -> None:
+    """What a read received but nobody handled (a cancelled read, a worker killed after its
+    read) is pending for this consumer: the reader takes it back instead of losing it."""
+    await store.put_pool(make_pool("pending", ready=0))
+    stream = store.events_stream("pending")
+    await store.redis.xgroup_create(stream, "replenisher", id="0", mkstream=True)
+    await store.add_event("pending", tagged("read-but-lost"))
+    # This consumer reads the entry and "dies" before handling it.
+    got = await store.redis.xreadgroup("replenisher", settings.worker_id, {stream: ">"}, count=10)
+    assert got and len(got[0][1]) >= 1
+    streams = open_redis(settings.redis_url, timeout_s=10.0)
+    stop = asyncio.Event()
+    ctx = Context(settings, store, streams, None, None, stop)  # type: ignore[arg-type]
+    role = Recorder("replenisher")
+    task = asyncio.create_task(Supervisor(ctx, [role]).run())
+    try:
+        # Long before XAUTOCLAIM would hand it out (claim_idle_ms is 30 s).
+        await wait_until(lambda: role.tags("pending") == ["read-but-lost"], timeout=5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await streams.aclose()

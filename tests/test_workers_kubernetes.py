@@ -194,6 +194,7 @@ async def workers(
         "SESSIONPOOL_CLAIM_IDLE_MS": "2000",
         "SESSIONPOOL_K8S_KUBECONFIG": str(kube.kubeconfig),
         "SESSIONPOOL_K8S_NAMESPACE": kube.namespace,
+        "SESSIONPOOL_K8S_SCHEDULE_TIMEOUT_S": "1",
     }
 
     async def start() -> asyncio.subprocess.Process:
@@ -215,6 +216,7 @@ async def workers(
         procs.append(proc)
         return proc
 
+    start.logs = logs  # type: ignore[attr-defined]
     yield start
     running = [p for p in procs if p.returncode is None]
     for proc in running:
@@ -403,3 +405,28 @@ async def _no_session(store: Store, ident: str, pool: str = "kube") -> bool:
 async def _warming_with_pod(store: Store) -> bool:
     recs = await store.sandboxes("kube")
     return any(r.state == "warming" and r.container for r in recs.values())
+
+
+async def test_unschedulable_pool_fails_creates_with_the_reason_and_leaves_nothing(
+    kube: Cluster, store: Store, workers: Any
+) -> None:
+    await workers()
+    pool = echo_pool("nowhere", ready=2)
+    body = orjson.loads(pool.dumps())["properties"]
+    body["sandboxConfiguration"] = {"nodeSelector": {"sessionpool.io/no-such-node": "true"}}
+    await store.put_pool(parse_pool("nowhere", {"properties": body}))
+
+    def logged() -> bool:
+        text = "".join(log.read_text() for log in workers.logs)
+        return "not scheduled" in text and "node affinity/selector" in text
+
+    await wait_until(logged, timeout=30)
+    counts = await store.counts("nowhere")
+    assert counts["ready"] == 0
+    scope = store.keys.prefix
+    # Every failed create removed its pod: only the ones being tried right now may exist.
+    await wait_until(lambda: _at_most(kube, scope, 2), timeout=10)
+
+
+async def _at_most(kube: Cluster, scope: str, n: int) -> bool:
+    return len(await kube.pods(scope)) <= n

@@ -78,14 +78,16 @@ class KubeApi:
                 if not s.k8s_kubeconfig and not s.k8s_context and _in_cluster():
                     kconfig.load_incluster_config(client_configuration=cfg)
                 else:
-                    await kconfig.load_kube_config(
-                        config_file=s.k8s_kubeconfig or None,
-                        context=s.k8s_context or None,
-                        client_configuration=cfg,
-                        persist_config=False,
-                    )
-            except (ConfigException, OSError) as exc:
-                raise RuntimeError_(f"kubernetes configuration: {exc}") from exc
+                    # Bounded too: a kubeconfig's exec plugin (cloud login) may hang.
+                    async with asyncio.timeout(self.timeout_s):
+                        await kconfig.load_kube_config(
+                            config_file=s.k8s_kubeconfig or None,
+                            context=s.k8s_context or None,
+                            client_configuration=cfg,
+                            persist_config=False,
+                        )
+            except (ConfigException, OSError, TimeoutError) as exc:
+                raise RuntimeError_(f"kubernetes configuration: {_text(exc)}") from exc
             api = kclient.ApiClient(cfg)
             self._groups = {"core": kclient.CoreV1Api(api), "net": kclient.NetworkingV1Api(api)}
             self.host = str(cfg.host)

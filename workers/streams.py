@@ -53,7 +53,9 @@ class StreamReader:
         self._changed = asyncio.Event()
         self._reading: asyncio.Task[Any] | None = None  # the read in flight
         self._in_read = False  # ... and it has started (so cancelling it is clean)
-        self._recover = False  # next read: this consumer's pending entries (id 0)
+        # Next read: this consumer's pending entries (id 0). Also at start: a worker that
+        # restarts under the same id takes back what it had read but not acknowledged.
+        self._recover = True
 
     @property
     def pools(self) -> set[str]:

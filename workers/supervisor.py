@@ -109,8 +109,10 @@ class Supervisor:
 
     def _deliver(self, role: int, pool: str, batch: list[Event]) -> None:
         work = self._work.get((role, pool))
-        if work is None:
-            self._reader(role, pool).release(pool, [mid for mid, _ in batch])
+        if work is None:  # stopped meanwhile: left pending for XAUTOCLAIM
+            reader = self._readers.get((role, pool if self._per_pool_readers else ""))
+            if reader is not None:
+                reader.release(pool, [mid for mid, _ in batch])
             return
         work.queue.put_nowait(batch)
 

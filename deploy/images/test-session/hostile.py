@@ -169,6 +169,7 @@ def _report():
         "seccomp": status.get("Seccomp", "").strip(),
         "memory_max": _cgroup("memory/memory.limit_in_bytes", "memory.max"),
         "memsw_max": _cgroup("memory/memory.memsw.limit_in_bytes", "memory.swap.max"),
+        "memory_usage": _cgroup("memory/memory.usage_in_bytes", "memory.current"),
         "cpu_max": _cgroup("cpu/cpu.cfs_quota_us", "cpu.max"),
         "cpu_period": _cgroup("cpu/cpu.cfs_period_us", "cpu.max"),
         "pids_max": _cgroup("pids/pids.max", "pids.max"),

@@ -57,40 +57,33 @@ def __sessionpool_setup(preload):
     if any(name.startswith("matplotlib") for name in preload):
         ip.run_line_magic("matplotlib", "inline")
 
+    def send_open_figures():
+        # After every execution (registered after the inline backend's own flush, which shows
+        # and closes its figures first): any matplotlib figure still open is sent as an image
+        # and closed, whatever the backend. Code that picked Agg, as much generated code does,
+        # draws figures that plt.show() never displays. Part of the execution itself, so it
+        # costs no extra round trip and falls under the execution's timeout.
+        import sys
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is None or not plt.get_fignums():
+            return
+        import base64, io
+        from IPython.display import display
+        try:
+            for num in plt.get_fignums():
+                buf = io.BytesIO()
+                plt.figure(num).savefig(buf, format="png", bbox_inches="tight")
+                display({"image/png": base64.b64encode(buf.getvalue()).decode()}, raw=True)
+        except Exception as exc:
+            print(f"The figure could not be rendered: {exc!r}", file=sys.stderr)
+        finally:
+            plt.close("all")
+
+    ip.events.register("post_execute", send_open_figures)
+
 __sessionpool_setup(%(preload)r)
 del __sessionpool_setup
 """
-
-# Run after every user execution that finished. Any matplotlib figure still open is sent as an
-# image and closed, whatever the backend: code that picked `Agg` (as much generated code does)
-# draws figures that `plt.show()` never displays. The inline backend has already shown and
-# closed its figures by then, so nothing is sent twice.
-_FIGURES_CODE = """
-def __sessionpool_figures():
-    import sys
-    plt = sys.modules.get("matplotlib.pyplot")
-    if plt is None:
-        return
-    import base64, io
-    from IPython.display import display
-    try:
-        for num in plt.get_fignums():
-            buf = io.BytesIO()
-            plt.figure(num).savefig(buf, format="png", bbox_inches="tight")
-            data = base64.b64encode(buf.getvalue()).decode()
-            display({"image/png": data}, raw=True)
-    finally:
-        plt.close("all")
-
-try:
-    __sessionpool_figures()
-finally:
-    del __sessionpool_figures
-"""
-
-# How long the figure pass may take after the user's code; a figure that takes longer to
-# render is dropped rather than holding the execution past its answer.
-_FIGURES_TIMEOUT_S = 20.0
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
@@ -291,34 +284,7 @@ class Kernel:
             collector.stderr.append(note + "\n")
             outcome = collector.outcome(started, timed_out=True, kernel_restarted=restarted)
             return replace(outcome, error_name="TimeoutError", error_message=note)
-        if user_code and await self._collect_figures(kc, collector):
-            return collector.outcome(started, kernel_restarted=True)
         return collector.outcome(started)
-
-    async def _collect_figures(self, kc: AsyncKernelClient, collector: _Collector) -> bool:
-        """Send figures left open by the code just run, whatever the backend, then close them.
-
-        Returns True when the kernel had to be restarted (it died or would not stop).
-        """
-        await self._drain_shell(kc)
-        msg_id = kc.execute(_FIGURES_CODE, silent=False, store_history=False, allow_stdin=False)
-        figures = _Collector(collector.limit)
-        deadline = asyncio.get_running_loop().time() + _FIGURES_TIMEOUT_S
-        state = await self._collect(kc, msg_id, figures, deadline)
-        if state == "timeout" and self._km is not None:
-            # Stopped and waited for here, so that no interrupt reaches the next execution.
-            await self._km.interrupt_kernel()
-            grace = asyncio.get_running_loop().time() + self._settings.interrupt_grace_s
-            state = await self._collect(kc, msg_id, figures, grace)
-        if state != "idle":
-            log.warning("figure collection did not finish (%s); kernel restarted", state)
-            await self.restart()
-            return True
-        if figures.image is not None:
-            collector.image = figures.image
-        if figures.error_name:
-            log.warning("figure collection failed: %s", figures.error_message)
-        return False
 
     async def _collect(
         self, kc: AsyncKernelClient, msg_id: str, collector: _Collector, deadline: float
