@@ -31,6 +31,7 @@ __all__ = [
     "ECHO_IMAGE",
     "HEALTH_PROBE",
     "RedisServer",
+    "Workers",
     "add_ready",
     "bound_socket",
     "echo_pool",
@@ -163,6 +164,41 @@ async def spawn_worker(
     """A worker process of `settings` with `runtime` (each gets a worker id of its own)."""
     settings = settings.replace(runtime=runtime, worker_id=f"w-{uuid.uuid4().hex[:8]}")
     return await spawn("worker", settings, *args, log=log, stdout=DEVNULL)
+
+
+class Workers:
+    """The worker processes of one test, started on demand, each logging to a file of
+    `directory` (`logs`); `stop()` sends SIGTERM to those still running and returns their exit
+    statuses; `tails()` is what a failure report shows."""
+
+    def __init__(self, settings: Settings, runtime: str, directory: Path) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.directory = directory
+        self.procs: list[Process] = []
+        self.logs: list[Path] = []
+
+    async def start(self, *args: str) -> Process:
+        log = self.directory / f"worker-{len(self.procs)}.log"
+        self.logs.append(log)
+        proc = await spawn_worker(self.settings, *args, runtime=self.runtime, log=log)
+        self.procs.append(proc)
+        return proc
+
+    async def __call__(self, *args: str) -> Process:
+        return await self.start(*args)
+
+    async def stop(self, grace_s: float = 30.0) -> list[int]:
+        running = [p for p in self.procs if p.returncode is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        return [await asyncio.wait_for(p.wait(), grace_s) for p in running]
+
+    def tails(self, lines: int = 40) -> str:
+        return "\n".join(
+            "\n".join([f"--- {log.name}", *log.read_text().splitlines()[-lines:]])
+            for log in self.logs
+        )
 
 
 async def stop_process(proc: Process, grace_s: float = 20.0) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from router.sandboxes import MarkReady
 from router.settings import Settings
 from router.store import Store
 from sessionpool import testing
-from sessionpool.testing import spawn_worker
+from sessionpool.testing import Workers
 from tests.helpers import open_engine, wait_until
 from workers.runtime import LABEL_POOL, LABEL_SANDBOX, LABEL_SCOPE, LABEL_VERSION
 
@@ -54,31 +54,16 @@ def containers(engine: Any, scope: str) -> list[Seen]:
 
 
 @pytest.fixture
-async def workers(
-    engine: Any, settings: Settings, tmp_path: Path
-) -> AsyncIterator[Callable[..., Awaitable[asyncio.subprocess.Process]]]:
-    procs: list[asyncio.subprocess.Process] = []
-    logs: list[Path] = []
-
-    async def start(*extra: str) -> asyncio.subprocess.Process:
-        log = tmp_path / f"worker-{len(procs)}.log"
-        logs.append(log)
-        worker_settings = settings.replace(
-            reconcile_interval_s=1, orphan_grace_s=2, warm_timeout_s=20, claim_idle_ms=2000
-        )
-        proc = await spawn_worker(worker_settings, *extra, log=log)  # the log: failure report
-        procs.append(proc)
-        return proc
-
-    yield start
-    terminated = [proc for proc in procs if proc.returncode is None]
-    for proc in terminated:
-        proc.send_signal(signal.SIGTERM)
-    codes = [await asyncio.wait_for(proc.wait(), 30) for proc in terminated]
+async def workers(engine: Any, settings: Settings, tmp_path: Path) -> AsyncIterator[Workers]:
+    fast = settings.replace(
+        reconcile_interval_s=1, orphan_grace_s=2, warm_timeout_s=20, claim_idle_ms=2000
+    )
+    group = Workers(fast, "docker", tmp_path)
+    yield group
+    codes = await group.stop()
     for c in containers(engine, settings.key_prefix):  # whatever a failed test left
         engine.api.remove_container(c.id, force=True)
-    for log in logs:  # shown by pytest only when the test failed
-        print(f"--- {log.name}", *log.read_text().splitlines()[-40:], sep="\n")
+    print(group.tails())  # shown by pytest only when the test failed
     assert codes == [0] * len(codes), "a worker did not exit cleanly on SIGTERM"
 
 

@@ -19,10 +19,9 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from router.pools import Pool, parse_pool
 from router.sandboxes import MarkReady
 from router.settings import Settings
 from router.store import Store
+from sessionpool.testing import Workers
 from tests.helpers import wait_until
 from tests.kube_fake import FakeKube, forbidden
 from tests.test_kubernetes_deploy import worker_role_rules
@@ -179,53 +179,22 @@ def kube(cluster: tuple[Cluster, FakeKube | None]) -> Cluster:
 
 
 @pytest.fixture
-async def workers(
-    kube: Cluster, settings: Settings, tmp_path: Path
-) -> AsyncIterator[Callable[..., Awaitable[asyncio.subprocess.Process]]]:
-    procs: list[asyncio.subprocess.Process] = []
-    logs: list[Path] = []
-    env = {
-        **os.environ,
-        "SESSIONPOOL_REDIS_URL": settings.redis_url,
-        "SESSIONPOOL_KEY_PREFIX": settings.key_prefix,
-        "SESSIONPOOL_RECONCILE_INTERVAL_S": "1",
-        "SESSIONPOOL_ORPHAN_GRACE_S": "2",
-        "SESSIONPOOL_WARM_TIMEOUT_S": "20",
-        "SESSIONPOOL_CLAIM_IDLE_MS": "2000",
-        "SESSIONPOOL_K8S_KUBECONFIG": str(kube.kubeconfig),
-        "SESSIONPOOL_K8S_NAMESPACE": kube.namespace,
-        "SESSIONPOOL_K8S_SCHEDULE_TIMEOUT_S": "1",
-    }
-
-    async def start() -> asyncio.subprocess.Process:
-        log = tmp_path / f"worker-{len(procs)}.log"
-        logs.append(log)
-        with log.open("ab") as out:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "sessionpool.cli",
-                "worker",
-                "--runtime",
-                "kubernetes",
-                cwd=ROOT,
-                env={**env, "SESSIONPOOL_WORKER_ID": f"w{len(procs)}"},
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=out,
-            )
-        procs.append(proc)
-        return proc
-
-    start.logs = logs  # type: ignore[attr-defined]
-    yield start
-    running = [p for p in procs if p.returncode is None]
-    for proc in running:
-        proc.send_signal(signal.SIGTERM)
-    codes = [await asyncio.wait_for(p.wait(), 30) for p in running]
+async def workers(kube: Cluster, settings: Settings, tmp_path: Path) -> AsyncIterator[Workers]:
+    fast = settings.replace(
+        reconcile_interval_s=1,
+        orphan_grace_s=2,
+        warm_timeout_s=20,
+        claim_idle_ms=2000,
+        k8s_kubeconfig=str(kube.kubeconfig),
+        k8s_namespace=kube.namespace,
+        k8s_schedule_timeout_s=1,
+    )
+    group = Workers(fast, "kubernetes", tmp_path)
+    yield group
+    codes = await group.stop()
     for pod in await kube.pods(settings.key_prefix):  # whatever a failed test left
         await kube.delete_pod(pod["metadata"]["name"])
-    for log in logs:  # shown by pytest only when the test failed
-        print(f"--- {log.name}", *log.read_text().splitlines()[-40:], sep="\n")
+    print(group.tails())  # shown by pytest only when the test failed
     assert codes == [0] * len(codes), "a worker did not exit cleanly on SIGTERM"
 
 
