@@ -37,6 +37,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 from typing import Any
 
 from docker.errors import APIError, NotFound
@@ -49,6 +50,7 @@ log = logging.getLogger("sessionpool.docker")
 LINK_LOCAL = "169.254.0.0/16"
 PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
 INSERT_TRIES = 4
+RACE_WAIT_S = 5.0  # how long a losing network create waits to see the winner's network
 NOT_REPLY = ("-m", "conntrack", "!", "--ctstate", "ESTABLISHED,RELATED", "-j", "DROP")
 
 
@@ -226,9 +228,13 @@ class SandboxNetworks:
             return str(created["Id"])
         except APIError:
             # Another worker won the race (same name, or the same bridge name): use its network.
-            found = _find_network(client, name)
-            if found is None:
-                raise
+            # The engine claims the bridge before the winner's network is listed, so look for it
+            # for a moment before giving up.
+            deadline = time.monotonic() + RACE_WAIT_S
+            while (found := _find_network(client, name)) is None:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)  # a worker thread (asyncio.to_thread), not the event loop
             return found
 
     async def _install_firewall(self, client: Any, bridge: str, egress: bool) -> None:
