@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,16 +29,19 @@ from sessionpool.local_redis import RedisServer, redis_server
 
 __all__ = [
     "ECHO_IMAGE",
+    "FAST_WORKER",
     "HEALTH_PROBE",
     "RedisServer",
     "Workers",
     "add_ready",
     "bound_socket",
+    "counts_are",
     "echo_pool",
     "make_pool",
     "pool_body",
     "port_of",
     "redis_server",
+    "serving_router",
     "settings_env",
     "spawn",
     "spawn_router",
@@ -211,6 +214,36 @@ async def stop_process(proc: Process, grace_s: float = 20.0) -> int:
         except TimeoutError:
             proc.kill()
     return await proc.wait()
+
+
+async def counts_are(store: Store, pool: str, **want: int) -> bool:
+    """Whether the pool's counts (ready, warming, allocated) are what `want` says."""
+    got = await store.counts(pool)
+    return all(got[k] == v for k, v in want.items())
+
+
+@contextlib.asynccontextmanager
+async def serving_router(settings: Settings) -> AsyncIterator[str]:
+    """A router app on a loopback port of this process (aiohttp binds port 0); its base URL."""
+    from aiohttp.test_utils import TestServer
+
+    from router.app import create_app
+
+    server = TestServer(create_app(settings), host="127.0.0.1", handler_cancellation=True)
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
+
+
+# The worker knobs the worker suites turn down so that recovery shows within a test's time.
+FAST_WORKER: dict[str, Any] = {
+    "reconcile_interval_s": 1,
+    "orphan_grace_s": 2,
+    "warm_timeout_s": 20,
+    "claim_idle_ms": 2000,
+}
 
 
 # Pools --------------------------------------------------------------------------------------

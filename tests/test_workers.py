@@ -13,13 +13,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
-from router.app import create_app
 from router.pools import Pool
 from router.settings import Settings
 from router.store import Store
-from sessionpool.testing import make_pool
+from sessionpool.testing import counts_are, make_pool, serving_router
 from tests.helpers import wait_until
 from workers.main import run
 from workers.process import ProcessRuntime
@@ -74,19 +72,8 @@ async def worker(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[Pr
 
 @pytest.fixture
 async def router_url(settings: Settings) -> AsyncIterator[str]:
-    server = TestServer(
-        create_app(settings.replace(allocation_wait_s=10.0)),
-        host="127.0.0.1",
-        handler_cancellation=True,
-    )
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.close()
-
-
-async def counts_are(store: Store, pool: str, **want: int) -> bool:
-    got = await store.counts(pool)
-    return all(got[k] == v for k, v in want.items())
+    async with serving_router(settings.replace(allocation_wait_s=10.0)) as url:
+        yield url
 
 
 async def get_host(url: str) -> str:

@@ -11,15 +11,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
-from router.app import create_app
 from router.pools import Pool
 from router.sandboxes import MarkReady
 from router.settings import Settings
 from router.store import Store
 from sessionpool import testing
-from sessionpool.testing import Workers
+from sessionpool.testing import FAST_WORKER, Workers, counts_are, serving_router
 from tests.helpers import open_engine, wait_until
 from workers.runtime import LABEL_POOL, LABEL_SANDBOX, LABEL_SCOPE, LABEL_VERSION
 
@@ -55,9 +53,7 @@ def containers(engine: Any, scope: str) -> list[Seen]:
 
 @pytest.fixture
 async def workers(engine: Any, settings: Settings, tmp_path: Path) -> AsyncIterator[Workers]:
-    fast = settings.replace(
-        reconcile_interval_s=1, orphan_grace_s=2, warm_timeout_s=20, claim_idle_ms=2000
-    )
+    fast = settings.replace(**FAST_WORKER)
     group = Workers(fast, "docker", tmp_path)
     yield group
     codes = await group.stop()
@@ -69,19 +65,8 @@ async def workers(engine: Any, settings: Settings, tmp_path: Path) -> AsyncItera
 
 @pytest.fixture
 async def router_url(settings: Settings) -> AsyncIterator[str]:
-    server = TestServer(
-        create_app(settings.replace(allocation_wait_s=20.0)),
-        host="127.0.0.1",
-        handler_cancellation=True,
-    )
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.close()
-
-
-async def counts_are(store: Store, pool: str, **want: int) -> bool:
-    got = await store.counts(pool)
-    return all(got[k] == v for k, v in want.items())
+    async with serving_router(settings.replace(allocation_wait_s=20.0)) as url:
+        yield url
 
 
 async def hostname(http: aiohttp.ClientSession, url: str) -> str:

@@ -29,17 +29,15 @@ import aiohttp
 import docker
 import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio import config as kconfig
 
-from router.app import create_app
 from router.limits import LimitPolicy
 from router.pools import Pool, parse_pool
 from router.sandboxes import MarkReady
 from router.settings import Settings
 from router.store import Store
-from sessionpool.testing import Workers
+from sessionpool.testing import FAST_WORKER, Workers, counts_are, serving_router
 from tests.helpers import wait_until
 from tests.kube_fake import FakeKube, forbidden
 from tests.test_kubernetes_deploy import worker_role_rules
@@ -181,10 +179,7 @@ def kube(cluster: tuple[Cluster, FakeKube | None]) -> Cluster:
 @pytest.fixture
 async def workers(kube: Cluster, settings: Settings, tmp_path: Path) -> AsyncIterator[Workers]:
     fast = settings.replace(
-        reconcile_interval_s=1,
-        orphan_grace_s=2,
-        warm_timeout_s=20,
-        claim_idle_ms=2000,
+        **FAST_WORKER,
         k8s_kubeconfig=str(kube.kubeconfig),
         k8s_namespace=kube.namespace,
         k8s_schedule_timeout_s=1,
@@ -200,14 +195,8 @@ async def workers(kube: Cluster, settings: Settings, tmp_path: Path) -> AsyncIte
 
 @pytest.fixture
 async def router_url(settings: Settings) -> AsyncIterator[str]:
-    server = TestServer(
-        create_app(settings.replace(allocation_wait_s=20.0)),
-        host="127.0.0.1",
-        handler_cancellation=True,
-    )
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.close()
+    async with serving_router(settings.replace(allocation_wait_s=20.0)) as url:
+        yield url
 
 
 def echo_pool(
@@ -240,11 +229,6 @@ def echo_pool(
             }
         },
     )
-
-
-async def counts_are(store: Store, pool: str, **want: int) -> bool:
-    got = await store.counts(pool)
-    return all(got[k] == v for k, v in want.items())
 
 
 async def consistent(kube: Cluster, store: Store, pool: str) -> bool:
