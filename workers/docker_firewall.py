@@ -42,8 +42,8 @@ from typing import Any
 
 from docker.errors import APIError, NotFound
 
+from router.errors import SandboxRuntimeError
 from workers.docker_engine import ENGINE_ERRORS, explain, is_local
-from workers.runtime import RuntimeError_
 
 log = logging.getLogger("sessionpool.docker")
 
@@ -107,7 +107,7 @@ class SandboxNetworks:
         """The sandbox network for this policy, created (with its firewall) on first use.
 
         Raises:
-            RuntimeError_: the engine refused the network.
+            SandboxRuntimeError: the engine refused the network.
         """
         if egress in self._ids:
             return self.name(egress)
@@ -119,7 +119,7 @@ class SandboxNetworks:
             try:
                 net_id = await asyncio.to_thread(self._network_sync, client, name, bridge, egress)
             except ENGINE_ERRORS as exc:
-                raise RuntimeError_(f"network {name}: {explain(exc)}") from exc
+                raise SandboxRuntimeError(f"network {name}: {explain(exc)}") from exc
             if self._skip:
                 log.warning("sandbox network %s: no host firewall rules (insecure)", bridge)
             else:
@@ -191,7 +191,7 @@ class SandboxNetworks:
         """Remove this prefix's sandbox networks and their firewall rules (tests, uninstall).
 
         Raises:
-            RuntimeError_: a network still has containers attached.
+            SandboxRuntimeError: a network still has containers attached.
         """
         for egress in (False, True):
             name = self.name(egress)
@@ -200,7 +200,7 @@ class SandboxNetworks:
             except NotFound:
                 pass
             except ENGINE_ERRORS as exc:
-                raise RuntimeError_(f"remove network {name}: {explain(exc)}") from exc
+                raise SandboxRuntimeError(f"remove network {name}: {explain(exc)}") from exc
             self._ids.pop(egress, None)
             self._guarded.pop(egress, None)
             if self._can_firewall(client):
@@ -241,7 +241,7 @@ class SandboxNetworks:
         """Install the bridge's rules, or refuse: no sandbox starts on an unguarded network.
 
         Raises:
-            RuntimeError_: the rules are not in place; the message has the commands.
+            SandboxRuntimeError: the rules are not in place; the message has the commands.
         """
         rules = firewall_rules(bridge, egress)
         if self._can_firewall(client):
@@ -251,7 +251,7 @@ class SandboxNetworks:
             why = "iptables refused them"
         else:
             why = "not root, no iptables, or the Docker engine is not local"
-        raise RuntimeError_(
+        raise SandboxRuntimeError(
             f"sandbox network {bridge}: host firewall rules not installed ({why}); no sandbox "
             f"starts without them. Give the worker root with NET_ADMIN and NET_RAW on the "
             f"Docker host, or install them there: {_commands(rules)} and run the worker "

@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 
+from router.errors import SandboxRuntimeError
 from router.limits import LimitPolicy
 from router.settings import Settings
 from workers import podspec
@@ -37,7 +38,6 @@ from workers.runtime import (
     Exit,
     Handle,
     Observed,
-    RuntimeError_,
     SandboxSpec,
 )
 
@@ -75,30 +75,30 @@ class KubernetesRuntime:
         """Create the sandbox's pod; return its name and `<pod IP>:<target port>` once it runs.
 
         Raises:
-            RuntimeError_: the API refused, the pod did not schedule, pull or start in time.
+            SandboxRuntimeError: the API refused, the pod did not schedule, pull or start in time.
         """
         try:
             body = podspec.pod(spec, self.namespace, self.limits.resolve(spec.pool))
         except SpecError as exc:
-            raise RuntimeError_(f"pool {spec.pool.name}: {exc}") from exc
+            raise SandboxRuntimeError(f"pool {spec.pool.name}: {exc}") from exc
         name = body["metadata"]["name"]
         try:
             await self._ensure_pool_objects(spec)
             try:
                 await self.api.create("pods", body)
             except KubeError as exc:
-                if exc.status != 409:
+                if exc.api_status != 409:
                     raise
                 await self._adopt(name, spec)  # a retried create: that pod is ours
             ip = await self._wait_running(name, spec)
         except BaseException as exc:
             # Cancelled, failed or timed out: the pod must not outlive its create.
-            if isinstance(exc, RuntimeError_):
+            if isinstance(exc, SandboxRuntimeError):
                 self._ensured.pop((spec.scope, spec.pool.name), None)
-            with contextlib.suppress(RuntimeError_):
+            with contextlib.suppress(SandboxRuntimeError):
                 await asyncio.shield(self._delete_pod(name))
             if isinstance(exc, KubeError):
-                raise RuntimeError_(f"pool {spec.pool.name}: pod {name}: {exc}") from exc
+                raise SandboxRuntimeError(f"pool {spec.pool.name}: pod {name}: {exc}") from exc
             raise
         return Handle(name, f"{ip}:{spec.pool.target_port}")
 
@@ -108,9 +108,9 @@ class KubernetesRuntime:
         try:
             pod = await self.api.read("pods", container)
         except KubeError as exc:
-            if exc.status == 404:
+            if exc.api_status == 404:
                 return
-            raise RuntimeError_(f"destroy {container}: {exc}") from exc
+            raise SandboxRuntimeError(f"destroy {container}: {exc}") from exc
         labels = pod["metadata"].get("labels") or {}
         scope, pool = labels.get(LABEL_SCOPE, ""), labels.get(LABEL_POOL, "")
         self._ensured.pop((scope, pool), None)  # re-checked by the next create
@@ -119,14 +119,14 @@ class KubernetesRuntime:
             if scope and pool:
                 await self._collect_pool(scope, pool)
         except KubeError as exc:
-            raise RuntimeError_(f"destroy {container}: {exc}") from exc
+            raise SandboxRuntimeError(f"destroy {container}: {exc}") from exc
 
     async def list(self, scope: str) -> list[Observed]:
         """Every pod of this scope; one being deleted or that ended counts as not running."""
         try:
             pods = await self.api.list("pods", label_selector=podspec.scope_selector(scope))
-        except RuntimeError_ as exc:
-            raise RuntimeError_(f"list: {exc}") from exc
+        except SandboxRuntimeError as exc:
+            raise SandboxRuntimeError(f"list: {exc}") from exc
         return [_observed(p) for p in pods["items"]]
 
     async def exits(self, scope: str) -> AsyncIterator[Exit]:
@@ -167,8 +167,8 @@ class KubernetesRuntime:
                     else:
                         known[name] = (ex, told or ended)
                 delay = 0.2
-            except RuntimeError_ as exc:  # KubeError, or no usable configuration
-                if isinstance(exc, KubeError) and exc.status == 410:  # compacted: list again
+            except SandboxRuntimeError as exc:  # KubeError, or no usable configuration
+                if isinstance(exc, KubeError) and exc.api_status == 410:  # compacted: list again
                     log.info("watch: %s; listing again", exc.reason)
                     version = ""
                     continue
@@ -217,7 +217,7 @@ class KubernetesRuntime:
             await self.api.create(resource, body)
             return
         except KubeError as exc:
-            if exc.status != 409:
+            if exc.api_status != 409:
                 raise
         current = await self.api.read(resource, name)
         if current["metadata"].get("labels") == body["metadata"]["labels"]:
@@ -227,7 +227,7 @@ class KubernetesRuntime:
         try:
             await self.api.replace(resource, name, body)
         except KubeError as exc:
-            if exc.status != 409:
+            if exc.api_status != 409:
                 raise
 
     async def _collect_pool(self, scope: str, pool: str) -> None:
@@ -245,7 +245,7 @@ class KubernetesRuntime:
             try:
                 await self.api.delete(resource, name)
             except KubeError as exc:
-                if exc.status != 404:
+                if exc.api_status != 404:
                     raise
 
     # Pods -------------------------------------------------------------------------------------
@@ -259,7 +259,9 @@ class KubernetesRuntime:
             or pod["metadata"].get("deletionTimestamp")
             or _ended(pod)
         ):
-            raise RuntimeError_(f"pool {spec.pool.name}: pod {name} exists and is not reusable")
+            raise SandboxRuntimeError(
+                f"pool {spec.pool.name}: pod {name} exists and is not reusable"
+            )
 
     async def _wait_running(self, name: str, spec: SandboxSpec) -> str:
         """Poll the pod until it runs with an IP; fail fast on what it cannot recover from."""
@@ -289,7 +291,7 @@ class KubernetesRuntime:
                 why = f"not running after {waited:.0f} s ({status.get('phase')})"
             if why:
                 events = await self._events(name)
-                raise RuntimeError_(
+                raise SandboxRuntimeError(
                     f"pool {spec.pool.name}: pod {name} {why}"
                     + (f"; events: {events}" if events else "")
                 )
@@ -311,7 +313,7 @@ class KubernetesRuntime:
         try:
             await self.api.delete("pods", name, grace_period_seconds=podspec.GRACE_S)
         except KubeError as exc:
-            if exc.status != 404:
+            if exc.api_status != 404:
                 raise
 
     async def _pause(self, seconds: float) -> None:

@@ -24,8 +24,8 @@ from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio import config as kconfig
 from kubernetes_asyncio.config.config_exception import ConfigException
 
+from router.errors import SandboxRuntimeError
 from router.settings import Settings
-from workers.runtime import RuntimeError_
 
 Json = dict[str, Any]
 WATCH_S = 60  # the server ends each watch after this; the caller re-opens it
@@ -38,12 +38,15 @@ RESOURCES = {
 }
 
 
-class KubeError(RuntimeError_):
-    """The API answered with an error status (or not at all: status 0)."""
+class KubeError(SandboxRuntimeError):
+    """The API answered with an error status (or not at all: `api_status` 0).
+
+    `api_status` is the Kubernetes API's HTTP status; `status` stays the error tree's (500).
+    """
 
     def __init__(self, status: int, reason: str, message: str) -> None:
         super().__init__(f"{status} {reason}: {message}" if status else message)
-        self.status = status
+        self.api_status = status
         self.reason = reason
 
 
@@ -65,7 +68,7 @@ class KubeApi:
         """Load the configuration and make the client, once.
 
         Raises:
-            RuntimeError_: no usable configuration (kubeconfig, context, in-cluster).
+            SandboxRuntimeError: no usable configuration (kubeconfig, context, in-cluster).
         """
         if self._api is not None:
             return
@@ -87,7 +90,7 @@ class KubeApi:
                             persist_config=False,
                         )
             except (ConfigException, OSError, TimeoutError) as exc:
-                raise RuntimeError_(f"kubernetes configuration: {_text(exc)}") from exc
+                raise SandboxRuntimeError(f"kubernetes configuration: {_text(exc)}") from exc
             api = kclient.ApiClient(cfg)
             self._groups = {"core": kclient.CoreV1Api(api), "net": kclient.NetworkingV1Api(api)}
             self.host = str(cfg.host)

@@ -14,12 +14,12 @@ import contextlib
 import logging
 import time
 
+from router.errors import SandboxRuntimeError
 from router.events import Allocated, PoolChanged, Teardown
 from router.sandboxes import SandboxState
 from workers import metrics
 from workers.context import REDIS_ERRORS, Context, Event
 from workers.probes import probe_once
-from workers.runtime import RuntimeError_
 
 log = logging.getLogger("sessionpool.reaper")
 GROUP = "reaper"
@@ -255,7 +255,7 @@ class Reaper:
         while not ctx.stop.is_set():
             try:
                 await self.reconcile()
-            except (*REDIS_ERRORS, RuntimeError_) as exc:
+            except (*REDIS_ERRORS, SandboxRuntimeError) as exc:
                 log.warning("reconcile: %s", exc)
             if not await ctx.pause(ctx.settings.reconcile_interval_s):
                 return

@@ -23,13 +23,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from router.errors import SandboxRuntimeError
 from router.events import Teardown
 from router.pools import Pool
 from router.sandboxes import MarkReady
 from workers import metrics
 from workers.context import REDIS_ERRORS, Context, Event
 from workers.probes import wait_started
-from workers.runtime import RuntimeError_, SandboxSpec
+from workers.runtime import SandboxSpec
 
 log = logging.getLogger("sessionpool.replenisher")
 T = TypeVar("T")
@@ -137,7 +138,7 @@ class Replenisher:
             try:
                 engine = await ctx.runtime.engine_id()
                 handle = await ctx.runtime.create(spec)
-            except RuntimeError_ as exc:
+            except SandboxRuntimeError as exc:
                 log.error("pool %s: cannot create a sandbox: %s", pool.name, exc)
                 metrics.CREATE_FAILURES.labels(pool.name).inc()
                 self._fail(pool.name)

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from router.errors import SandboxRuntimeError
 from router.pools import Pool
 
 # Labels every sandbox container carries; `scope` is the deployment's key prefix, so two
@@ -15,10 +14,6 @@ LABEL_SCOPE = "io.sessionpool.scope"
 LABEL_POOL = "io.sessionpool.pool"
 LABEL_SANDBOX = "io.sessionpool.sandbox"
 LABEL_VERSION = "io.sessionpool.version"
-
-
-# The old name, kept while branches that raise it move over to SandboxRuntimeError.
-RuntimeError_ = SandboxRuntimeError
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +85,7 @@ class Runtime(Protocol):
         each sandbox record, so reconciliation never takes another engine's sandbox for lost).
 
         Raises:
-            RuntimeError_: the engine is unreachable.
+            SandboxRuntimeError: the engine is unreachable.
         """
         ...
 

@@ -19,10 +19,10 @@ from typing import Protocol
 
 from redis.asyncio.cluster import RedisCluster
 
+from router.errors import SandboxRuntimeError
 from router.events import PoolDeleted
 from router.keys import SEP
 from workers.context import REDIS_ERRORS, Context, Event
-from workers.runtime import RuntimeError_
 from workers.streams import StreamReader
 
 log = logging.getLogger("sessionpool.worker")
@@ -160,7 +160,7 @@ class Supervisor:
             ids = [mid for mid, _ in batch]
             try:
                 await handler.handle(pool, batch)
-            except (*REDIS_ERRORS, RuntimeError_) as exc:
+            except (*REDIS_ERRORS, SandboxRuntimeError) as exc:
                 # Left pending: XAUTOCLAIM hands it out again once it has idled.
                 log.warning("pool %s: %s: %s", pool, handler.group, exc)
                 reader.release(pool, ids)

@@ -17,7 +17,7 @@ case and with an optional `sessionpool.` prefix (`SessionPool.Executor`); `pools
 a space-separated string) scopes them. The principal is `jwt:<sub>` (or `jwt:<oid>`).
 """
 
-from router.auth.edge import ANONYMOUS, AUTH, CHALLENGE, Authenticator
+from router.auth.edge import ANONYMOUS, AUTH, Authenticator
 from router.auth.keyfile import KEY_NAME, ApiKeys, hash_key, load_api_keys, new_key
 from router.auth.principals import ADMIN, EXECUTOR, ROLES, Principal
 from router.auth.tokens import JwksCache, JwtVerifier, principal_from_claims
@@ -26,7 +26,6 @@ __all__ = [
     "ADMIN",
     "ANONYMOUS",
     "AUTH",
-    "CHALLENGE",
     "EXECUTOR",
     "KEY_NAME",
     "ROLES",

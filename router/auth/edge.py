@@ -18,7 +18,6 @@ from router.settings import Settings
 
 log = logging.getLogger("sessionpool.auth")
 
-CHALLENGE = 'Bearer realm="sessionpool"'
 API_KEY_HEADER = "x-api-key"
 TOKEN = re.compile(r"[\x21-\x7e]{1,8192}")  # visible ASCII: RFC 6750 b64token and any API key
 ANONYMOUS = Principal("anonymous", ROLES)
