@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Run by build.sh before `docker build`: the build context gets a copy of the code
-# interpreter's server package, which this image runs in its shell-only mode (one server, two
-# images).
+# interpreter's session_server package, which this image runs in its shell-only mode (one
+# server, two images).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-rm -rf "$here/server"
-cp -r "$here/../code-interpreter/server" "$here/server"
-find "$here/server" -name __pycache__ -prune -exec rm -rf {} +
+rm -rf "$here/session_server"
+cp -r "$here/../code-interpreter/session_server" "$here/session_server"
+find "$here/session_server" -name __pycache__ -prune -exec rm -rf {} +

@@ -1,4 +1,4 @@
-"""Entry point: `python3 -m server` (settings from the environment)."""
+"""Entry point: `python3 -m session_server` (settings from the environment)."""
 
 from __future__ import annotations
 
