@@ -27,10 +27,7 @@ from workers.docker_events import ExitFollower
 from workers.docker_firewall import SandboxNetworks
 from workers.docker_storage import Storage
 from workers.runtime import (
-    LABEL_POOL,
-    LABEL_SANDBOX,
     LABEL_SCOPE,
-    LABEL_VERSION,
     Exit,
     Handle,
     Observed,
@@ -108,15 +105,9 @@ class DockerRuntime:
         client = await self._docker()
         env = {e.name: e.value for e in pool.env if e.value is not None}
         env.update(spec.env)
-        labels = {
-            LABEL_SCOPE: spec.scope,
-            LABEL_POOL: pool.name,
-            LABEL_SANDBOX: spec.sandbox_id,
-            LABEL_VERSION: pool.version,
-        }
         kwargs: dict[str, Any] = {
             "name": f"sp-{spec.scope}-{pool.name}-{spec.sandbox_id[:12]}",
-            "labels": labels,
+            "labels": spec.labels,
             "environment": env,
             # ACA/Kubernetes semantics: `command` replaces the entrypoint, `args` the cmd.
             # Docker drops the image's CMD when the entrypoint is overridden, as Kubernetes does.
@@ -219,12 +210,7 @@ class DockerRuntime:
             raise exc from None
         labels = info["Config"]["Labels"] or {}
         net = info["NetworkSettings"]["Networks"].get(network) or {}
-        if (
-            labels.get(LABEL_SCOPE) != spec.scope
-            or labels.get(LABEL_SANDBOX) != spec.sandbox_id
-            or not info["State"]["Running"]
-            or not net.get("IPAddress")
-        ):
+        if not spec.owns(labels) or not info["State"]["Running"] or not net.get("IPAddress"):
             raise SandboxRuntimeError(
                 f"pool {spec.pool.name}: container name {name} is taken by "
                 f"another or a stopped container"
@@ -258,11 +244,9 @@ class DockerRuntime:
         for row in rows:
             labels = row.get("Labels") or {}
             out.append(
-                Observed(
-                    container=row["Id"],
-                    pool=labels.get(LABEL_POOL, ""),
-                    sandbox_id=labels.get(LABEL_SANDBOX, ""),
-                    version=labels.get(LABEL_VERSION, ""),
+                Observed.of(
+                    row["Id"],
+                    labels,
                     # Alive unless it exited: a container being started ("created") or
                     # paused (a stall) is not an exit.
                     running=row.get("State") not in ("exited", "dead"),

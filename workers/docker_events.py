@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from workers.docker_engine import ENGINE_ERRORS, close_stream, explain
-from workers.runtime import LABEL_POOL, LABEL_SANDBOX, LABEL_SCOPE, Exit
+from workers.runtime import LABEL_SCOPE, Exit
 
 log = logging.getLogger("sessionpool.docker")
 
@@ -76,13 +76,7 @@ class ExitFollower:
                             if nanos:
                                 since = f"{nanos // 10**9}.{nanos % 10**9:09d}"
                             attrs = (event.get("Actor") or {}).get("Attributes") or {}
-                            deliver(
-                                Exit(
-                                    str(event.get("id", "")),
-                                    attrs.get(LABEL_POOL, ""),
-                                    attrs.get(LABEL_SANDBOX, ""),
-                                )
-                            )
+                            deliver(Exit.of(str(event.get("id", "")), attrs))
                     finally:
                         current.remove(stream)
                         self._streams.discard(stream)

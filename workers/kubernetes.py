@@ -32,9 +32,7 @@ from workers.kubernetes_api import KubeApi, KubeError
 from workers.podspec import Json, SpecError
 from workers.runtime import (
     LABEL_POOL,
-    LABEL_SANDBOX,
     LABEL_SCOPE,
-    LABEL_VERSION,
     Exit,
     Handle,
     Observed,
@@ -253,12 +251,7 @@ class KubernetesRuntime:
     async def _adopt(self, name: str, spec: SandboxSpec) -> None:
         pod = await self.api.read("pods", name)
         labels = pod["metadata"].get("labels") or {}
-        if (
-            labels.get(LABEL_SCOPE) != spec.scope
-            or labels.get(LABEL_SANDBOX) != spec.sandbox_id
-            or pod["metadata"].get("deletionTimestamp")
-            or _ended(pod)
-        ):
+        if not spec.owns(labels) or pod["metadata"].get("deletionTimestamp") or _ended(pod):
             raise SandboxRuntimeError(
                 f"pool {spec.pool.name}: pod {name} exists and is not reusable"
             )
@@ -349,7 +342,7 @@ def _condition(pod: Json, kind: str) -> str:
 
 def _exit(pod: Json) -> Exit:
     labels = pod["metadata"].get("labels") or {}
-    return Exit(pod["metadata"]["name"], labels.get(LABEL_POOL, ""), labels.get(LABEL_SANDBOX, ""))
+    return Exit.of(pod["metadata"]["name"], labels)
 
 
 def _observed(pod: Json) -> Observed:
@@ -360,11 +353,9 @@ def _observed(pod: Json) -> Observed:
         created_s = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
     except ValueError:
         created_s = time.time()
-    return Observed(
-        container=meta["name"],
-        pool=labels.get(LABEL_POOL, ""),
-        sandbox_id=labels.get(LABEL_SANDBOX, ""),
-        version=labels.get(LABEL_VERSION, ""),
+    return Observed.of(
+        meta["name"],
+        labels,
         # Pending (being scheduled, pulled, started) counts as alive, as "created" does in
         # Docker; a pod being deleted or that ended does not.
         running=not meta.get("deletionTimestamp") and not _ended(pod),

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from router.limits import Limits
-from workers.runtime import LABEL_POOL, LABEL_SANDBOX, LABEL_SCOPE, LABEL_VERSION, SandboxSpec
+from workers.runtime import LABEL_POOL, LABEL_SCOPE, LABEL_VERSION, SandboxSpec
 
 Json = dict[str, Any]
 LINK_LOCAL = ("169.254.0.0/16", "fe80::/10")
@@ -79,12 +79,7 @@ def scope_selector(scope: str) -> str:
 
 def labels(spec: SandboxSpec) -> dict[str, str]:
     """The docker runtime's identity labels, checked against Kubernetes' label-value syntax."""
-    out = {
-        LABEL_SCOPE: spec.scope,
-        LABEL_POOL: spec.pool.name,
-        LABEL_SANDBOX: spec.sandbox_id,
-        LABEL_VERSION: spec.pool.version,
-    }
+    out = spec.labels
     for key, value in out.items():
         if not LABEL_VALUE.match(value):
             raise SpecError(f"label {key}={value!r} is not a valid Kubernetes label value")

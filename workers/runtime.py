@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,6 +25,22 @@ class SandboxSpec:
     sandbox_id: str
     env: dict[str, str] = field(default_factory=dict)  # secretRefs already resolved
 
+    @property
+    def labels(self) -> dict[str, str]:
+        """The identity labels its container (or pod) carries."""
+        return {
+            LABEL_SCOPE: self.scope,
+            LABEL_POOL: self.pool.name,
+            LABEL_SANDBOX: self.sandbox_id,
+            LABEL_VERSION: self.pool.version,
+        }
+
+    def owns(self, labels: Mapping[str, str]) -> bool:
+        """Whether a container with these labels is this sandbox (a retried create's)."""
+        return (
+            labels.get(LABEL_SCOPE) == self.scope and labels.get(LABEL_SANDBOX) == self.sandbox_id
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Handle:
@@ -45,6 +61,20 @@ class Observed:
     running: bool  # not exited: created, running, paused and restarting all count
     created_s: float  # unix time
 
+    @classmethod
+    def of(
+        cls, container: str, labels: Mapping[str, str], *, running: bool, created_s: float
+    ) -> Observed:
+        """A sandbox read back from its identity labels."""
+        return cls(
+            container=container,
+            pool=labels.get(LABEL_POOL, ""),
+            sandbox_id=labels.get(LABEL_SANDBOX, ""),
+            version=labels.get(LABEL_VERSION, ""),
+            running=running,
+            created_s=created_s,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Exit:
@@ -53,6 +83,11 @@ class Exit:
     container: str
     pool: str
     sandbox_id: str
+
+    @classmethod
+    def of(cls, container: str, labels: Mapping[str, str]) -> Exit:
+        """The exit of the sandbox these identity labels name."""
+        return cls(container, labels.get(LABEL_POOL, ""), labels.get(LABEL_SANDBOX, ""))
 
 
 class Runtime(Protocol):
