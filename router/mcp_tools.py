@@ -67,52 +67,58 @@ LAUNCH = Tool(
     },
     annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False),
 )
-RUN_PYTHON = Tool(
-    name="runPythonCodeInRemoteEnvironment",
-    title="Run Python code",
-    description=(
-        "Run Python code in an environment's Jupyter kernel (variables persist between calls). "
-        "Returns stdout, stderr and the value of the last expression; a matplotlib figure left "
-        "open comes back as a PNG image."
-    ),
-    input_schema={
-        "type": "object",
-        "properties": {
-            "environmentId": _ENV_ID,
-            "pythonCode": {"type": "string", "description": "The Python code to run."},
+
+
+def _run_tool(
+    name: str,
+    title: str,
+    description: str,
+    argument: tuple[str, str],
+    output: dict[str, Any],
+    required_output: str,
+) -> Tool:
+    """A tool that runs one string `argument` (name, description) in an environment."""
+    arg, arg_doc = argument
+    return Tool(
+        name=name,
+        title=title,
+        description=description,
+        input_schema={
+            "type": "object",
+            "properties": {
+                "environmentId": _ENV_ID,
+                arg: {"type": "string", "description": arg_doc},
+            },
+            "required": ["environmentId", arg],
+            "additionalProperties": False,
         },
-        "required": ["environmentId", "pythonCode"],
-        "additionalProperties": False,
-    },
-    output_schema={
-        "type": "object",
-        "properties": {**_OUTPUT, "result": {}, "status": {"type": "string"}},
-        "required": ["stdout", "stderr", "status"],
-    },
-    annotations=ToolAnnotations(destructive_hint=True, open_world_hint=True),
+        output_schema={
+            "type": "object",
+            "properties": {**_OUTPUT, **output},
+            "required": ["stdout", "stderr", required_output],
+        },
+        annotations=ToolAnnotations(destructive_hint=True, open_world_hint=True),
+    )
+
+
+RUN_PYTHON = _run_tool(
+    "runPythonCodeInRemoteEnvironment",
+    "Run Python code",
+    "Run Python code in an environment's Jupyter kernel (variables persist between calls). "
+    "Returns stdout, stderr and the value of the last expression; a matplotlib figure left "
+    "open comes back as a PNG image.",
+    ("pythonCode", "The Python code to run."),
+    {"result": {}, "status": {"type": "string"}},
+    "status",
 )
-RUN_SHELL = Tool(
-    name="runShellCommandInRemoteEnvironment",
-    title="Run a shell command",
-    description=(
-        "Run a command with bash in an environment (working directory /mnt/data). Returns "
-        "stdout, stderr and the exit code."
-    ),
-    input_schema={
-        "type": "object",
-        "properties": {
-            "environmentId": _ENV_ID,
-            "shellCommand": {"type": "string", "description": "The command line to run."},
-        },
-        "required": ["environmentId", "shellCommand"],
-        "additionalProperties": False,
-    },
-    output_schema={
-        "type": "object",
-        "properties": {**_OUTPUT, "exitCode": {"type": ["integer", "null"]}},
-        "required": ["stdout", "stderr", "exitCode"],
-    },
-    annotations=ToolAnnotations(destructive_hint=True, open_world_hint=True),
+RUN_SHELL = _run_tool(
+    "runShellCommandInRemoteEnvironment",
+    "Run a shell command",
+    "Run a command with bash in an environment (working directory /mnt/data). Returns "
+    "stdout, stderr and the exit code.",
+    ("shellCommand", "The command line to run."),
+    {"exitCode": {"type": ["integer", "null"]}},
+    "exitCode",
 )
 
 

@@ -55,38 +55,29 @@ class RouterMetrics:
         self.proxy = latency(
             "sessionpool_proxy_seconds", "Time from request to the session's response headers"
         )
-        self.upstream_errors = Counter(
-            "sessionpool_upstream_errors",
-            "Requests the session could not answer",
-            ["pool", "kind"],
-            registry=r,
+        counter = functools.partial(Counter, registry=r)
+        self.upstream_errors = counter(
+            "sessionpool_upstream_errors", "Requests the session could not answer", ["pool", "kind"]
         )
-        self.store_errors = Counter(
-            "sessionpool_store_errors",
-            "Requests answered 503 because Redis was unreachable",
-            registry=r,
+        self.store_errors = counter(
+            "sessionpool_store_errors", "Requests answered 503 because Redis was unreachable"
         )
-        self.malformed_requests = Counter(
+        self.malformed_requests = counter(
             "sessionpool_malformed_requests",
             "Requests refused by the HTTP parser (400, logged at most once per interval)",
-            registry=r,
         )
-        self.header_timeouts = Counter(
+        self.header_timeouts = counter(
             "sessionpool_header_timeouts",
             "Connections closed for not sending a request's headers in time",
-            registry=r,
         )
-        self.refused_connections = Counter(
+        self.refused_connections = counter(
             "sessionpool_refused_connections",
             "Connections answered 503 because the process was at its connection cap",
-            registry=r,
         )
         self.open_connections = Gauge(
             "sessionpool_open_connections", "Client connections open in this process", registry=r
         )
-        self.responses = Counter(
-            "sessionpool_responses", "Responses by status class", ["code"], registry=r
-        )
+        self.responses = counter("sessionpool_responses", "Responses by status class", ["code"])
 
     async def render(self, store: Store) -> bytes:
         """Refresh the pool gauges from Redis, then render the exposition text."""
