@@ -165,3 +165,15 @@ def open_engine(image: str) -> Any:
         name = image.split("/", 1)[1].split(":", 1)[0]  # sessionpool/<name>:<tag>
         subprocess.run(["bash", str(ROOT / "deploy/images/build.sh"), name], check=True)
     return client
+
+
+def multipart(filename: str, content: bytes) -> tuple[bytes, dict[str, str]]:
+    """A multipart body with the file name on the wire as given (as `requests` sends it)."""
+    boundary = uuid.uuid4().hex
+    head = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    return head + content + tail, {"Content-Type": f"multipart/form-data; boundary={boundary}"}

@@ -23,6 +23,8 @@ import pytest
 import pytest_asyncio
 from yarl import URL
 
+from tests.helpers import multipart
+
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300), pytest.mark.asyncio]
 
 IMAGE = "sessionpool/code-interpreter:dev"
@@ -61,25 +63,23 @@ async def _wait_healthy(base_url: str, container: Any) -> None:
     pytest.fail(f"code interpreter not healthy after {HEALTH_DEADLINE_S} s")
 
 
-@pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    """One container for the module; built with deploy/images/build.sh if the image is missing."""
+def image_container(image: str, target: str, label: str) -> Iterator[str]:
+    """Run `image` (built with deploy/images/build.sh `target` if it is missing) until the
+    generator closes; yield its base URL once /health answers."""
     try:
         client = docker.from_env()
         client.ping()
     except docker.errors.DockerException as exc:
         pytest.fail(f"Docker is not reachable (these tests need a Docker engine): {exc}")
     try:
-        client.images.get(IMAGE)
+        client.images.get(image)
     except docker.errors.ImageNotFound:
-        subprocess.run(
-            ["bash", str(REPO / "deploy/images/build.sh"), "code-interpreter"], check=True
-        )
+        subprocess.run(["bash", str(REPO / "deploy/images/build.sh"), target], check=True)
     container = client.containers.run(
-        IMAGE,
+        image,
         detach=True,
         ports={"6000/tcp": ("127.0.0.1", None)},
-        labels={"sessionpool.test": "code-interpreter-image"},
+        labels={"sessionpool.test": label},
     )
     try:
         container.reload()
@@ -90,6 +90,12 @@ def base_url() -> Iterator[str]:
     finally:
         container.remove(force=True)
         client.close()
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    """One container for the module."""
+    yield from image_container(IMAGE, "code-interpreter", "code-interpreter-image")
 
 
 @pytest_asyncio.fixture
@@ -131,18 +137,6 @@ async def new_exec(http: aiohttp.ClientSession, body: dict[str, Any]) -> dict[st
         assert resp.status == 200, await resp.text()
         result: dict[str, Any] = await resp.json()
     return result
-
-
-def multipart(filename: str, content: bytes) -> tuple[bytes, dict[str, str]]:
-    """A multipart body with the file name on the wire as given (as `requests` sends it)."""
-    boundary = uuid.uuid4().hex
-    head = (
-        f"--{boundary}\r\n"
-        f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode()
-    tail = f"\r\n--{boundary}--\r\n".encode()
-    return head + content + tail, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 def assert_error(status: int, body: dict[str, Any], headers: Any, expected: int) -> str:

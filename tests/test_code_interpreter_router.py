@@ -24,7 +24,7 @@ from router.pools import parse_pool
 from router.settings import Settings
 from router.store import Store
 from sessionpool.testing import spawn_worker, stop_process
-from tests.helpers import open_engine, wait_until
+from tests.helpers import multipart, open_engine, wait_until
 from workers.runtime import LABEL_SCOPE
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
@@ -159,18 +159,6 @@ async def new_exec(
         assert r.status == 200, await r.text()
         execution: dict[str, Any] = await r.json()
     return execution
-
-
-def multipart(filename: str, content: bytes) -> tuple[bytes, dict[str, str]]:
-    """A multipart body with the file name on the wire as given (as `requests` sends it)."""
-    boundary = uuid.uuid4().hex
-    head = (
-        f"--{boundary}\r\n"
-        f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode()
-    tail = f"\r\n--{boundary}--\r\n".encode()
-    return head + content + tail, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 async def legacy_filenames(http: aiohttp.ClientSession, base: str, identifier: str) -> set[str]:

@@ -15,11 +15,13 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestServer
 
 from router.app import create_app
+from router.pools import Pool
 from router.settings import Settings
 from router.store import Store
 from tests.helpers import FakeSandbox, add_ready, make_pool, wait_until
 
 Router = Callable[..., Awaitable[str]]
+Serving = Callable[..., Awaitable[tuple[str, list[FakeSandbox]]]]
 
 
 @pytest.fixture
@@ -56,6 +58,24 @@ async def start_router(settings: Settings) -> AsyncIterator[Router]:
 
 
 @pytest.fixture
+def serving(store: Store, sandboxes: Any, start_router: Router) -> Serving:
+    """Put `pool` (the demo pool by default) with `ready` ready sandboxes, start a router with
+    `changes`; return its base URL and the sandboxes."""
+
+    async def serve(
+        pool: Pool | None = None, *, ready: int = 1, **changes: Any
+    ) -> tuple[str, list[FakeSandbox]]:
+        pool = pool or make_pool()
+        await store.put_pool(pool)
+        made = [await sandboxes() for _ in range(ready)]
+        for sb in made:
+            await add_ready(store, pool, sb)
+        return await start_router(**changes), made
+
+    return serve
+
+
+@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
@@ -79,13 +99,9 @@ def assert_envelope(status: int, body: dict[str, Any], headers: Any, code: str) 
 
 
 async def test_forwards_method_path_query_and_headers_on_the_wire(
-    store: Store, start_router: Router, sandboxes: Any, http: aiohttp.ClientSession
+    serving: Serving, http: aiohttp.ClientSession
 ) -> None:
-    pool = make_pool()
-    await store.put_pool(pool)
-    sb = await sandboxes()
-    await add_ready(store, pool, sb)
-    base = await start_router()
+    base, (sb,) = await serving()
     query = "identifier=user%2B1%7Cx&api-version=2024-02-02-preview&b=%20sp%20"
     async with http.request(
         "PATCH",
@@ -124,13 +140,9 @@ async def test_forwards_method_path_query_and_headers_on_the_wire(
 
 
 async def test_aca_path_shape_and_host_suffix_reach_the_same_session(
-    store: Store, start_router: Router, sandboxes: Any, http: aiohttp.ClientSession
+    serving: Serving, http: aiohttp.ClientSession
 ) -> None:
-    pool = make_pool()
-    await store.put_pool(pool)
-    for _ in range(2):
-        await add_ready(store, pool, await sandboxes())
-    base = await start_router(host_suffix="sessions.test")
+    base, _ = await serving(ready=2, host_suffix="sessions.test")
     names = set()
     urls = [
         f"{base}/pools/demo/x?identifier=abcd",
@@ -177,14 +189,8 @@ async def test_concurrent_first_requests_across_two_routers_agree(
     assert counts == {"ready": 10, "allocated": 20, "warming": 0}
 
 
-async def test_sse_events_arrive_one_by_one(
-    store: Store, start_router: Router, sandboxes: Any, http: aiohttp.ClientSession
-) -> None:
-    pool = make_pool()
-    await store.put_pool(pool)
-    sb = await sandboxes()
-    await add_ready(store, pool, sb)
-    base = await start_router()
+async def test_sse_events_arrive_one_by_one(serving: Serving, http: aiohttp.ClientSession) -> None:
+    base, (sb,) = await serving()
     async with http.get(f"{base}/pools/demo/sse?identifier=sse-user&n=3") as r:
         assert r.headers["Content-Type"] == "text/event-stream"
         for i in range(3):
@@ -197,13 +203,9 @@ async def test_sse_events_arrive_one_by_one(
 
 
 async def test_websocket_relay_both_ways_with_close_codes(
-    store: Store, start_router: Router, sandboxes: Any, http: aiohttp.ClientSession
+    serving: Serving, http: aiohttp.ClientSession
 ) -> None:
-    pool = make_pool()
-    await store.put_pool(pool)
-    sb = await sandboxes()
-    await add_ready(store, pool, sb)
-    base = await start_router()
+    base, (sb,) = await serving()
     url = f"{base}/pools/demo/ws?identifier=ws-user"
     async with http.ws_connect(url, protocols=["chat"]) as ws:
         assert ws.protocol == "chat"
@@ -223,13 +225,9 @@ async def test_websocket_relay_both_ways_with_close_codes(
 
 
 async def test_management_get_list_stop(
-    store: Store, start_router: Router, sandboxes: Any, http: aiohttp.ClientSession
+    serving: Serving, store: Store, sandboxes: Any, http: aiohttp.ClientSession
 ) -> None:
-    pool = make_pool(cooldown_s=60)
-    await store.put_pool(pool)
-    for _ in range(2):
-        await add_ready(store, pool, await sandboxes())
-    base = await start_router()
+    base, _ = await serving(make_pool(cooldown_s=60), ready=2)
     ep = f"{base}/pools/demo"
     for ident in ("alpha", "bravo"):
         async with http.get(f"{ep}/?identifier={ident}") as r:
@@ -324,14 +322,8 @@ async def test_invalid_identifier_is_rejected_before_redis(
         assert_envelope(r.status, await r.json(), r.headers, "StoreUnavailable")
 
 
-async def test_body_over_cap_is_413(
-    store: Store, start_router: Router, sandboxes: Any, http: aiohttp.ClientSession
-) -> None:
-    pool = make_pool()
-    await store.put_pool(pool)
-    sb = await sandboxes()
-    await add_ready(store, pool, sb)
-    base = await start_router(max_body_bytes=1000)
+async def test_body_over_cap_is_413(serving: Serving, http: aiohttp.ClientSession) -> None:
+    base, (sb,) = await serving(max_body_bytes=1000)
     url = f"{base}/pools/demo/up?identifier=big-body"
     async with http.post(url, data=b"x" * 1001) as r:  # Content-Length: refused up front
         assert r.status == 413
@@ -348,13 +340,9 @@ async def test_body_over_cap_is_413(
 
 
 async def test_session_limit_is_429_with_retry_after(
-    store: Store, start_router: Router, sandboxes: Any, http: aiohttp.ClientSession
+    serving: Serving, http: aiohttp.ClientSession
 ) -> None:
-    pool = make_pool(max_sessions=1)
-    await store.put_pool(pool)
-    for _ in range(2):
-        await add_ready(store, pool, await sandboxes())
-    base = await start_router()
+    base, _ = await serving(make_pool(max_sessions=1), ready=2)
     async with http.get(f"{base}/pools/demo/?identifier=first") as r:
         assert r.status == 200
     async with http.get(f"{base}/pools/demo/?identifier=second") as r:
@@ -434,13 +422,9 @@ async def test_unreachable_and_slow_sessions(
 
 
 async def test_client_disconnect_cancels_the_upstream_request(
-    store: Store, start_router: Router, sandboxes: Any, http: aiohttp.ClientSession
+    serving: Serving, http: aiohttp.ClientSession
 ) -> None:
-    pool = make_pool()
-    await store.put_pool(pool)
-    sb = await sandboxes()
-    await add_ready(store, pool, sb)
-    base = await start_router()
+    base, (sb,) = await serving()
     task = asyncio.ensure_future(http.get(f"{base}/pools/demo/hang?identifier=leaver"))
     await asyncio.wait_for(sb.slow_started.wait(), 5)
     task.cancel()  # closes the client connection
@@ -448,17 +432,10 @@ async def test_client_disconnect_cancels_the_upstream_request(
 
 
 async def test_redis_down_then_back(
-    redis_server: Any,
-    store: Store,
-    start_router: Router,
-    sandboxes: Any,
-    http: aiohttp.ClientSession,
+    serving: Serving, redis_server: Any, store: Store, sandboxes: Any, http: aiohttp.ClientSession
 ) -> None:
     pool = make_pool()
-    await store.put_pool(pool)
-    for _ in range(2):
-        await add_ready(store, pool, await sandboxes())
-    base = await start_router()
+    base, _ = await serving(pool, ready=2)
     async with http.get(f"{base}/pools/demo/?identifier=before") as r:
         assert r.status == 200
     redis_server.stop()

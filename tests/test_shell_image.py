@@ -2,55 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import docker
-import docker.errors
 import pytest
 import pytest_asyncio
 
-from tests.test_code_interpreter_image import _wait_healthy, multipart
+from tests.helpers import multipart
+from tests.test_code_interpreter_image import image_container
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300), pytest.mark.asyncio]
 
 IMAGE = "sessionpool/shell:dev"
-REPO = Path(__file__).resolve().parents[1]
 SHELL = {"api-version": "2025-02-02-preview", "identifier": "shell-session"}
 
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    """One container for the module; built with deploy/images/build.sh if the image is missing."""
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        pytest.fail(f"Docker is not reachable (these tests need a Docker engine): {exc}")
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run(["bash", str(REPO / "deploy/images/build.sh"), "shell"], check=True)
-    container = client.containers.run(
-        IMAGE,
-        detach=True,
-        ports={"6000/tcp": ("127.0.0.1", None)},
-        labels={"sessionpool.test": "shell-image"},
-    )
-    try:
-        container.reload()
-        port = container.ports["6000/tcp"][0]["HostPort"]
-        url = f"http://127.0.0.1:{port}"
-        asyncio.run(_wait_healthy(url, container))
-        yield url
-    finally:
-        container.remove(force=True)
-        client.close()
+    """One container for the module."""
+    yield from image_container(IMAGE, "shell", "shell-image")
 
 
 @pytest_asyncio.fixture
