@@ -34,7 +34,16 @@ import orjson
 from bench import pool as docker_bench
 from bench import proxies, timeline
 from bench.allocation import percentile
-from bench.common import RESULTS, Proc, RedisServer, cpu_seconds, python, spawn
+from bench.common import (
+    RESULTS,
+    Proc,
+    RedisServer,
+    cpu_seconds,
+    poll,
+    spawn_worker,
+    timed_get,
+    until_expired,
+)
 from bench.seed import IMAGE, pool_def
 from router.keys import Keys
 from router.store import Store, open_redis
@@ -77,15 +86,6 @@ class CpuWatch:
             "engine_cores": (cpu_seconds(self.pids) - self.engine0) / wall,
             "machine_cores": (_machine_busy_s() - self.busy0) / wall,
         }
-
-
-async def _wait(predicate: Any, limit_s: float, what: str) -> float:
-    deadline = time.monotonic() + limit_s
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {limit_s} s")
-        await asyncio.sleep(0.01)
-    return time.monotonic()
 
 
 def _bare_create(client: Any, scope: str) -> tuple[str, str]:
@@ -162,14 +162,16 @@ async def refill(store: Store, n: int) -> dict[str, Any]:
     async def full() -> bool:
         return (await store.counts("refill"))["ready"] >= n
 
-    took = await _wait(full, 300, "refill") - t0
+    took = await poll(full, 300, "refill", interval=0.01) - t0
     share = cpu.stop()
     await store.delete_pool("refill")
 
     async def removed() -> bool:
         return not await store.sandboxes("refill")
 
-    await _wait(removed, 120, "refill pool removed")  # its removals must not overlap what follows
+    await poll(
+        removed, 120, "refill pool removed", interval=0.01
+    )  # its removals must not overlap what follows
     return {"n": n, "s": took, "per_s": n / took, **share}
 
 
@@ -182,7 +184,7 @@ async def teardown(
     async def ready() -> bool:
         return (await store.counts("teardown"))["ready"] >= n
 
-    await _wait(ready, 300, "teardown pool ready")
+    await poll(ready, 300, "teardown pool ready", interval=0.01)
     # No refill while the sessions run out (what is measured is teardown, not creates racing
     # it): the floor goes to 0, and with every session allocated maxConcurrentSessions leaves
     # demand-following no room.
@@ -191,35 +193,21 @@ async def teardown(
     k = store.pk("teardown")
     async with aiohttp.ClientSession() as http:
         await asyncio.gather(
-            *(_get(http, f"{router_url}/pools/teardown/health?identifier=td-{i}") for i in range(n))
+            *(
+                timed_get(http, f"{router_url}/pools/teardown/health?identifier=td-{i}")
+                for i in range(n)
+            )
         )
-    containers: dict[str, str] = {}
-    sandbox_of: dict[str, str] = {}
-    expires: dict[str, float] = {}
-    live = {f"td-{i}" for i in range(n)}
-    deadline = time.monotonic() + 60
-    while live and time.monotonic() < deadline:
-        async with store.redis.pipeline(transaction=False) as pipe:
-            for ident in live:
-                pipe.hget(k.sessions, ident)
-                pipe.zscore(k.expiry, ident)
-            got = await pipe.execute()
-        for ident, raw, score in zip(list(live), got[::2], got[1::2], strict=True):
-            if raw is None or score is None:
-                live.discard(ident)
-                continue
-            expires[ident] = float(score)
-            rec = orjson.loads(raw)
-            containers[ident] = rec["container"]
-            sandbox_of[ident] = rec["sandbox"]
-        await asyncio.sleep(0.01)
+    records, expires = await until_expired(store, "teardown", (f"td-{i}" for i in range(n)), 0.01)
+    containers = {ident: rec["container"] for ident, rec in records.items()}
+    sandbox_of = {ident: rec["sandbox"] for ident, rec in records.items()}
     wanted = set(containers.values())
 
     async def gone() -> bool:
         rows = client.api.containers(all=True, filters={"label": f"{LABEL_SCOPE}={scope}"})
         return not ({c["Id"] for c in rows} & wanted)
 
-    await _wait(gone, 60, "teardown")
+    await poll(gone, 60, "teardown", interval=0.01)
     seen: dict[str, dict[str, float]] = {"die": {}, "destroy": {}}
     for ev in client.events(
         since=since,
@@ -258,15 +246,6 @@ def _teardown_times(log: Path) -> dict[str, list[float]]:
     return out
 
 
-async def _get(http: aiohttp.ClientSession, url: str) -> float:
-    t0 = time.perf_counter()
-    async with http.get(url) as r:
-        await r.read()
-        if r.status != 200:
-            raise RuntimeError(f"{url}: {r.status}")
-    return (time.perf_counter() - t0) * 1000
-
-
 async def burst(store: Store, router_url: str, n: int) -> dict[str, Any]:
     """Two bursts of n new identifiers, each spread over one second, 3 s apart."""
     await store.put_pool(pool_def("burst", ready=2, max_sessions=2 * n + 5))
@@ -275,7 +254,7 @@ async def burst(store: Store, router_url: str, n: int) -> dict[str, Any]:
         c = await store.counts("burst")
         return c["ready"] == 2 and c["warming"] == 0
 
-    await _wait(floor, 120, "burst pool at its floor")
+    await poll(floor, 120, "burst pool at its floor", interval=0.01)
     out: dict[str, Any] = {}
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -285,7 +264,7 @@ async def burst(store: Store, router_url: str, n: int) -> dict[str, Any]:
             async def one(i: int, label: str = label) -> float:
                 await asyncio.sleep(i / n)
                 url = f"{router_url}/pools/burst/health?identifier={label}-{i}"
-                return await _get(http, url)
+                return await timed_get(http, url)
 
             ms = list(await asyncio.gather(*(one(i) for i in range(n))))
             out[label] = {
@@ -330,14 +309,7 @@ def _workers(quick: bool, out: Path, n: int) -> dict[str, Any]:
             "SESSIONPOOL_WORKER_ID": f"cold-{prefix}",
         }
         try:
-            started.append(
-                spawn(
-                    "worker",
-                    [python(), "-m", "sessionpool.cli", "worker", "--runtime", "docker"],
-                    env=env,
-                    log=logs / "cold-worker.log",
-                )
-            )
+            started.append(spawn_worker(env, logs / "cold-worker.log"))
             router, url = proxies.router(redis.url, prefix, log=logs / "cold-router.log")
             started.append(router)
 

@@ -1,7 +1,9 @@
-"""Shared plumbing: processes, their CPU and memory, ports, a private redis-server, requirements."""
+"""Shared plumbing: processes, their CPU and memory, ports, a private redis-server, requirements,
+and the polls the benchmarks time with."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -9,10 +11,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import aiohttp
+import orjson
+
+from router.store import Store
 from sessionpool.local_redis import RedisServer as RedisServer  # the suite's private Redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,3 +154,58 @@ def stopping(*procs: Proc) -> Iterator[None]:
 
 def python() -> str:
     return sys.executable
+
+
+def spawn_worker(env: dict[str, str], log: Path) -> Proc:
+    """A docker-runtime worker process (`env` names its Redis, key prefix and id)."""
+    argv = [python(), "-m", "sessionpool.cli", "worker", "--runtime", "docker"]
+    return spawn("worker", argv, env=env, log=log)
+
+
+async def poll(
+    predicate: Callable[[], Awaitable[bool]], limit_s: float, what: str, interval: float = 0.02
+) -> float:
+    """Poll an async predicate; returns the monotonic time it first held."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        if await predicate():
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {limit_s} s")
+        await asyncio.sleep(interval)
+
+
+async def timed_get(http: aiohttp.ClientSession, url: str) -> float:
+    """GET `url`, read the body; milliseconds taken (anything but 200 is an error)."""
+    t0 = time.perf_counter()
+    async with http.get(url) as r:
+        body = await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{url}: {r.status} {body[:300]!r}")
+    return (time.perf_counter() - t0) * 1000
+
+
+async def until_expired(
+    store: Store, pool: str, idents: Iterable[str], interval: float
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Watch sessions until each has ended (60 s at most): each one's last session record and
+    its last expiresAt (Redis ms)."""
+    k = store.pk(pool)
+    records: dict[str, dict[str, Any]] = {}
+    expires: dict[str, float] = {}
+    live = set(idents)
+    deadline = time.monotonic() + 60
+    while live and time.monotonic() < deadline:
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for ident in live:
+                pipe.hget(k.sessions, ident)
+                pipe.zscore(k.expiry, ident)
+            got = await pipe.execute()
+        for ident, raw, score in zip(list(live), got[::2], got[1::2], strict=True):
+            if raw is None or score is None:
+                live.discard(ident)
+                continue
+            expires[ident] = float(score)
+            records[ident] = orjson.loads(raw)
+        await asyncio.sleep(interval)
+    return records, expires

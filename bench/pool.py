@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 
 from bench import proxies
 from bench.allocation import Latencies, percentile
-from bench.common import ROOT, Proc, python, spawn
+from bench.common import ROOT, Proc, poll, python, spawn, timed_get, until_expired
 from bench.seed import IMAGE, pool_def
 from router.keys import Keys
 from router.store import Store, open_redis
@@ -81,17 +80,6 @@ def remove_scope(client: Any, scope: str) -> int:
     for c in found:
         client.api.remove_container(c["Id"], force=True)
     return len(found)
-
-
-async def _wait(predicate: Any, limit_s: float, what: str, interval: float = 0.02) -> float:
-    """Poll an async predicate; returns the monotonic time it first held."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        if await predicate():
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {limit_s} s")
-        await asyncio.sleep(interval)
 
 
 async def bare_docker_run(
@@ -154,15 +142,6 @@ async def bare_docker_run(
         await rm.wait()
 
 
-async def _get(http: aiohttp.ClientSession, url: str) -> float:
-    t0 = time.perf_counter()
-    async with http.get(url) as r:
-        body = await r.read()
-        if r.status != 200:
-            raise RuntimeError(f"{url}: {r.status} {body[:300]!r}")
-    return (time.perf_counter() - t0) * 1000
-
-
 async def _phases(
     store: Store, client: Any, router_url: str, scope: str, cold_n: int, refill_n: int
 ) -> PoolResults:
@@ -178,14 +157,16 @@ async def _phases(
             return c["ready"] == 1 and c["warming"] == 0
 
         cold, bare = Latencies("dry pool, via router", []), Latencies("bare docker run", [])
-        await _wait(one_ready, 120, "first cold-pool sandbox")
-        await _get(http, f"{router_url}/healthz")
+        await poll(one_ready, 120, "first cold-pool sandbox")
+        await timed_get(http, f"{router_url}/healthz")
         for i in range(cold_n):
-            await _wait(one_ready, 60, "cold pool refilled")
+            await poll(one_ready, 60, "cold pool refilled")
             drained = await store.claim(cold_pool, f"drain-{i}")  # takes the one ready
             assert drained.session is not None
-            cold.ms.append(await _get(http, f"{router_url}/pools/cold/health?identifier=cold-{i}"))
-            await _wait(one_ready, 60, "cold pool refilled")
+            cold.ms.append(
+                await timed_get(http, f"{router_url}/pools/cold/health?identifier=cold-{i}")
+            )
+            await poll(one_ready, 60, "cold pool refilled")
             bare.ms.append(await bare_docker_run(http, scope))
         await store.delete_pool("cold")
 
@@ -197,7 +178,7 @@ async def _phases(
         async def full() -> bool:
             return (await store.counts("refill"))["ready"] >= refill_n
 
-        refill_s = await _wait(full, 300, "refill") - t0
+        refill_s = await poll(full, 300, "refill") - t0
 
         # (c) Warm claims of real containers (target set to 0 so none are made meanwhile).
         await store.put_pool(
@@ -206,28 +187,14 @@ async def _phases(
         idents = [f"warm-{i}" for i in range(refill_n)]
         warm = Latencies("warm pool, docker containers, one at a time", [])
         for ident in idents:
-            warm.ms.append(await _get(http, f"{router_url}/pools/refill/health?identifier={ident}"))
+            warm.ms.append(
+                await timed_get(http, f"{router_url}/pools/refill/health?identifier={ident}")
+            )
 
         # (d) Teardown lag: cooldown 1 s; container destroyed (docker event) - expiresAt.
         since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
-        containers: dict[str, str] = {}
-        expires: dict[str, float] = {}
-        k = store.pk("refill")
-        live = set(idents)
-        deadline = time.monotonic() + 60
-        while live and time.monotonic() < deadline:
-            async with store.redis.pipeline(transaction=False) as pipe:
-                for ident in live:
-                    pipe.hget(k.sessions, ident)
-                    pipe.zscore(k.expiry, ident)
-                got = await pipe.execute()
-            for ident, raw, score in zip(list(live), got[::2], got[1::2], strict=True):
-                if raw is None or score is None:
-                    live.discard(ident)
-                    continue
-                expires[ident] = float(score)
-                containers[ident] = orjson.loads(raw)["container"]
-            await asyncio.sleep(0.02)
+        records, expires = await until_expired(store, "refill", idents, 0.02)
+        containers = {ident: rec["container"] for ident, rec in records.items()}
         wanted = set(containers.values())
 
         async def all_gone() -> bool:
@@ -239,7 +206,7 @@ async def _phases(
             }
             return not (ids & wanted)
 
-        await _wait(all_gone, 60, "containers destroyed", interval=0.1)
+        await poll(all_gone, 60, "containers destroyed", interval=0.1)
         until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
         destroyed: dict[str, float] = {}
         for ev in client.events(

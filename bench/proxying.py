@@ -84,94 +84,72 @@ def run(
 ) -> ProxyResults:
     started: list[Proc] = []
     try:
-        return _run(
-            workdir,
-            redis_url,
-            prefix,
-            connections,
-            duration_s,
-            warmup_s,
-            log_dir,
-            rep_connections,
-            started,
-        )
+        not_run: dict[str, str] = {}
+        if which("nginx") is not None:
+            up_proc, upstream = proxies.nginx_upstream(workdir / "nginx-upstream")
+            up_name = "nginx (1 worker, 40-byte body)"
+        else:
+            up_proc, ports = proxies.python_upstream(1, workdir, log=log_dir / "upstream.log")
+            upstream = f"127.0.0.1:{ports[0]}"
+            up_name = "bench/upstream.py (aiohttp, 40-byte body): nginx is not installed"
+            not_run["nginx proxy_pass"] = proxies.NGINX_MISSING
+        started.append(up_proc)
+        echo_proc, echo_addr = proxies.echo_app(log=log_dir / "echo-app.log")
+        started.append(echo_proc)
+
+        asyncio.run(seed_router_pool(redis_url, prefix, {"warm": upstream, "warm-echo": echo_addr}))
+        router_proc, router_url = proxies.router(redis_url, prefix, log=log_dir / "router.log")
+        started.append(router_proc)
+        bare_proc, bare_url = proxies.bare_proxy(upstream)
+        started.append(bare_proc)
+        paths = [
+            Path_("direct", f"http://{upstream}/small", None),
+            Path_(
+                "sessionpool router", f"{router_url}/pools/bench/small?identifier=warm", router_proc
+            ),
+            Path_("bare aiohttp proxy", f"{bare_url}/small", bare_proc),
+        ]
+        if "nginx proxy_pass" not in not_run:
+            nginx_proc, nginx_url = proxies.nginx_proxy(workdir / "nginx-proxy", upstream)
+            started.append(nginx_proc)
+            paths.append(Path_("nginx proxy_pass", f"{nginx_url}/small", nginx_proc))
+        why = proxies.chp_available()
+        if why is None:
+            chp_proc, chp_url = proxies.chp(upstream)
+            started.append(chp_proc)
+            paths.append(Path_("configurable-http-proxy", f"{chp_url}/small", chp_proc))
+        else:
+            not_run["configurable-http-proxy"] = why
+
+        asyncio.run(_warm_route(paths[1].url))
+        res = ProxyResults(upstream=up_name, not_run=not_run)
+        for c in connections:  # interleaved: every path at one concurrency before the next
+            for p in paths:
+                res.runs.setdefault(p.name, {})[c] = wrk(p.url, c, duration_s, p.proc, warmup_s)
+
+        # The representative sandbox: the echo image's own aiohttp app, direct vs through proxies.
+        if not rep_connections:
+            return res
+        bare_echo_proc, bare_echo_url = proxies.bare_proxy(echo_addr)
+        started.append(bare_echo_proc)
+        rep = [
+            Path_("direct", f"http://{echo_addr}/health", None),
+            Path_(
+                "sessionpool router",
+                f"{router_url}/pools/bench/health?identifier=warm-echo",
+                router_proc,
+            ),
+            Path_("bare aiohttp proxy", f"{bare_echo_url}/health", bare_echo_proc),
+        ]
+        asyncio.run(_warm_route(rep[1].url))
+        for c in connections[:rep_connections]:
+            for p in rep:
+                res.representative.setdefault(p.name, {})[c] = wrk(
+                    p.url, c, duration_s, p.proc, warmup_s
+                )
+        with contextlib.suppress(Exception):
+            (log_dir / "router.cpu").write_text(f"{router_proc.cpu()}\n")
+        return res
     finally:
         for p in started:
             p.stop()
-
-
-def _run(
-    workdir: Path,
-    redis_url: str,
-    prefix: str,
-    connections: list[int],
-    duration_s: int,
-    warmup_s: int,
-    log_dir: Path,
-    rep_connections: int,
-    started: list[Proc],
-) -> ProxyResults:
-    not_run: dict[str, str] = {}
-    if which("nginx") is not None:
-        up_proc, upstream = proxies.nginx_upstream(workdir / "nginx-upstream")
-        up_name = "nginx (1 worker, 40-byte body)"
-    else:
-        up_proc, ports = proxies.python_upstream(1, workdir, log=log_dir / "upstream.log")
-        upstream = f"127.0.0.1:{ports[0]}"
-        up_name = "bench/upstream.py (aiohttp, 40-byte body): nginx is not installed"
-        not_run["nginx proxy_pass"] = proxies.NGINX_MISSING
-    started.append(up_proc)
-    echo_proc, echo_addr = proxies.echo_app(log=log_dir / "echo-app.log")
-    started.append(echo_proc)
-
-    asyncio.run(seed_router_pool(redis_url, prefix, {"warm": upstream, "warm-echo": echo_addr}))
-    router_proc, router_url = proxies.router(redis_url, prefix, log=log_dir / "router.log")
-    started.append(router_proc)
-    bare_proc, bare_url = proxies.bare_proxy(upstream)
-    started.append(bare_proc)
-    paths = [
-        Path_("direct", f"http://{upstream}/small", None),
-        Path_("sessionpool router", f"{router_url}/pools/bench/small?identifier=warm", router_proc),
-        Path_("bare aiohttp proxy", f"{bare_url}/small", bare_proc),
-    ]
-    if "nginx proxy_pass" not in not_run:
-        nginx_proc, nginx_url = proxies.nginx_proxy(workdir / "nginx-proxy", upstream)
-        started.append(nginx_proc)
-        paths.append(Path_("nginx proxy_pass", f"{nginx_url}/small", nginx_proc))
-    why = proxies.chp_available()
-    if why is None:
-        chp_proc, chp_url = proxies.chp(upstream)
-        started.append(chp_proc)
-        paths.append(Path_("configurable-http-proxy", f"{chp_url}/small", chp_proc))
-    else:
-        not_run["configurable-http-proxy"] = why
-
-    asyncio.run(_warm_route(paths[1].url))
-    res = ProxyResults(upstream=up_name, not_run=not_run)
-    for c in connections:  # interleaved: every path at one concurrency before the next
-        for p in paths:
-            res.runs.setdefault(p.name, {})[c] = wrk(p.url, c, duration_s, p.proc, warmup_s)
-
-    # The representative sandbox: the echo image's own aiohttp app, direct vs through proxies.
-    if not rep_connections:
-        return res
-    bare_echo_proc, bare_echo_url = proxies.bare_proxy(echo_addr)
-    started.append(bare_echo_proc)
-    rep = [
-        Path_("direct", f"http://{echo_addr}/health", None),
-        Path_(
-            "sessionpool router",
-            f"{router_url}/pools/bench/health?identifier=warm-echo",
-            router_proc,
-        ),
-        Path_("bare aiohttp proxy", f"{bare_echo_url}/health", bare_echo_proc),
-    ]
-    asyncio.run(_warm_route(rep[1].url))
-    for c in connections[:rep_connections]:
-        for p in rep:
-            res.representative.setdefault(p.name, {})[c] = wrk(
-                p.url, c, duration_s, p.proc, warmup_s
-            )
-    with contextlib.suppress(Exception):
-        (log_dir / "router.cpu").write_text(f"{router_proc.cpu()}\n")
-    return res

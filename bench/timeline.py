@@ -39,7 +39,7 @@ import orjson
 
 from bench import pool as docker_bench
 from bench import proxies
-from bench.common import RESULTS, Proc, RedisServer, python, spawn
+from bench.common import RESULTS, Proc, RedisServer, spawn_worker
 from bench.seed import IMAGE, pool_def
 from router.keys import Keys
 from router.store import Store, open_redis, text
@@ -234,14 +234,7 @@ def run(n: int, out: Path) -> dict[str, Any]:
         worker_log = logs / "timeline-worker.log"
         worker_log.unlink(missing_ok=True)
         try:
-            started.append(
-                spawn(
-                    "worker",
-                    [python(), "-m", "sessionpool.cli", "worker", "--runtime", "docker"],
-                    env=env,
-                    log=worker_log,
-                )
-            )
+            started.append(spawn_worker(env, worker_log))
             router, url = proxies.router(redis.url, prefix, log=logs / "timeline-router.log")
             started.append(router)
 

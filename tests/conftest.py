@@ -1,17 +1,20 @@
-"""Shared fixtures: a real redis-server per test session, a unique key prefix per test."""
+"""Shared fixtures: a real redis-server per test session, a unique key prefix per test, an
+HTTP client, and in-process HTTP servers playing sandboxes."""
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
+import aiohttp
 import pytest
 
 from router.keys import Keys
 from router.settings import Settings
 from router.store import Store, open_redis
 from sessionpool.testing import RedisServer
+from tests.helpers import FakeSandbox
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +45,27 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
     redis = open_redis(settings.redis_url)
     yield Store(redis, Keys(settings.key_prefix))
     await redis.aclose()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def sandboxes() -> AsyncIterator[Callable[[], Awaitable[FakeSandbox]]]:
+    """Starts fake sandboxes on demand; releases what they hold and closes them after."""
+    made: list[FakeSandbox] = []
+
+    async def make() -> FakeSandbox:
+        made.append(await FakeSandbox().start())
+        return made[-1]
+
+    yield make
+    for sb in made:
+        sb.slow_release.set()
+        await sb.close()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

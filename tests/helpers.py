@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import hashlib
 import subprocess
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 
 from router.pools import Pool
+from router.settings import Settings
 from router.store import Store
 from sessionpool import testing
-from sessionpool.testing import wait_until
+from sessionpool.testing import Process, wait_until
 
 __all__ = ["FakeSandbox", "add_ready", "make_pool", "open_engine", "pattern_sha", "wait_until"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = bytes(range(256)) * 256  # 64 KiB of a known pattern
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def pattern_sha(size: int) -> str:
@@ -152,6 +158,21 @@ async def add_ready(store: Store, pool: Pool, sandbox: FakeSandbox) -> str:
     return await testing.add_ready(store, pool, f"fake-{sandbox.name}", sandbox.addr)
 
 
+def engine_fixture(*images: str) -> Any:
+    """A module-scoped `engine` fixture: a Docker client, with `images` built when missing
+    (`engine = engine_fixture(IMAGE)` in a suite). No engine: the tests fail, never skip."""
+
+    @pytest.fixture(scope="module")
+    def engine() -> Iterator[Any]:
+        client, *others = [open_engine(image) for image in images]
+        for other in others:
+            other.close()
+        yield client
+        client.close()
+
+    return engine
+
+
 def open_engine(image: str) -> Any:
     """A Docker client, with `image` built by deploy/images/build.sh if it is missing. No
     engine: the caller fails here (Docker tests never skip)."""
@@ -177,3 +198,102 @@ def multipart(filename: str, content: bytes) -> tuple[bytes, dict[str, str]]:
     ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     return head + content + tail, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+async def remove_networks(prefix: str) -> None:
+    """Remove the sandbox networks a docker runtime with `prefix` made (a suite's teardown)."""
+    from workers.docker import DockerRuntime
+
+    runtime = DockerRuntime(network_prefix=prefix)
+    try:
+        await runtime.remove_networks()
+    finally:
+        await runtime.close()
+
+
+@contextlib.asynccontextmanager
+async def docker_worker(engine: Any, settings: Settings) -> AsyncIterator[Process]:
+    """A docker-runtime worker of `settings`; on exit it is stopped (SIGTERM, then SIGKILL
+    after 30 s) and whatever sandboxes of its scope it did not tear down are removed."""
+    from workers.runtime import LABEL_SCOPE
+
+    worker = await testing.spawn_worker(settings)
+    try:
+        yield worker
+    finally:
+        try:
+            await testing.stop_process(worker, grace_s=30)
+        finally:
+            scope = f"{LABEL_SCOPE}={settings.key_prefix}"
+            for c in engine.api.containers(all=True, filters={"label": scope}):
+                engine.api.remove_container(c["Id"], force=True)
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, check=check, timeout=300)
+
+
+def docker_runtime_fixtures(
+    scope: str, prefix: str, ensure_image: Callable[[], None]
+) -> tuple[Any, Any]:
+    """A docker runtime suite's `engine` (module) and `runtime` fixtures:
+    `engine, runtime = docker_runtime_fixtures(SCOPE, PREFIX, ensure_image)`. The engine must
+    answer (fail, never skip) and `ensure_image` builds what is missing; afterwards the
+    containers of `scope` and the networks of `prefix` are removed."""
+    from workers.docker import DockerRuntime
+    from workers.runtime import LABEL_SCOPE
+
+    @pytest.fixture(scope="module")
+    def engine() -> Iterator[None]:
+        info = sh("docker", "info", "--format", "{{.ServerVersion}}", check=False)
+        assert info.returncode == 0, f"Docker engine unreachable: {info.stderr.strip()}"
+        ensure_image()
+        yield
+        ps = sh("docker", "ps", "-aq", "--filter", f"label={LABEL_SCOPE}={scope}")
+        if left := ps.stdout.split():
+            sh("docker", "rm", "-f", *left, check=False)
+        asyncio.run(remove_networks(prefix))
+
+    @pytest.fixture
+    async def runtime(engine: None) -> AsyncIterator[DockerRuntime]:
+        rt = DockerRuntime(network_prefix=prefix)
+        yield rt
+        await rt.close()
+
+    return engine, runtime
+
+
+async def tcp_connects(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Whether a TCP connection to host:port opens within `timeout_s` (then it is closed)."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (TimeoutError, OSError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+@contextlib.asynccontextmanager
+async def recording_server() -> AsyncIterator[tuple[int, list[str]]]:
+    """A TCP server on every host address that records who connected and hangs up: (its port,
+    the peers' addresses so far). What a sandbox must not reach."""
+    peers: list[str] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername")[0])
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "0.0.0.0", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], peers
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def assert_png(image: dict[str, Any]) -> None:
+    """`image` is an image result carrying a PNG."""
+    assert image["type"] == "image", image
+    assert base64.b64decode(image["base64_data"]).startswith(PNG_MAGIC)

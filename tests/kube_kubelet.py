@@ -88,14 +88,7 @@ class Kubelet:
             self.api.update_status(
                 key,
                 containerStatuses=[
-                    {
-                        "name": c["name"],
-                        "image": c["image"],
-                        "imageID": "",
-                        "ready": False,
-                        "restartCount": 0,
-                        "state": {"waiting": {"reason": reason, "message": message}},
-                    }
+                    container_status(c, {"waiting": {"reason": reason, "message": message}})
                 ],
             )
 
@@ -177,16 +170,7 @@ class Kubelet:
             self.api.update_status(
                 key,
                 phase="Failed",
-                containerStatuses=[
-                    {
-                        "name": c["name"],
-                        "image": c["image"],
-                        "imageID": "",
-                        "ready": False,
-                        "restartCount": 0,
-                        "state": {"terminated": terminated},
-                    }
-                ],
+                containerStatuses=[container_status(c, {"terminated": terminated})],
             )
             return
         self.containers[f"{ns}/{name}"] = cid
@@ -203,16 +187,14 @@ class Kubelet:
             startTime=started,
             conditions=[condition("PodScheduled", "True"), condition("Ready", "True")],
             containerStatuses=[
-                {
-                    "name": c["name"],
-                    "image": c["image"],
-                    "imageID": str(image.get("Id", "")),
-                    "containerID": f"docker://{cid}",
-                    "ready": True,
-                    "started": True,
-                    "restartCount": 0,
-                    "state": {"running": {"startedAt": started}},
-                }
+                container_status(
+                    c,
+                    {"running": {"startedAt": started}},
+                    imageID=str(image.get("Id", "")),
+                    containerID=f"docker://{cid}",
+                    ready=True,
+                    started=True,
+                )
             ],
         )
 
@@ -299,6 +281,20 @@ def cpu_nanos(q: str) -> int:
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def container_status(container: Json, state: Json, **fields: Any) -> Json:
+    """A pod's status of `container` in `state` (not ready unless `fields` say so)."""
+    status: Json = {
+        "name": container["name"],
+        "image": container["image"],
+        "imageID": "",
+        "ready": False,
+        "restartCount": 0,
+        **fields,
+    }
+    status["state"] = state
+    return status
 
 
 def condition(kind: str, state: str, reason: str = "", message: str = "") -> Json:

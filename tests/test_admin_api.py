@@ -18,6 +18,7 @@ from router.app import create_app
 from router.auth import hash_key
 from router.settings import Settings
 from router.store import Store
+from sessionpool.testing import HEALTH_PROBE, pool_body
 from tests.helpers import FakeSandbox, add_ready
 
 ADMIN_KEY = "sp_admin-0123456789abcdef"
@@ -30,28 +31,20 @@ StartRouter = Callable[..., Awaitable[str]]
 
 
 def definition(**overrides: Any) -> dict[str, Any]:
-    props: dict[str, Any] = {
-        "containerType": "CustomContainer",
-        "scaleConfiguration": {"maxConcurrentSessions": 10, "readySessionInstances": 2},
-        "dynamicPoolConfiguration": {
-            "lifecycleConfiguration": {"lifecycleType": "Timed", "cooldownPeriodInSeconds": 60}
-        },
-        "customContainerTemplate": {
-            "containers": [
-                {
-                    "name": "main",
-                    "image": "sessionpool/echo:dev",
-                    "env": [{"name": "MODE", "value": "x"}, {"name": "KEY", "secretRef": "k"}],
-                    "resources": {"cpu": 0.5, "memory": "1Gi"},
-                    "probes": [{"type": "Startup", "httpGet": {"path": "/health", "port": 8080}}],
-                }
-            ],
-            "ingress": {"targetPort": 8080},
-        },
-        "sessionNetworkConfiguration": {"status": "EgressDisabled"},
-        "sandboxConfiguration": {"pidsLimit": 128},
-        "secrets": [{"name": "k", "value": SECRET_VALUE}],
+    container = {
+        "env": [{"name": "MODE", "value": "x"}, {"name": "KEY", "secretRef": "k"}],
+        "resources": {"cpu": 0.5, "memory": "1Gi"},
+        "probes": [copy.deepcopy(HEALTH_PROBE)],
     }
+    props: dict[str, Any] = pool_body(
+        ready=2,
+        cooldown_s=60,
+        container=container,
+        containerType="CustomContainer",
+        sessionNetworkConfiguration={"status": "EgressDisabled"},
+        sandboxConfiguration={"pidsLimit": 128},
+        secrets=[{"name": "k", "value": SECRET_VALUE}],
+    )["properties"]
     props.update(overrides)
     return {"properties": props}
 
@@ -102,12 +95,6 @@ async def start_router(settings: Settings, keys_file: str) -> AsyncIterator[Star
     yield start
     for server in servers:
         await server.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def send(

@@ -30,7 +30,7 @@ from router.identifiers import session_key
 from router.keys import Keys
 from router.settings import Settings
 from router.store import Store
-from tests.helpers import FakeSandbox, add_ready, make_pool
+from tests.helpers import add_ready, make_pool
 
 EXEC_KEY = "sp_exec-key-0123456789abcdef"
 ADMIN_KEY = "sp_admin-key-0123456789abcdef"
@@ -49,6 +49,7 @@ class Running:
 
 
 StartRouter = Callable[..., Awaitable[Running]]
+Keyed = Callable[..., Awaitable[Running]]
 
 
 def write_keys(path: Path, entries: list[dict[str, Any]]) -> str:
@@ -96,30 +97,23 @@ async def start_router(settings: Settings) -> AsyncIterator[StartRouter]:
         await server.close()
 
 
-@pytest.fixture
-async def sandboxes() -> AsyncIterator[Callable[[], Awaitable[FakeSandbox]]]:
-    made: list[FakeSandbox] = []
-
-    async def make() -> FakeSandbox:
-        made.append(await FakeSandbox().start())
-        return made[-1]
-
-    yield make
-    for sb in made:
-        await sb.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def seed(store: Store, sandboxes: Any, name: str = "demo", n: int = 2, **props: Any) -> None:
     pool = make_pool(name, **props)
     await store.put_pool(pool)
     for _ in range(n):
         await add_ready(store, pool, await sandboxes())
+
+
+@pytest.fixture
+def keyed(store: Store, sandboxes: Any, keys_file: str, start_router: StartRouter) -> Keyed:
+    """Seed a pool (`seed`'s arguments; the demo pool by default) and start a router that
+    wants the API keys of `keys_file`."""
+
+    async def start(*args: Any, **props: Any) -> Running:
+        await seed(store, sandboxes, *args, **props)
+        return await start_router(auth="required", api_keys_file=keys_file)
+
+    return start
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -255,14 +249,9 @@ async def test_health_stays_open(
 
 
 async def test_api_key_reaches_the_session_and_never_leaks_to_it(
-    store: Store,
-    sandboxes: Any,
-    keys_file: str,
-    start_router: StartRouter,
-    http: aiohttp.ClientSession,
+    keyed: Keyed, http: aiohttp.ClientSession
 ) -> None:
-    await seed(store, sandboxes)
-    r = await start_router(auth="required", api_keys_file=keys_file)
+    r = await keyed()
     for headers in (
         bearer(EXEC_KEY),
         {"x-api-key": EXEC_KEY},
@@ -315,10 +304,9 @@ async def test_api_key_reaches_the_session_and_never_leaks_to_it(
     ],
 )
 async def test_bad_or_insufficient_credentials(
+    keyed: Keyed,
     store: Store,
     sandboxes: Any,
-    keys_file: str,
-    start_router: StartRouter,
     http: aiohttp.ClientSession,
     headers: dict[str, str],
     path: str,
@@ -326,21 +314,15 @@ async def test_bad_or_insufficient_credentials(
     code: str,
 ) -> None:
     await seed(store, sandboxes)
-    await seed(store, sandboxes, "other")
-    r = await start_router(auth="required", api_keys_file=keys_file)
+    r = await keyed("other")
     assert_error(*await call(http, "GET", r.base + path, headers), status, code)
     assert (await store.counts("demo"))["allocated"] == 0  # nothing was claimed
 
 
 async def test_scoped_key_serves_its_pool_and_admin_key_the_control_plane(
-    store: Store,
-    sandboxes: Any,
-    keys_file: str,
-    start_router: StartRouter,
-    http: aiohttp.ClientSession,
+    keyed: Keyed, http: aiohttp.ClientSession
 ) -> None:
-    await seed(store, sandboxes)
-    r = await start_router(auth="required", api_keys_file=keys_file)
+    r = await keyed()
     status, _, _ = await call(
         http, "GET", f"{r.base}/pools/demo/x?identifier=user1", bearer(SCOPED_KEY)
     )
@@ -598,14 +580,9 @@ async def test_rs256_with_jwks_file(
 
 
 async def test_tenant_binding_scopes_identifiers_per_principal(
-    store: Store,
-    sandboxes: Any,
-    keys_file: str,
-    start_router: StartRouter,
-    http: aiohttp.ClientSession,
+    keyed: Keyed, store: Store, http: aiohttp.ClientSession
 ) -> None:
-    await seed(store, sandboxes, n=3, tenantBinding=True)
-    r = await start_router(auth="required", api_keys_file=keys_file)
+    r = await keyed(n=3, tenantBinding=True)
     ep = f"{r.base}/pools/demo"
     p, q = bearer(TENANT_P), bearer(TENANT_Q)
     status, first, _ = await call(http, "GET", f"{ep}/x?identifier=shared-id", p)
@@ -631,15 +608,9 @@ async def test_tenant_binding_scopes_identifiers_per_principal(
 
 
 async def test_non_owner_cannot_detect_stop_or_extend_a_session(
-    store: Store,
-    sandboxes: Any,
-    keys_file: str,
-    start_router: StartRouter,
-    http: aiohttp.ClientSession,
-    settings: Settings,
+    keyed: Keyed, store: Store, http: aiohttp.ClientSession, settings: Settings
 ) -> None:
-    await seed(store, sandboxes, n=1, tenantBinding=True)
-    r = await start_router(auth="required", api_keys_file=keys_file)
+    r = await keyed(n=1, tenantBinding=True)
     ep = f"{r.base}/pools/demo"
     p, q = bearer(TENANT_P), bearer(TENANT_Q)
     assert (await call(http, "GET", f"{ep}/x?identifier=p-secret", p))[0] == 200
@@ -677,16 +648,10 @@ async def test_non_owner_cannot_detect_stop_or_extend_a_session(
 
 
 async def test_tenant_bound_listing_pages_only_the_callers_sessions(
-    store: Store,
-    sandboxes: Any,
-    keys_file: str,
-    start_router: StartRouter,
-    http: aiohttp.ClientSession,
-    monkeypatch: pytest.MonkeyPatch,
+    keyed: Keyed, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(management, "PAGE_SIZE", 2)
-    await seed(store, sandboxes, n=5, tenantBinding=True)
-    r = await start_router(auth="required", api_keys_file=keys_file)
+    r = await keyed(n=5, tenantBinding=True)
     ep = f"{r.base}/pools/demo"
     p, q = bearer(TENANT_P), bearer(TENANT_Q)
     for ident in ("p-one", "p-two", "p-three", "p-four"):
@@ -708,14 +673,9 @@ async def test_tenant_bound_listing_pages_only_the_callers_sessions(
 
 
 async def test_without_tenant_binding_any_executor_shares_an_identifier(
-    store: Store,
-    sandboxes: Any,
-    keys_file: str,
-    start_router: StartRouter,
-    http: aiohttp.ClientSession,
+    keyed: Keyed, http: aiohttp.ClientSession
 ) -> None:
-    await seed(store, sandboxes)
-    r = await start_router(auth="required", api_keys_file=keys_file)
+    r = await keyed()
     url = f"{r.base}/pools/demo/x?identifier=shared-id"
     _, a, _ = await call(http, "GET", url, bearer(TENANT_P))
     _, b, _ = await call(http, "GET", url, bearer(TENANT_Q))

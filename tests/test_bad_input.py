@@ -39,6 +39,7 @@ from router.keys import Keys
 from router.pools import POOL_NAME
 from router.settings import Settings
 from router.store import Store, open_redis
+from sessionpool.testing import HEALTH_PROBE, pool_body
 from tests.helpers import FakeSandbox, add_ready, make_pool, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -836,31 +837,23 @@ json_values = st.recursive(
     ),
     max_leaves=20,
 )
-VALID_PROPS: dict[str, Any] = {
-    "containerType": "CustomContainer",
-    "scaleConfiguration": {"maxConcurrentSessions": 5, "readySessionInstances": 0},
-    "dynamicPoolConfiguration": {
-        "lifecycleConfiguration": {"lifecycleType": "Timed", "cooldownPeriodInSeconds": 60}
+VALID_PROPS: dict[str, Any] = pool_body(
+    ready=0,
+    max_sessions=5,
+    cooldown_s=60,
+    container={
+        "command": [],
+        "args": [],
+        "env": [{"name": "MODE", "value": "x"}, {"name": "KEY", "secretRef": "k"}],
+        "resources": {"cpu": 0.5, "memory": "256Mi"},
+        "probes": [HEALTH_PROBE],
     },
-    "customContainerTemplate": {
-        "containers": [
-            {
-                "name": "main",
-                "image": "sessionpool/echo:dev",
-                "command": [],
-                "args": [],
-                "env": [{"name": "MODE", "value": "x"}, {"name": "KEY", "secretRef": "k"}],
-                "resources": {"cpu": 0.5, "memory": "256Mi"},
-                "probes": [{"type": "Startup", "httpGet": {"path": "/health", "port": 8080}}],
-            }
-        ],
-        "ingress": {"targetPort": 8080},
-    },
-    "sessionNetworkConfiguration": {"status": "EgressDisabled"},
-    "sandboxConfiguration": {"pidsLimit": 64},
-    "tenantBinding": False,
-    "secrets": [{"name": "k", "value": "v"}],
-}
+    containerType="CustomContainer",
+    sessionNetworkConfiguration={"status": "EgressDisabled"},
+    sandboxConfiguration={"pidsLimit": 64},
+    tenantBinding=False,
+    secrets=[{"name": "k", "value": "v"}],
+)["properties"]
 
 
 def leaf_paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

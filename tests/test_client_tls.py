@@ -4,13 +4,10 @@ containers, a self-signed certificate the client is told to trust, API-key auth 
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import docker
-import docker.errors
 import httpx
 import pytest
 import yaml
@@ -20,31 +17,17 @@ from router.pools import parse_pool
 from router.server import start_site
 from router.settings import Settings
 from router.store import Store
-from sessionpool.testing import spawn_worker, stop_process
-from tests.helpers import wait_until
+from tests.helpers import docker_worker, engine_fixture, wait_until
 from tests.test_tls import client_context, make_cert
-from workers.runtime import LABEL_SCOPE
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
-ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/code-interpreter:dev"
 POOL = "skpool"
 KEY = "sp_semantic-kernel-test-key-0123456789"
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
-    client = docker.from_env()
-    client.ping()  # no engine: the test fails here, it never skips
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run(
-            ["bash", str(ROOT / "deploy/images/build.sh"), "code-interpreter"], check=True
-        )
-    yield client
-    client.close()
+engine = engine_fixture(IMAGE)
 
 
 @pytest.fixture
@@ -71,9 +54,7 @@ async def https_pool(
             [{"name": "sk", "key_sha256": hash_key(KEY), "roles": ["executor"], "pools": [POOL]}]
         )
     )
-    worker = await spawn_worker(settings.replace(warm_timeout_s=60))
-    runner = None
-    try:
+    async with docker_worker(engine, settings.replace(warm_timeout_s=60)):
         runner, port = await start_site(
             settings.replace(
                 host="127.0.0.1",
@@ -85,21 +66,15 @@ async def https_pool(
                 tls_key=str(tmp_path / "key.pem"),
             )
         )
-
-        async def ready() -> bool:
-            return (await store.counts(POOL))["ready"] >= 1
-
-        await wait_until(ready, timeout=90, interval=0.05)
-        yield f"https://127.0.0.1:{port}/pools/{POOL}", cert
-    finally:
-        if runner is not None:
-            await runner.cleanup()
         try:
-            await stop_process(worker, grace_s=30)
+
+            async def ready() -> bool:
+                return (await store.counts(POOL))["ready"] >= 1
+
+            await wait_until(ready, timeout=90, interval=0.05)
+            yield f"https://127.0.0.1:{port}/pools/{POOL}", cert
         finally:
-            scope = f"{LABEL_SCOPE}={settings.key_prefix}"
-            for c in engine.api.containers(all=True, filters={"label": scope}):
-                engine.api.remove_container(c["Id"], force=True)
+            await runner.cleanup()
 
 
 # Semantic Kernel's own modules warn about their deprecated classes at import.

@@ -9,26 +9,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import docker
-import docker.errors
 import pytest
 import pytest_asyncio
 from yarl import URL
 
-from tests.helpers import multipart
+from tests.helpers import assert_png, multipart, open_engine
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300), pytest.mark.asyncio]
 
 IMAGE = "sessionpool/code-interpreter:dev"
-REPO = Path(__file__).resolve().parents[1]
 LEGACY = {"api-version": "2024-02-02-preview", "identifier": "test-session"}
 NEW = {"api-version": "2025-10-02-preview", "identifier": "test-session"}
 SHELL = {"api-version": "2025-02-02-preview", "identifier": "test-session"}
@@ -37,7 +32,6 @@ LANGCHAIN_HEADERS = {
     "User-Agent": "langchain-azure-dynamic-sessions/0.2.0 (Language=Python)",
 }
 MIB = 1024 * 1024
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEALTH_DEADLINE_S = 90.0
 
 
@@ -63,18 +57,10 @@ async def _wait_healthy(base_url: str, container: Any) -> None:
     pytest.fail(f"code interpreter not healthy after {HEALTH_DEADLINE_S} s")
 
 
-def image_container(image: str, target: str, label: str) -> Iterator[str]:
-    """Run `image` (built with deploy/images/build.sh `target` if it is missing) until the
-    generator closes; yield its base URL once /health answers."""
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        pytest.fail(f"Docker is not reachable (these tests need a Docker engine): {exc}")
-    try:
-        client.images.get(image)
-    except docker.errors.ImageNotFound:
-        subprocess.run(["bash", str(REPO / "deploy/images/build.sh"), target], check=True)
+def image_container(image: str, label: str) -> Iterator[str]:
+    """Run `image` (built with deploy/images/build.sh if it is missing) until the generator
+    closes; yield its base URL once /health answers."""
+    client = open_engine(image)
     container = client.containers.run(
         image,
         detach=True,
@@ -95,7 +81,7 @@ def image_container(image: str, target: str, label: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
     """One container for the module."""
-    yield from image_container(IMAGE, "code-interpreter", "code-interpreter-image")
+    yield from image_container(IMAGE, "code-interpreter-image")
 
 
 @pytest_asyncio.fixture
@@ -261,14 +247,10 @@ async def test_matplotlib_figure_is_an_image_result(http: aiohttp.ClientSession)
     code = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.title('t')\nplt.show()"
     props = await legacy_exec(http, code)
     assert props["status"] == "Success"
-    image = props["result"]
-    assert image["type"] == "image"
-    assert image["format"] == "png"
-    assert base64.b64decode(image["base64_data"]).startswith(PNG_MAGIC)
+    assert_png(props["result"])
+    assert props["result"]["format"] == "png"
     new = await new_exec(http, {"code": "plt.figure(); plt.plot([0, 1])"})
-    new_image = new["result"]["executionResult"]
-    assert new_image["type"] == "image"
-    assert base64.b64decode(new_image["base64_data"]).startswith(PNG_MAGIC)
+    assert_png(new["result"]["executionResult"])
 
 
 async def test_figure_after_agg_backend_is_an_image_result_and_is_closed(
@@ -281,10 +263,8 @@ async def test_figure_after_agg_backend_is_an_image_result_and_is_closed(
     try:
         props = await legacy_exec(http, code)
         assert props["status"] == "Success"
-        image = props["result"]
-        assert image["type"] == "image"
-        assert image["format"] == "png"
-        assert base64.b64decode(image["base64_data"]).startswith(PNG_MAGIC)
+        assert_png(props["result"])
+        assert props["result"]["format"] == "png"
         assert "cannot be shown" not in props["stderr"]
         # Closed once sent: the next execution does not send it again.
         after = await legacy_exec(http, "import matplotlib.pyplot as plt\nlen(plt.get_fignums())")

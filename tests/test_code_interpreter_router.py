@@ -9,27 +9,23 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from router.app import create_app
 from router.pools import parse_pool
 from router.settings import Settings
 from router.store import Store
-from sessionpool.testing import spawn_worker, stop_process
-from tests.helpers import multipart, open_engine, wait_until
+from sessionpool.testing import serving_router
+from tests.helpers import docker_worker, engine_fixture, multipart, wait_until
 from workers.runtime import LABEL_SCOPE
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
-ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/code-interpreter:dev"
 POOL = "cipool"  # pool names are 3-63 characters (POOL_NAME)
 POOL_PATH = f"/pools/{POOL}"
@@ -44,11 +40,7 @@ LANGCHAIN_HEADERS = {
 BINARY = bytes(range(256)) * 8 + b"\r\n\x00end"
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
-    client = open_engine(IMAGE)
-    yield client
-    client.close()
+engine = engine_fixture(IMAGE)
 
 
 @dataclass
@@ -87,36 +79,15 @@ async def env(engine: Any, settings: Settings, store: Store) -> AsyncIterator[En
             },
         )
     )
-    worker = await spawn_worker(
-        settings.replace(
-            reconcile_interval_s=1, orphan_grace_s=2, warm_timeout_s=60, claim_idle_ms=2000
-        )
+    worker = settings.replace(
+        reconcile_interval_s=1, orphan_grace_s=2, warm_timeout_s=60, claim_idle_ms=2000
     )
-    server = TestServer(
-        create_app(settings.replace(allocation_wait_s=60.0)),
-        host="127.0.0.1",
-        handler_cancellation=True,
-    )
-    try:
-        await server.start_server()
+    async with (
+        docker_worker(engine, worker),
+        serving_router(settings.replace(allocation_wait_s=60.0)) as base,
+    ):
         await wait_until(lambda: _ready(store, 1), timeout=90, interval=0.05)
-        yield Env(f"http://127.0.0.1:{server.port}", store, engine, settings.key_prefix)
-    finally:
-        await server.close()
-        try:
-            await stop_process(worker, grace_s=30)
-        finally:
-            raw = engine.api.containers(
-                all=True, filters={"label": f"{LABEL_SCOPE}={settings.key_prefix}"}
-            )
-            for c in raw:  # whatever the worker did not tear down
-                engine.api.remove_container(c["Id"], force=True)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+        yield Env(base, store, engine, settings.key_prefix)
 
 
 # --- helpers -------------------------------------------------------------------------------

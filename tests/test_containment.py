@@ -17,10 +17,9 @@ import asyncio
 import io
 import json
 import logging
-import subprocess
 import tarfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +31,11 @@ from router.errors import SandboxRuntimeError
 from router.limits import DEFAULT, LimitPolicy, Limits
 from router.pools import Pool
 from router.settings import GiB, MiB
-from tests.helpers import make_pool, wait_until
+from tests.helpers import docker_runtime_fixtures, make_pool, remove_networks, sh, wait_until
 from workers.docker import DockerRuntime, limits_not_in_force
 from workers.docker_firewall import bridge_name, firewall_rules
 from workers.docker_storage import QUOTA, TMPFS, Storage
-from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE, Handle, SandboxSpec
+from workers.runtime import LABEL_SANDBOX, Handle, SandboxSpec
 
 pytestmark = pytest.mark.docker
 
@@ -47,10 +46,6 @@ SCOPE = f"c{uuid.uuid4().hex[:8]}"
 PREFIX = f"spcont{uuid.uuid4().hex[:6]}"
 WRITABLE = ("/tmp", "/var/tmp", "/run", "/mnt/data", "/home/sandbox")
 READ_ONLY = ("/", "/etc", "/usr", "/opt")
-
-
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, check=check, timeout=300)
 
 
 def image_api() -> str:
@@ -67,33 +62,12 @@ def iptables_has(rule: tuple[str, ...]) -> bool:
     return sh("iptables", "-w", "5", "-C", *rule, check=False).returncode == 0
 
 
-async def remove_networks(prefix: str) -> None:
-    runtime = DockerRuntime(network_prefix=prefix)
-    try:
-        await runtime.remove_networks()
-    finally:
-        await runtime.close()
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[None]:
-    """The engine must answer (fail, never skip); the hostile image is built when missing."""
-    info = sh("docker", "info", "--format", "{{.ServerVersion}}", check=False)
-    assert info.returncode == 0, f"Docker engine unreachable: {info.stderr.strip()}"
+def _ensure_image() -> None:
     if image_api() != HOSTILE_API:  # missing, or built from an older tree (no /report)
         sh("bash", str(ROOT / "deploy/images/build.sh"), "hostile")
-    yield
-    left = sh("docker", "ps", "-aq", "--filter", f"label={LABEL_SCOPE}={SCOPE}").stdout.split()
-    if left:
-        sh("docker", "rm", "-f", *left, check=False)
-    asyncio.run(remove_networks(PREFIX))
 
 
-@pytest.fixture
-async def runtime(engine: None) -> AsyncIterator[DockerRuntime]:
-    rt = DockerRuntime(network_prefix=PREFIX)
-    yield rt
-    await rt.close()
+engine, runtime = docker_runtime_fixtures(SCOPE, PREFIX, _ensure_image)
 
 
 @pytest.fixture

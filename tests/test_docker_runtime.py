@@ -20,7 +20,15 @@ import pytest
 
 from router.errors import SandboxRuntimeError
 from router.pools import Pool
-from tests.helpers import make_pool, wait_until
+from tests.helpers import (
+    docker_runtime_fixtures,
+    make_pool,
+    recording_server,
+    remove_networks,
+    sh,
+    tcp_connects,
+    wait_until,
+)
 from workers import runtime as labels
 from workers.docker import DockerRuntime
 from workers.docker_firewall import bridge_name, firewall_rules
@@ -33,10 +41,6 @@ IMAGE = "sessionpool/echo:dev"
 SCOPE = f"t{uuid.uuid4().hex[:8]}"
 PREFIX = f"sptest{uuid.uuid4().hex[:6]}"
 READY_S = 30.0
-
-
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, check=check, timeout=300)
 
 
 def inspect(container: str) -> dict[str, Any]:
@@ -52,33 +56,12 @@ def iptables_has(rule: tuple[str, ...]) -> bool:
     return sh("iptables", "-w", "5", "-C", *rule, check=False).returncode == 0
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[None]:
-    """The engine must answer (fail, never skip); the echo image is built when missing."""
-    info = sh("docker", "info", "--format", "{{.ServerVersion}}", check=False)
-    assert info.returncode == 0, f"Docker engine unreachable: {info.stderr.strip()}"
+def _ensure_image() -> None:
     if sh("docker", "image", "inspect", IMAGE, check=False).returncode != 0:
         sh("bash", str(ROOT / "deploy/images/build.sh"), "echo")
-    yield
-    left = scope_containers()
-    if left:
-        sh("docker", "rm", "-f", *left, check=False)
-    asyncio.run(_remove_networks(PREFIX))
 
 
-async def _remove_networks(prefix: str) -> None:
-    runtime = DockerRuntime(network_prefix=prefix)
-    try:
-        await runtime.remove_networks()
-    finally:
-        await runtime.close()
-
-
-@pytest.fixture
-async def runtime(engine: None) -> AsyncIterator[DockerRuntime]:
-    rt = DockerRuntime(network_prefix=PREFIX)
-    yield rt
-    await rt.close()
+engine, runtime = docker_runtime_fixtures(SCOPE, PREFIX, _ensure_image)
 
 
 @pytest.fixture
@@ -366,7 +349,7 @@ async def test_networks_are_created_once_under_concurrency(engine: None) -> None
     finally:
         for rt in runtimes:
             await rt.close()
-        await _remove_networks(prefix)
+        await remove_networks(prefix)
     assert (
         sh("docker", "network", "inspect", f"{prefix}-egress-enabled", check=False).returncode != 0
     )
@@ -425,17 +408,6 @@ def fake_remote() -> Iterator[tuple[str, str, str, int]]:
         sh("ip", "link", "del", host_end, check=False)
 
 
-async def tcp_connects(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-    except (TimeoutError, OSError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
-
-
 async def test_sandboxes_reach_neither_each_other_nor_the_host_nor_metadata(
     runtime: DockerRuntime,
     http: aiohttp.ClientSession,
@@ -443,15 +415,7 @@ async def test_sandboxes_reach_neither_each_other_nor_the_host_nor_metadata(
 ) -> None:
     link_local, private, public, remote_port = fake_remote
     # "The host's services" (Redis, the router's admin API): a server on all host addresses.
-    served: list[str] = []
-
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        served.append(writer.get_extra_info("peername")[0])
-        writer.close()
-
-    host_service = await asyncio.start_server(on_connect, "0.0.0.0", 0)
-    host_port = host_service.sockets[0].getsockname()[1]
-    try:
+    async with recording_server() as (host_port, served):
         closed_pool, open_pool = echo_pool("closed"), echo_pool("open", egress=True)
         a, b, c, d = await asyncio.gather(
             runtime.create(spec(closed_pool)),
@@ -509,6 +473,3 @@ async def test_sandboxes_reach_neither_each_other_nor_the_host_nor_metadata(
         out = await get_json(http, c, f"/connect?host={public}&port={remote_port}&timeout_ms=3000")
         assert out == {"connected": True, "error": None}
         await asyncio.gather(*(runtime.destroy(h.container) for h in (a, b, c, d)))
-    finally:
-        host_service.close()
-        await host_service.wait_closed()

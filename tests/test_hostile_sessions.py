@@ -19,7 +19,6 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -32,12 +31,11 @@ from router.pools import Pool, parse_pool
 from router.settings import Settings
 from router.store import Store, open_redis
 from sessionpool.testing import spawn_worker, stop_process
-from tests.helpers import open_engine, wait_until
+from tests.helpers import open_engine, recording_server, tcp_connects, wait_until
 from workers.docker import DockerRuntime
 from workers.runtime import LABEL_SCOPE
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(240)]
-ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/hostile:dev"
 NETWORK_PREFIX = f"sphost{uuid.uuid4().hex[:6]}"
 MEMORY_MIB = 128
@@ -232,17 +230,6 @@ def host_addresses() -> list[str]:
     return [line.split()[3].split("/")[0] for line in out.splitlines()]
 
 
-async def tcp_connects(host: str, port: int) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
-    except (TimeoutError, OSError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
-
-
 # Network -----------------------------------------------------------------------------------
 
 
@@ -251,15 +238,7 @@ async def test_a_session_reaches_nothing_it_must_not(cluster: Cluster, egress: b
     c = cluster
     # "The outside" under EgressDisabled, and any other host service: a server on every
     # host address that records who connected.
-    seen: list[str] = []
-
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.append(writer.get_extra_info("peername")[0])
-        writer.close()
-
-    outside = await asyncio.start_server(on_connect, "0.0.0.0", 0)
-    outside_port = outside.sockets[0].getsockname()[1]
-    try:
+    async with recording_server() as (outside_port, seen):
         await warm(c, hostile_pool(ready=3, egress=egress))
         await c.get("hostile", "/health", "attacker")
         peer = (await c.addr_of("hostile", "bystander")).split(":")[0]
@@ -295,9 +274,6 @@ async def test_a_session_reaches_nothing_it_must_not(cluster: Cluster, egress: b
         container = await c.container_of("hostile", "attacker")
         await c.stop("hostile", "attacker")
         await c.wait_gone("hostile", "attacker", container, timeout=15)
-    finally:
-        outside.close()
-        await outside.wait_closed()
 
 
 # Processes ---------------------------------------------------------------------------------

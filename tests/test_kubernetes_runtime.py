@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import docker
 import pytest
 
 from router.limits import LimitPolicy
 from router.pools import Pool, parse_pool
 from router.settings import Settings
-from tests.helpers import wait_until
+from tests.helpers import engine_fixture, open_engine, wait_until
 from tests.kube_fake import FakeKube, forbidden
 from tests.test_kubernetes_deploy import worker_role_rules
 from workers import podspec
@@ -25,22 +23,12 @@ from workers.kubernetes import KubernetesRuntime
 from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE, Exit, SandboxSpec
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(120)]
-ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/echo:dev"
 CODE_IMAGE = "sessionpool/code-interpreter:dev"
 NS = "sandboxes"
 
 
-@pytest.fixture(scope="module")
-def engine() -> Any:
-    client = docker.from_env()
-    client.ping()  # no engine: the tests fail here, they never skip
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run(["bash", str(ROOT / "deploy/images/build.sh"), "echo"], check=True)
-    yield client
-    client.close()
+engine = engine_fixture(IMAGE)
 
 
 @pytest.fixture
@@ -284,16 +272,11 @@ async def test_registry_credentials_become_a_pull_secret(
 
 
 async def test_code_interpreter_runs_on_a_read_only_root(
-    runtime: KubernetesRuntime, kube: FakeKube, engine: Any
+    runtime: KubernetesRuntime, kube: FakeKube
 ) -> None:
     """The PythonLTS image writes where ACA sessions write (/mnt/data, /tmp): those are the
     pod's emptyDirs, everything else is read-only."""
-    try:
-        engine.images.get(CODE_IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run(
-            ["bash", str(ROOT / "deploy/images/build.sh"), "code-interpreter"], check=True
-        )
+    open_engine(CODE_IMAGE).close()  # built when missing
     p = parse_pool("lts", {"properties": {"containerType": "PythonLTS"}})
     handle = await runtime.create(spec_of(p))
     url = f"http://{handle.addr}"

@@ -10,24 +10,20 @@ import base64
 import json
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestServer
 
-from router.app import create_app
 from router.keys import Keys
 from router.settings import Settings
 from router.store import Store, open_redis
-from sessionpool.testing import spawn_worker, stop_process
+from sessionpool.testing import serving_router
 from tests.conftest import RedisServer
-from tests.helpers import open_engine, wait_until
-from workers.runtime import LABEL_SCOPE
+from tests.helpers import PNG_MAGIC, assert_png, docker_worker, engine_fixture, wait_until
 
 # One router, worker and pair of pools for the whole module (starting them is most of the cost).
 pytestmark = [
@@ -36,10 +32,8 @@ pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
 IMAGES = {"code-interpreter": "sessionpool/code-interpreter:dev", "shell": "sessionpool/shell:dev"}
 PY, SH = "mcppy", "mcpsh"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_PY = "runPythonCodeInRemoteEnvironment"
 RUN_SH = "runShellCommandInRemoteEnvironment"
 
@@ -57,13 +51,7 @@ def _pool(container_type: str, mcp: bool = True) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
-    client, *others = [open_engine(image) for image in IMAGES.values()]  # built when missing
-    for other in others:
-        other.close()
-    yield client
-    client.close()
+engine = engine_fixture(*IMAGES.values())  # built when missing
 
 
 @dataclass
@@ -116,34 +104,21 @@ async def env(engine: Any, redis_server: RedisServer) -> AsyncIterator[Env]:
     )
     redis = open_redis(settings.redis_url)
     store = Store(redis, Keys(settings.key_prefix))
-    worker = await spawn_worker(
-        settings.replace(reconcile_interval_s=1, orphan_grace_s=2, warm_timeout_s=60)
-    )
-    server = TestServer(
-        create_app(settings.replace(allocation_wait_s=60.0)),
-        host="127.0.0.1",
-        handler_cancellation=True,
-    )
+    worker = settings.replace(reconcile_interval_s=1, orphan_grace_s=2, warm_timeout_s=60)
     try:
-        await server.start_server()
-        async with aiohttp.ClientSession() as http:
-            e = Env(f"http://127.0.0.1:{server.port}", store, http)
+        async with (
+            docker_worker(engine, worker),
+            serving_router(settings.replace(allocation_wait_s=60.0)) as base,
+            aiohttp.ClientSession() as http,
+        ):
+            e = Env(base, store, http)
             for name, ctype in ((PY, "PythonLTS"), (SH, "Shell")):
                 status, body = await e.admin("PUT", name, _pool(ctype))
                 assert status == 201, body
             await wait_until(_all_ready(store), timeout=90, interval=0.05)
             yield e
     finally:
-        await server.close()
-        try:
-            await stop_process(worker, grace_s=30)
-        finally:
-            raw = engine.api.containers(
-                all=True, filters={"label": f"{LABEL_SCOPE}={settings.key_prefix}"}
-            )
-            for c in raw:  # whatever the worker did not tear down
-                engine.api.remove_container(c["Id"], force=True)
-            await redis.aclose()
+        await redis.aclose()
 
 
 def _all_ready(store: Store) -> Any:
@@ -489,5 +464,4 @@ async def test_langchain_tools_against_shell_and_python_pools(env: Env) -> None:
 
     props = await asyncio.to_thread(run_python)
     assert props["status"] == "Success"
-    assert props["result"]["type"] == "image"
-    assert base64.b64decode(props["result"]["base64_data"]).startswith(PNG_MAGIC)
+    assert_png(props["result"])

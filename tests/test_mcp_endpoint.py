@@ -65,12 +65,6 @@ async def router(settings: Settings) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
 async def shells() -> AsyncIterator[list[ShellSandbox]]:
     started: list[ShellSandbox] = []
     yield started

@@ -25,21 +25,6 @@ Serving = Callable[..., Awaitable[tuple[str, list[FakeSandbox]]]]
 
 
 @pytest.fixture
-async def sandboxes() -> AsyncIterator[Callable[[], Awaitable[FakeSandbox]]]:
-    made: list[FakeSandbox] = []
-
-    async def make() -> FakeSandbox:
-        sb = await FakeSandbox().start()
-        made.append(sb)
-        return sb
-
-    yield make
-    for sb in made:
-        sb.slow_release.set()
-        await sb.close()
-
-
-@pytest.fixture
 async def start_router(settings: Settings) -> AsyncIterator[Router]:
     servers: list[TestServer] = []
 

@@ -13,16 +13,17 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from router.pools import Pool
 from router.settings import Settings
 from router.store import Store
 from sessionpool.testing import spawn, spawn_router
 from tests.helpers import CHUNK, FakeSandbox, add_ready, make_pool, pattern_sha, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 SIZE = 200 * MiB
 
 RouterProc = tuple[asyncio.subprocess.Process, str]
+Serving = Callable[..., Awaitable[RouterProc]]
 
 
 @pytest.fixture
@@ -41,6 +42,29 @@ async def router_proc(settings: Settings) -> AsyncIterator[Callable[[], Awaitabl
             await proc.wait()
 
 
+@pytest.fixture
+async def sandbox() -> AsyncIterator[FakeSandbox]:
+    sb = await FakeSandbox().start()
+    yield sb
+    sb.slow_release.set()
+    await sb.close()
+
+
+@pytest.fixture
+def serving(
+    store: Store, sandbox: FakeSandbox, router_proc: Callable[[], Awaitable[RouterProc]]
+) -> Serving:
+    """Put `pool` (the demo pool by default) with `sandbox` ready; start a router process."""
+
+    async def serve(pool: Pool | None = None) -> RouterProc:
+        pool = pool or make_pool()
+        await store.put_pool(pool)
+        await add_ready(store, pool, sandbox)
+        return await router_proc()
+
+    return serve
+
+
 def rss_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -48,107 +72,80 @@ def rss_kib(pid: int, field: str) -> int:
     raise AssertionError(field)
 
 
-async def test_200_mib_both_ways_in_bounded_memory(
-    store: Store, router_proc: Callable[[], Awaitable[RouterProc]]
-) -> None:
-    pool = make_pool()
-    await store.put_pool(pool)
-    sb = await FakeSandbox().start()
-    try:
-        await add_ready(store, pool, sb)
-        proc, base = await router_proc()
-        async with aiohttp.ClientSession(auto_decompress=False) as http:
-            ep = f"{base}/pools/demo"
-            async with http.get(f"{ep}/warm?identifier=streamer") as r:
+async def test_200_mib_both_ways_in_bounded_memory(serving: Serving) -> None:
+    proc, base = await serving()
+    async with aiohttp.ClientSession(auto_decompress=False) as http:
+        ep = f"{base}/pools/demo"
+        async with http.get(f"{ep}/warm?identifier=streamer") as r:
+            assert r.status == 200
+        baseline = rss_kib(proc.pid, "VmRSS")
+        Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # reset the peak (VmHWM)
+
+        async def upload() -> AsyncIterator[bytes]:
+            for _ in range(SIZE // len(CHUNK)):
+                yield CHUNK
+
+        async with http.post(f"{ep}/up?identifier=streamer", data=upload()) as r:
+            seen = await r.json()
+        assert seen["body_bytes"] == SIZE
+        assert seen["body_sha256"] == pattern_sha(SIZE)
+        for chunked in ("0", "1"):
+            digest, size = hashlib.sha256(), 0
+            url = f"{ep}/download?size={SIZE}&chunked={chunked}&identifier=streamer"
+            async with http.get(url) as r:
                 assert r.status == 200
-            baseline = rss_kib(proc.pid, "VmRSS")
-            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # reset the peak (VmHWM)
-
-            async def upload() -> AsyncIterator[bytes]:
-                for _ in range(SIZE // len(CHUNK)):
-                    yield CHUNK
-
-            async with http.post(f"{ep}/up?identifier=streamer", data=upload()) as r:
-                seen = await r.json()
-            assert seen["body_bytes"] == SIZE
-            assert seen["body_sha256"] == pattern_sha(SIZE)
-            for chunked in ("0", "1"):
-                digest, size = hashlib.sha256(), 0
-                url = f"{ep}/download?size={SIZE}&chunked={chunked}&identifier=streamer"
-                async with http.get(url) as r:
-                    assert r.status == 200
-                    if chunked == "0":
-                        assert r.headers["Content-Length"] == str(SIZE)
-                    else:
-                        assert "Content-Length" not in r.headers
-                        assert r.headers["Transfer-Encoding"] == "chunked"
-                    async for chunk in r.content.iter_any():
-                        digest.update(chunk)
-                        size += len(chunk)
-                assert size == SIZE
-                assert digest.hexdigest() == pattern_sha(SIZE)
-            growth_mib = (rss_kib(proc.pid, "VmHWM") - baseline) / 1024
-        assert growth_mib < 16, f"router peak RSS grew by {growth_mib:.1f} MiB"
-    finally:
-        await sb.close()
+                if chunked == "0":
+                    assert r.headers["Content-Length"] == str(SIZE)
+                else:
+                    assert "Content-Length" not in r.headers
+                    assert r.headers["Transfer-Encoding"] == "chunked"
+                async for chunk in r.content.iter_any():
+                    digest.update(chunk)
+                    size += len(chunk)
+            assert size == SIZE
+            assert digest.hexdigest() == pattern_sha(SIZE)
+        growth_mib = (rss_kib(proc.pid, "VmHWM") - baseline) / 1024
+    assert growth_mib < 16, f"router peak RSS grew by {growth_mib:.1f} MiB"
 
 
 async def test_killed_router_does_not_keep_sessions_alive(
-    store: Store, router_proc: Callable[[], Awaitable[RouterProc]]
+    store: Store, sandbox: FakeSandbox, serving: Serving
 ) -> None:
-    pool = make_pool(cooldown_s=1)
-    await store.put_pool(pool)
-    sb = await FakeSandbox().start()
-    try:
-        await add_ready(store, pool, sb)
-        proc, base = await router_proc()
-        async with aiohttp.ClientSession() as http:
-            task = asyncio.ensure_future(http.get(f"{base}/pools/demo/hang?identifier=orphan"))
-            await asyncio.wait_for(sb.slow_started.wait(), 10)
-            k = store.pk("demo")
-            first = await store.redis.zscore(k.expiry, "orphan")
+    proc, base = await serving(make_pool(cooldown_s=1))
+    async with aiohttp.ClientSession() as http:
+        task = asyncio.ensure_future(http.get(f"{base}/pools/demo/hang?identifier=orphan"))
+        await asyncio.wait_for(sandbox.slow_started.wait(), 10)
+        k = store.pk("demo")
+        first = await store.redis.zscore(k.expiry, "orphan")
 
-            async def refreshed() -> bool:  # the in-flight request keeps it alive...
-                return (await store.redis.zscore(k.expiry, "orphan") or 0) > (first or 0) + 500
+        async def refreshed() -> bool:  # the in-flight request keeps it alive...
+            return (await store.redis.zscore(k.expiry, "orphan") or 0) > (first or 0) + 500
 
-            await wait_until(refreshed, timeout=5)
-            proc.send_signal(signal.SIGKILL)
-            await proc.wait()
-            last = await store.redis.zscore(k.expiry, "orphan")
-            t = await store.redis.time()
-            now_ms = t[0] * 1000 + t[1] // 1000
-            # ...until the router dies: then it expires one cooldown after its last touch.
-            assert last is not None and last - now_ms <= 1000 + 50
-            task.cancel()
-    finally:
-        sb.slow_release.set()
-        await sb.close()
+        await wait_until(refreshed, timeout=5)
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        last = await store.redis.zscore(k.expiry, "orphan")
+        t = await store.redis.time()
+        now_ms = t[0] * 1000 + t[1] // 1000
+        # ...until the router dies: then it expires one cooldown after its last touch.
+        assert last is not None and last - now_ms <= 1000 + 50
+        task.cancel()
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
-async def test_sigterm_drains_in_flight_then_exits(
-    store: Store, router_proc: Callable[[], Awaitable[RouterProc]]
-) -> None:
-    pool = make_pool()
-    await store.put_pool(pool)
-    sb = await FakeSandbox().start()
-    try:
-        await add_ready(store, pool, sb)
-        proc, base = await router_proc()
-        async with aiohttp.ClientSession() as http:
-            task = asyncio.ensure_future(http.get(f"{base}/pools/demo/hang?identifier=drainer"))
-            await asyncio.wait_for(sb.slow_started.wait(), 10)
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            assert proc.returncode is None  # still finishing the request in flight
-            sb.slow_release.set()
-            async with await asyncio.wait_for(task, 10) as r:
-                assert r.status == 200
-                assert await r.text() == "released"
-            assert await asyncio.wait_for(proc.wait(), 10) == 0
-    finally:
-        sb.slow_release.set()
-        await sb.close()
+async def test_sigterm_drains_in_flight_then_exits(sandbox: FakeSandbox, serving: Serving) -> None:
+    proc, base = await serving()
+    async with aiohttp.ClientSession() as http:
+        task = asyncio.ensure_future(http.get(f"{base}/pools/demo/hang?identifier=drainer"))
+        await asyncio.wait_for(sandbox.slow_started.wait(), 10)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        assert proc.returncode is None  # still finishing the request in flight
+        sandbox.slow_release.set()
+        async with await asyncio.wait_for(task, 10) as r:
+            assert r.status == 200
+            assert await r.text() == "released"
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
 
 
 async def test_processes_share_one_port(settings: Settings, store: Store) -> None:
@@ -192,23 +189,14 @@ async def test_processes_share_one_port(settings: Settings, store: Store) -> Non
         await sb.close()
 
 
-async def test_sigterm_closes_websockets_with_1001(
-    store: Store, router_proc: Callable[[], Awaitable[RouterProc]]
-) -> None:
-    pool = make_pool()
-    await store.put_pool(pool)
-    sb = await FakeSandbox().start()
-    try:
-        await add_ready(store, pool, sb)
-        proc, base = await router_proc()
-        async with aiohttp.ClientSession() as http:
-            async with http.ws_connect(f"{base}/pools/demo/ws?identifier=ws-leaver") as ws:
-                await ws.send_str("hello")
-                assert await ws.receive_str() == f"{sb.name}:hello"
-                proc.send_signal(signal.SIGTERM)
-                msg = await asyncio.wait_for(ws.receive(), 10)
-                assert msg.type == aiohttp.WSMsgType.CLOSE
-                assert msg.data == aiohttp.WSCloseCode.GOING_AWAY
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
-    finally:
-        await sb.close()
+async def test_sigterm_closes_websockets_with_1001(sandbox: FakeSandbox, serving: Serving) -> None:
+    proc, base = await serving()
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{base}/pools/demo/ws?identifier=ws-leaver") as ws:
+            await ws.send_str("hello")
+            assert await ws.receive_str() == f"{sandbox.name}:hello"
+            proc.send_signal(signal.SIGTERM)
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            assert msg.type == aiohttp.WSMsgType.CLOSE
+            assert msg.data == aiohttp.WSCloseCode.GOING_AWAY
+    assert await asyncio.wait_for(proc.wait(), 20) == 0

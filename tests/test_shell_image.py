@@ -22,7 +22,7 @@ SHELL = {"api-version": "2025-02-02-preview", "identifier": "shell-session"}
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
     """One container for the module."""
-    yield from image_container(IMAGE, "shell", "shell-image")
+    yield from image_container(IMAGE, "shell-image")
 
 
 @pytest_asyncio.fixture

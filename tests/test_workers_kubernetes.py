@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import docker
 import orjson
 import pytest
 from kubernetes_asyncio import client as kclient
@@ -38,14 +36,13 @@ from router.sandboxes import MarkReady
 from router.settings import Settings
 from router.store import Store
 from sessionpool.testing import FAST_WORKER, Workers, counts_are, serving_router
-from tests.helpers import wait_until
+from tests.helpers import engine_fixture, wait_until
 from tests.kube_fake import FakeKube, forbidden
 from tests.test_kubernetes_deploy import worker_role_rules
 from workers import podspec
 from workers.runtime import LABEL_POOL, LABEL_SANDBOX, LABEL_SCOPE, SandboxSpec
 
 pytestmark = [pytest.mark.timeout(180)]
-ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/echo:dev"
 Json = dict[str, Any]
 
@@ -128,16 +125,7 @@ class Cluster:
             await self.api.close()
 
 
-@pytest.fixture(scope="module")
-def engine() -> Any:
-    client = docker.from_env()
-    client.ping()  # no engine: the tests fail here, they never skip
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run(["bash", str(ROOT / "deploy/images/build.sh"), "echo"], check=True)
-    yield client
-    client.close()
+engine = engine_fixture(IMAGE)
 
 
 @pytest.fixture(
