@@ -273,9 +273,10 @@ async def forward_http(
     host, port = split_addr(addr)
     pool = clients.pool(host, port)
     sender: asyncio.Task[None] | None = None
+    retried = False
     while True:
         try:
-            conn = pool.acquire() or await clients.fresh(pool)
+            conn = (None if retried else pool.acquire()) or await clients.fresh(pool)
         except UpstreamError as exc:
             raise _upstream_failure(addr, exc) from exc
         answer = conn.start(head, request.method == "HEAD")
@@ -291,8 +292,8 @@ async def forward_http(
             conn.finish(False)
             if sender is not None:
                 sender.cancel()
-            if retry and conn.reused and exc.before_response:
-                retry = False  # a stale pooled connection: once more on a new one
+            if retry and not retried and conn.reused and exc.before_response:
+                retried = True  # a stale pooled connection: once more on a new one
                 continue
             raise _upstream_failure(addr, exc) from exc
         except OSError as exc:  # the body could not be sent

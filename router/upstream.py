@@ -83,6 +83,7 @@ class Connection(asyncio.Protocol):
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._until_close = False
+        self._extra = False
 
     # asyncio.Protocol
 
@@ -122,7 +123,7 @@ class Connection(asyncio.Protocol):
             else:
                 self._fail(UpstreamError("the session closed the connection", not self._got_bytes))
         if self._writable is not None and not self._writable.done():
-            self._writable.set_exception(ConnectionResetError("the session closed"))
+            self._writable.set_result(None)  # the writer sees `closed`
 
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
@@ -138,10 +139,17 @@ class Connection(asyncio.Protocol):
     def _headers_done(self) -> bool:
         return self._response is not None and self._response.done()
 
+    def on_message_begin(self) -> None:
+        if self._headers_done:  # a second answer to one request: never trusted again
+            self._extra = True
+
     def on_status(self, status: bytes) -> None:
-        self._reason += status.decode("latin-1")
+        if not self._headers_done:
+            self._reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            return
         self._headers.add(
             name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
         )
@@ -164,6 +172,8 @@ class Connection(asyncio.Protocol):
             self._response.set_result(Response(status, self._reason, headers, keep_alive))
 
     def on_body(self, body: bytes) -> None:
+        if self._extra:
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._paused_reading and self.transport:
@@ -172,7 +182,7 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if self._headers_done:
+        if self._headers_done and not self._extra:
             self._complete = True
             self._wake()
 
@@ -219,8 +229,11 @@ class Connection(asyncio.Protocol):
         if self.closed or self.transport is None:
             raise ConnectionResetError("the session closed")
         self.transport.write(data)
+        self._last_read = self.loop.time()  # a long upload is not an idle session
         if self._writable is not None and not self._writable.done():
             await self._writable
+            if self.closed:
+                raise ConnectionResetError("the session closed")
 
     def take_buffered(self) -> bytes:
         """What of the body has arrived already, at once."""
@@ -270,6 +283,7 @@ class Connection(asyncio.Protocol):
             and self._error is None
             and not self._chunks
             and not self._until_close
+            and not self._extra
             and not self.closed
             and self._response is not None
             and self._response.done()
