@@ -320,8 +320,6 @@ def _workers(quick: bool, out: Path, n: int) -> dict[str, Any]:
     started: list[Proc] = []
     with tempfile.TemporaryDirectory(prefix="sp-cold-") as tmp:
         redis = RedisServer(Path(tmp)).start()
-        assert redis.proc is not None
-        started.append(redis.proc)
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         env = {
@@ -358,6 +356,7 @@ def _workers(quick: bool, out: Path, n: int) -> dict[str, Any]:
         finally:
             for p in reversed(started):
                 p.stop()
+            redis.stop()
             docker_bench.remove_scope(client, prefix)
             client.close()
     return data

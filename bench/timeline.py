@@ -221,7 +221,6 @@ def run(n: int, out: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sp-timeline-") as tmp:
         workdir = Path(tmp)
         redis = RedisServer(workdir).start()
-        started.append(redis.proc)  # type: ignore[arg-type]
         env = {
             "SESSIONPOOL_REDIS_URL": redis.url,
             "SESSIONPOOL_KEY_PREFIX": prefix,
@@ -258,6 +257,7 @@ def run(n: int, out: Path) -> dict[str, Any]:
         finally:
             for p in reversed(started):
                 p.stop()
+            redis.stop()
             docker_bench.remove_scope(client, prefix)
             client.close()
     data["image"] = IMAGE
