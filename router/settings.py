@@ -42,7 +42,7 @@ class Settings:
     upstream_connect_timeout_s: float = 5.0
     upstream_idle_timeout_s: float = 240.0
     # Idle keep-alive connections kept per sandbox address, and for how long.
-    upstream_pool_max_idle: int = 64
+    upstream_pool_max_idle: int = 1024
     upstream_pool_idle_s: float = 4.0
     max_body_bytes: int = 2 * GiB
     ws_max_msg_bytes: int = 16 * MiB

@@ -115,9 +115,12 @@ async def edge() -> AsyncIterator[Callable[..., Awaitable[Edge]]]:
     made: list[Clients] = []
 
     async def start(
-        max_body_bytes: int = 1 << 30, idle_timeout_s: float = 30.0, max_idle: int = 8
+        max_body_bytes: int = 1 << 30,
+        idle_timeout_s: float = 30.0,
+        max_idle: int = 8,
+        pool_idle_s: float = 30.0,
     ) -> Edge:
-        clients = Clients(2.0, idle_timeout_s, max_idle, 30.0)
+        clients = Clients(2.0, idle_timeout_s, max_idle, pool_idle_s)
         made.append(clients)
         target: list[str] = []
 
@@ -425,4 +428,39 @@ async def test_a_slow_reader_pauses_the_sandbox(
         while chunk := await r.content.read(1 << 20):
             got += len(chunk)
         assert got == size
+    await up.close()
+
+
+async def test_idle_connections_are_bounded_in_count_and_time(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    arrived = 0
+    all_in = asyncio.Event()
+
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 3:
+            all_in.set()
+        await all_in.wait()  # three requests in flight at once: three connections
+        w.write(ok(b"fine"))
+        await w.drain()
+        return True
+
+    up = await raw_server(answer)
+    e = await edge(max_idle=1, pool_idle_s=0.5)
+    e.target.append(up.addr)
+
+    async def get() -> bytes:
+        async with http.get(e.base + "/x") as r:
+            return await r.read()
+
+    assert await asyncio.gather(get(), get(), get()) == [b"fine"] * 3
+    assert up.connections == 3
+    # One is kept for the next request; the two over the bound are closed at once.
+    await wait_until(lambda: up.closed == 2, timeout=5)
+    assert [len(p.idle) for p in e.clients.pools.values()] == [1]
+    # And the kept one is closed once idle for pool_idle_s.
+    await wait_until(lambda: up.closed == 3, timeout=10)
+    assert not e.clients.pools
     await up.close()
