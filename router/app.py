@@ -311,6 +311,7 @@ async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[UPSTREAM] = proxy.Upstream(client, settings, app[METRICS])
     yield
+    app[UPSTREAM].clients.close()
     await client.close()
 
 

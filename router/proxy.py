@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from router.errors import (
     BadRequestError,
     RequestTooLargeError,
+    SessionPoolError,
     SessionTimeoutError,
     SessionUnreachableError,
 )
 from router.forwarding import FORWARDING, set_forwarding
 from router.tunnel import GOING_AWAY, Tunnel, open_tunnel, switching_protocols
+from router.upstream import (
+    Clients,
+    ConnectError,
+    Connection,
+    IdleTimeout,
+    Response,
+    UpstreamError,
+    request_head,
+)
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -56,9 +67,11 @@ WS_ANSWER = frozenset({"sec-websocket-accept"})
 SKIP_AUTO_SESSION = ("User-Agent", "Accept", "Accept-Encoding")
 SKIP_AUTO_BODY = ("Content-Type",)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+FRAMING = frozenset({"content-length"})  # the client writes the body's framing itself
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # an empty body is said, not implied
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+def _connection_tokens(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> set[str]:
     return {
         t.strip().lower()
         for v in headers.getall("Connection", ())
@@ -83,7 +96,7 @@ def upstream_headers(
     return out
 
 
-def downstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def downstream_headers(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The sandbox's response headers as the caller should see them."""
     named = _connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
@@ -98,34 +111,21 @@ def downstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
-class _CappedBody:
-    """The request body as a stream that fails once it passes `cap` bytes."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.exceeded = False
-
-    async def stream(self, body: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-        seen = 0
-        async for chunk in body.iter_any():
-            seen += len(chunk)
-            if seen > self.cap:
-                self.exceeded = True
-                raise RequestTooLargeError(self.cap)
-            yield chunk
-
-    def error(self) -> RequestTooLargeError:
-        return RequestTooLargeError(self.cap)
-
-
 class Upstream:
-    """The way to the sandboxes: the one client session, the size limits, the proxy metrics
-    and the relayed WebSockets (closed with 1001 at shutdown)."""
+    """The way to the sandboxes: the pools of keep-alive connections (router.upstream), the
+    client session other callers (MCP) use, the size limits, the proxy metrics and the relayed
+    WebSockets (closed with 1001 at shutdown)."""
 
     def __init__(
         self, client: aiohttp.ClientSession, settings: Settings, metrics: RouterMetrics
     ) -> None:
         self.client = client
+        self.clients = Clients(
+            settings.upstream_connect_timeout_s,
+            settings.upstream_idle_timeout_s,
+            settings.upstream_pool_max_idle,
+            settings.upstream_pool_idle_s,
+        )
         self.max_body_bytes = settings.max_body_bytes
         self.ws_max_msg_bytes = settings.ws_max_msg_bytes
         self.metrics = metrics
@@ -172,7 +172,7 @@ class Upstream:
                 seconds = self._proxy_seconds[target.pool] = self.metrics.proxy.labels(target.pool)
             return await forward_http(
                 request,
-                self.client,
+                self.clients,
                 addr,
                 target.rest,
                 target.prefix,
@@ -195,67 +195,127 @@ def client_timeout(connect_s: float, idle_s: float) -> aiohttp.ClientTimeout:
     )
 
 
+def split_addr(addr: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` as a host and a port."""
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def _send_body(
+    conn: Connection, content: aiohttp.StreamReader, cap: int, chunked: bool
+) -> None:
+    """Stream the caller's body to the sandbox, failing once it passes `cap` bytes."""
+    seen = 0
+    async for chunk in content.iter_any():
+        if not chunk:
+            continue
+        seen += len(chunk)
+        if seen > cap:
+            raise RequestTooLargeError(cap)
+        if chunked:
+            await conn.write(b"%x\r\n" % len(chunk))
+            await conn.write(chunk)
+            await conn.write(b"\r\n")
+        else:
+            await conn.write(chunk)
+    if chunked:
+        await conn.write(b"0\r\n\r\n")
+
+
+def _framing(request: web.Request) -> bytes:
+    if request.body_exists:
+        length = request.content_length
+        if length is None:
+            return b"Transfer-Encoding: chunked\r\n"
+        return b"Content-Length: %d\r\n" % length
+    if request.method in BODY_METHODS:
+        return b"Content-Length: 0\r\n"
+    return b""
+
+
+def _upstream_failure(addr: str, exc: BaseException) -> SessionPoolError:
+    # The caller never learns a sandbox's address (the operator's log does).
+    if isinstance(exc, IdleTimeout):
+        log.warning("session at %s did not answer in time: %s", addr, exc)
+        return SessionTimeoutError("The session did not answer in time.")
+    if isinstance(exc, ConnectError):
+        log.warning("session at %s is unreachable: %s", addr, exc)
+        return SessionUnreachableError("The session is unreachable.")
+    log.warning("session at %s dropped the connection: %s", addr, exc)
+    return SessionUnreachableError("The session dropped the connection.")
+
+
 async def forward_http(
     request: web.Request,
-    client: aiohttp.ClientSession,
+    clients: Clients,
     addr: str,
     target: str,
     prefix: str,
     max_body_bytes: int,
     on_headers: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
-    """Stream `request` to `http://{addr}{target}` and the answer back.
+    """Stream `request` to `http://{addr}{target}` and the answer back (router.upstream).
 
     A body longer than `max_body_bytes` fails as it streams (a declared length was checked
-    by `Upstream.check_request`).
+    by `Upstream.check_request`). A request without a body that is safe to repeat is sent
+    again, once, on a new connection when a reused one fails before any byte of the answer.
 
     Raises:
         RequestTooLargeError, SessionUnreachableError, SessionTimeoutError: before the
         response started; afterwards a failure aborts the client connection instead.
     """
-    headers = upstream_headers(request, prefix)
+    headers = upstream_headers(request, prefix, drop=FRAMING)
+    framing = _framing(request)
+    head = request_head(request.method, target, addr, headers.items(), framing)
+    chunked = framing.startswith(b"Transfer")
     has_body = request.body_exists
-    url = URL(f"http://{addr}{target}", encoded=True)
-    attempts = 2 if request.method in IDEMPOTENT and not has_body else 1
-    for attempt in range(attempts):
-        body = _CappedBody(max_body_bytes)
-        data = body.stream(request.content) if has_body else None
+    retry = request.method in IDEMPOTENT and not has_body
+    host, port = split_addr(addr)
+    pool = clients.pool(host, port)
+    sender: asyncio.Task[None] | None = None
+    retried = False
+    while True:
         try:
-            up_cm = client.request(
-                request.method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                skip_auto_headers=SKIP_AUTO_BODY if has_body else None,
-            )
-            up = await up_cm.__aenter__()
+            conn = (None if retried else pool.acquire()) or await clients.fresh(pool)
+        except UpstreamError as exc:
+            raise _upstream_failure(addr, exc) from exc
+        answer = conn.start(head, request.method == "HEAD")
+        if has_body:
+            sender = asyncio.create_task(_send_body(conn, request.content, max_body_bytes, chunked))
+            sender.add_done_callback(partial(_body_failed, answer=answer))
+        try:
+            up = await answer
         except RequestTooLargeError:
+            conn.finish(False)
             raise
-        except TimeoutError as exc:  # before ClientError: ServerTimeoutError is both
-            log.warning("session at %s did not answer in time: %r", addr, exc)
-            raise SessionTimeoutError("The session did not answer in time.") from exc
-        except aiohttp.ServerDisconnectedError as exc:
-            if body.exceeded:
-                raise body.error() from None
-            # A pooled keep-alive connection the sandbox had closed: try once more.
-            if attempt + 1 < attempts:
+        except UpstreamError as exc:
+            conn.finish(False)
+            if sender is not None:
+                sender.cancel()
+            if retry and not retried and conn.reused and exc.before_response:
+                retried = True  # a stale pooled connection: once more on a new one
                 continue
-            log.warning("session at %s dropped the connection: %r", addr, exc)
-            raise SessionUnreachableError("The session dropped the connection.") from exc
-        except aiohttp.ClientError as exc:
-            if body.exceeded:
-                raise body.error() from None
-            # The caller never learns a sandbox's address (the operator's log does).
-            log.warning("session at %s is unreachable: %r", addr, exc)
-            raise SessionUnreachableError("The session is unreachable.") from exc
+            raise _upstream_failure(addr, exc) from exc
+        except OSError as exc:  # the body could not be sent
+            conn.finish(False)
+            raise _upstream_failure(addr, exc) from exc
+        except BaseException:
+            conn.finish(False)
+            if sender is not None:
+                sender.cancel()
+            raise
         break
     if on_headers is not None:
         on_headers()
-    try:
-        return await _relay_response(request, up)
-    finally:
-        await up_cm.__aexit__(None, None, None)
+    return await _relay_response(request, conn, up, sender)
+
+
+def _body_failed(task: asyncio.Task[None], *, answer: asyncio.Future[Response]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not answer.done():
+        answer.set_exception(exc)
 
 
 class _Relayed(web.StreamResponse):
@@ -265,21 +325,35 @@ class _Relayed(web.StreamResponse):
     _send_headers_immediately = False
 
 
-async def _relay_response(request: web.Request, up: aiohttp.ClientResponse) -> web.StreamResponse:
-    resp = _Relayed(status=up.status, reason=up.reason, headers=downstream_headers(up.headers))
+async def _relay_response(
+    request: web.Request, conn: Connection, up: Response, sender: asyncio.Task[None] | None
+) -> web.StreamResponse:
+    resp = _Relayed(
+        status=up.status, reason=up.reason or None, headers=downstream_headers(up.headers)
+    )
+    done = False
     try:
         await resp.prepare(request)
-        await resp.write(up.content.read_nowait())  # the headers, and what has arrived
-        async for chunk in up.content.iter_any():
+        await resp.write(conn.take_buffered())  # the headers, and what has arrived
+        async for chunk in conn.body():
             await resp.write(chunk)
         await resp.write_eof()
+        done = True
     except ConnectionResetError:  # the caller went away; aiohttp drops its connection quietly
         return resp
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+    except UpstreamError as exc:
         # Headers are gone already: the only honest signal left is a cut connection.
-        log.info("upstream failed mid-response: %r", exc)
+        log.info("upstream failed mid-response: %s", exc)
         if request.transport is not None:
             request.transport.abort()
+    finally:
+        # Reused only when the whole body went up and the whole answer came down.
+        sent = sender is None or (
+            sender.done() and not sender.cancelled() and sender.exception() is None
+        )
+        if sender is not None and not sender.done():
+            sender.cancel()
+        conn.finish(done and sent)
     return resp
 
 

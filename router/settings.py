@@ -41,6 +41,9 @@ class Settings:
     allocation_wait_s: float = 30.0
     upstream_connect_timeout_s: float = 5.0
     upstream_idle_timeout_s: float = 240.0
+    # Idle keep-alive connections kept per sandbox address, and for how long.
+    upstream_pool_max_idle: int = 1024
+    upstream_pool_idle_s: float = 4.0
     max_body_bytes: int = 2 * GiB
     ws_max_msg_bytes: int = 16 * MiB
     route_cache_ttl_s: float = 2.0
@@ -131,6 +134,7 @@ class Settings:
             "keepalive_timeout_s",
             "upstream_connect_timeout_s",
             "upstream_idle_timeout_s",
+            "upstream_pool_idle_s",
             "route_cache_ttl_s",
             "activity_flush_s",
             "reconcile_interval_s",
@@ -160,6 +164,8 @@ class Settings:
             raise ValueError("jwt_audience: must name at least one audience")
         if self.jwt_leeway_s < 0:
             raise ValueError("jwt_leeway_s: must not be negative")
+        if self.upstream_pool_max_idle < 0:
+            raise ValueError("upstream_pool_max_idle: must not be negative")
         if self.max_connections < 1:
             raise ValueError("max_connections: must be at least 1")
         if self.redis_max_connections < 4:

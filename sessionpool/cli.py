@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     router.add_argument("--keepalive-timeout-s", type=float, help="idle keep-alive close")
     router.add_argument("--max-connections", type=int, help="connection cap per process")
+    router.add_argument(
+        "--upstream-pool-max-idle", type=int, help="idle connections kept per sandbox"
+    )
+    router.add_argument(
+        "--upstream-pool-idle-s", type=float, help="idle sandbox connections close after this"
+    )
     router.add_argument("--redis-max-connections", type=int, help="Redis client pool size")
     router.add_argument(
         "--redis-pool-wait-s", type=float, help="wait for a free Redis connection this long"

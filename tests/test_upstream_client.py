@@ -1,0 +1,466 @@
+"""The router's keep-alive upstream client (router/upstream.py behind proxy.forward_http)
+against raw TCP servers that answer with exactly the bytes each test scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from router import proxy
+from router.errors import SessionPoolError
+from router.upstream import Clients
+from tests.helpers import wait_until
+
+
+@dataclass
+class Seen:
+    """One request as it arrived on the wire."""
+
+    conn: int  # which connection (0, 1, …) carried it
+    head: bytes
+    body: bytes
+    reader: asyncio.StreamReader
+
+
+@dataclass
+class Raw:
+    """A loopback HTTP/1.1 server whose answers are scripted bytes: `answer(seen)` writes
+    to the stream and says whether the connection stays open."""
+
+    answer: Callable[[Seen, asyncio.StreamWriter], Awaitable[bool]]
+    seen: list[Seen] = field(default_factory=list)
+    connections: int = 0
+    closed: int = 0  # connections whose client end closed or dropped
+    server: asyncio.Server | None = None
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    @property
+    def addr(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def start(self) -> Raw:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index = self.connections
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = await _read_body(reader, head)
+                seen = Seen(index, head, body, reader)
+                self.seen.append(seen)
+                if not await self.answer(seen, writer):
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            self.closed += 1
+            writer.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+
+
+async def _read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
+    lower = head.lower()
+    if b"transfer-encoding: chunked" in lower:
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+            data = await reader.readexactly(size + 2)
+            if size == 0:
+                return body
+            body += data[:-2]
+    for line in lower.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return await reader.readexactly(int(line.split(b":")[1]))
+    return b""
+
+
+def headers_of(head: bytes) -> list[tuple[str, str]]:
+    lines = head.decode().split("\r\n")[1:]
+    return [(k.strip().lower(), v.strip()) for k, v in (ln.split(":", 1) for ln in lines if ln)]
+
+
+def ok(body: bytes, extra: str = "") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra.encode(), body)
+
+
+@dataclass
+class Edge:
+    """An aiohttp server forwarding every request to `target` with forward_http."""
+
+    clients: Clients
+    base: str
+    target: list[str]
+
+
+@pytest.fixture
+async def edge() -> AsyncIterator[Callable[..., Awaitable[Edge]]]:
+    servers: list[TestServer] = []
+    made: list[Clients] = []
+
+    async def start(
+        max_body_bytes: int = 1 << 30,
+        idle_timeout_s: float = 30.0,
+        max_idle: int = 8,
+        pool_idle_s: float = 30.0,
+    ) -> Edge:
+        clients = Clients(2.0, idle_timeout_s, max_idle, pool_idle_s)
+        made.append(clients)
+        target: list[str] = []
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            try:
+                return await proxy.forward_http(
+                    request, clients, target[0], request.raw_path, "", max_body_bytes
+                )
+            except SessionPoolError as exc:
+                return web.Response(status=exc.status, text=exc.code)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
+        await server.start_server()
+        servers.append(server)
+        return Edge(clients, f"http://127.0.0.1:{server.port}", target)
+
+    yield start
+    for server in servers:
+        await server.close()
+    for clients in made:
+        clients.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+async def raw_server(answer: Callable[[Seen, asyncio.StreamWriter], Awaitable[bool]]) -> Raw:
+    return await Raw(answer).start()
+
+
+async def test_framings_are_relayed_and_only_clean_ends_are_reused(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        path = seen.head.split(b" ")[1]
+        if path == b"/length":
+            w.write(ok(b"0123456789"))
+        elif path == b"/chunked":
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            w.write(b"5\r\nhello\r\n1;ext=1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n")
+        elif path == b"/continue":
+            w.write(b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"after 100"))
+        elif path == b"/empty":
+            w.write(b"HTTP/1.1 204 No Content\r\nX-A: b\r\n\r\n")
+        elif path == b"/head":
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        elif path == b"/close":
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
+            await w.drain()
+            return False
+        elif path == b"/gzip":
+            w.write(ok(b"\x1f\x8b not really gzip", "Content-Encoding: gzip\r\n"))
+        await w.drain()
+        return True
+
+    up = await raw_server(answer)
+    e = await edge()
+    e.target.append(up.addr)
+    expected = {
+        "/length": (200, b"0123456789"),
+        "/chunked": (200, b"hello world"),
+        "/continue": (200, b"after 100"),
+        "/empty": (204, b""),
+        "/gzip": (200, b"\x1f\x8b not really gzip"),
+    }
+    for path, (status, body) in expected.items():
+        async with http.get(e.base + path) as r:
+            assert (r.status, await r.read()) == (status, body), path
+            if path == "/gzip":
+                assert r.headers["Content-Encoding"] == "gzip"  # relayed, not decoded
+            if path == "/length":
+                assert r.headers["Content-Length"] == "10"
+    # Every clean keep-alive answer left the one connection for the next request.
+    assert up.connections == 1
+    assert {s.conn for s in up.seen} == {0}
+
+    async with http.head(e.base + "/head") as r:
+        assert (r.status, r.headers["Content-Length"], await r.read()) == (200, "1000", b"")
+    async with http.get(e.base + "/close") as r:
+        assert (r.status, await r.read()) == (200, b"until the end")
+    async with http.get(e.base + "/length") as r:
+        assert await r.read() == b"0123456789"
+    # HEAD's connection is not trusted again; the until-close answer ended its connection.
+    assert up.connections == 3
+    await up.close()
+
+
+async def test_header_hygiene_and_body_framing_on_the_wire(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        w.write(ok(hashlib.sha256(seen.body).hexdigest().encode(), "Connection: close\r\n"))
+        await w.drain()
+        return False
+
+    up = await raw_server(answer)
+    e = await edge()
+    e.target.append(up.addr)
+    sent = {
+        "Connection": "keep-alive, X-Secret",
+        "X-Secret": "hop",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Upgrade": "h2c",
+        "Proxy-Authorization": "Basic x",
+        "Authorization": "Bearer caller-token",
+        "X-Custom": "kept",
+    }
+    own = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")  # the caller sends none
+    post = http.post(e.base + "/up?q=1", data=b"x" * 1000, headers=sent, skip_auto_headers=own)
+    async with post as r:
+        assert await r.read() == hashlib.sha256(b"x" * 1000).hexdigest().encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(3):
+            yield b"y" * 70_000
+
+    async with http.put(e.base + "/stream", data=chunks()) as r:
+        assert await r.read() == hashlib.sha256(b"y" * 210_000).hexdigest().encode()
+    async with http.post(e.base + "/nobody") as r:
+        assert r.status == 200
+
+    declared, streamed, empty = up.seen
+    assert declared.head.startswith(b"POST /up?q=1 HTTP/1.1\r\n")
+    names = [k for k, _ in headers_of(declared.head)]
+    assert names.count("host") == 1 and dict(headers_of(declared.head))["host"] == up.addr
+    assert names.count("content-length") == 1
+    assert dict(headers_of(declared.head))["content-length"] == "1000"
+    assert dict(headers_of(declared.head))["x-custom"] == "kept"
+    for dropped in ("connection", "x-secret", "keep-alive", "te", "upgrade", "authorization"):
+        assert dropped not in names, dropped
+    assert "proxy-authorization" not in names
+    assert dict(headers_of(streamed.head))["transfer-encoding"] == "chunked"
+    assert "content-length" not in [k for k, _ in headers_of(streamed.head)]
+    assert streamed.body == b"y" * 210_000
+    assert dict(headers_of(empty.head))["content-length"] == "0"
+    # Nothing the client library would invent on its own.
+    for invented in ("user-agent", "accept-encoding", "content-type"):
+        assert invented not in names
+    await up.close()
+
+
+async def test_a_stale_pooled_connection_is_retried_once_only_when_idempotent(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        if b"/first" in seen.head:
+            w.write(ok(b"first"))
+            await w.drain()
+            return True
+        if seen.conn == 0:  # a kept-alive connection the session drops when used again
+            return False
+        w.write(ok(b"again"))
+        await w.drain()
+        return True
+
+    up = await raw_server(answer)
+    e = await edge()
+    e.target.append(up.addr)
+    async with http.get(e.base + "/first") as r:
+        assert await r.read() == b"first"
+    async with http.get(e.base + "/second") as r:
+        assert (r.status, await r.read()) == (200, b"again")
+    assert up.connections == 2
+    assert [(s.conn, s.head.split(b" ")[1]) for s in up.seen] == [
+        (0, b"/first"),
+        (0, b"/second"),
+        (1, b"/second"),
+    ]
+    await up.close()
+
+
+async def test_post_on_a_stale_connection_is_not_repeated(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        if b"/first" in seen.head:
+            w.write(ok(b"first"))
+            await w.drain()
+            return True
+        return False  # the POST's connection drops before any byte of an answer
+
+    up = await raw_server(answer)
+    e = await edge()
+    e.target.append(up.addr)
+    async with http.get(e.base + "/first") as r:
+        assert await r.read() == b"first"
+    async with http.post(e.base + "/second", data=b"once") as r:
+        assert (r.status, await r.text()) == (502, "SessionUnreachable")
+    assert [s.head.split(b" ")[1] for s in up.seen] == [b"/first", b"/second"]
+    await up.close()
+
+
+async def test_client_disconnect_discards_the_half_read_connection(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    dropped = asyncio.Event()
+
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        if b"/slow" in seen.head:
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhalf")
+            await w.drain()
+            # A router that pooled this half-read connection would send the next request
+            # here; read() returns only at the router's close.
+            assert await seen.reader.read() == b""
+            dropped.set()
+            return False
+        w.write(ok(b"whole"))
+        await w.drain()
+        return True
+
+    up = await raw_server(answer)
+    e = await edge()
+    e.target.append(up.addr)
+    async with http.get(e.base + "/slow") as r:
+        assert await r.content.readexactly(4) == b"half"
+    # The caller left: the router closes the sandbox connection instead of pooling it.
+    await asyncio.wait_for(dropped.wait(), 10)
+    async with http.get(e.base + "/next") as r:
+        assert (r.status, await r.read()) == (200, b"whole")
+    assert [s.conn for s in up.seen] == [0, 1]
+    await up.close()
+
+
+async def test_timeouts_and_a_refused_connect(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        if b"/stall-body" in seen.head:
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
+            await w.drain()
+        await asyncio.sleep(30)
+        return False
+
+    up = await raw_server(answer)
+    e = await edge(idle_timeout_s=0.3)
+    e.target.append(up.addr)
+    async with http.get(e.base + "/stall-head") as r:
+        assert (r.status, await r.text()) == (504, "SessionTimeout")
+    async with http.get(e.base + "/stall-body") as r:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()  # cut: the declared length never arrives
+    await up.close()  # nothing listens there any more
+    async with http.get(e.base + "/refused") as r:
+        assert (r.status, await r.text()) == (502, "SessionUnreachable")
+
+
+async def test_body_cap_on_a_streamed_upload(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        w.write(ok(b"never"))
+        await w.drain()
+        return True
+
+    up = await raw_server(answer)
+    e = await edge(max_body_bytes=100_000)
+    e.target.append(up.addr)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"z" * 50_000
+
+    async with http.post(e.base + "/big", data=chunks()) as r:
+        assert (r.status, await r.text()) == (413, "RequestTooLarge")
+    await up.close()
+
+
+async def test_a_slow_reader_pauses_the_sandbox(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    size = 64 << 20
+    sent = 0
+    writers: list[asyncio.StreamWriter] = []
+
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        nonlocal sent
+        writers.append(w)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        block = b"b" * (1 << 20)
+        while sent < size:
+            w.write(block)
+            sent += len(block)
+            await w.drain()
+        return True
+
+    up = await raw_server(answer)
+    e = await edge()
+    e.target.append(up.addr)
+    async with http.get(e.base + "/big", read_bufsize=1 << 16) as r:
+        assert await r.content.readexactly(1 << 16) == b"b" * (1 << 16)
+        # The caller stopped reading: the sandbox is held back (its socket fills up) by the
+        # kernel buffers and the router's bounded buffer, far short of the whole body.
+        await wait_until(
+            lambda: sent >= size or writers[0].transport.get_write_buffer_size() > 0,
+            timeout=20,
+        )
+        assert sent < size // 2
+        got = 1 << 16
+        while chunk := await r.content.read(1 << 20):
+            got += len(chunk)
+        assert got == size
+    await up.close()
+
+
+async def test_idle_connections_are_bounded_in_count_and_time(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    arrived = 0
+    all_in = asyncio.Event()
+
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 3:
+            all_in.set()
+        await all_in.wait()  # three requests in flight at once: three connections
+        w.write(ok(b"fine"))
+        await w.drain()
+        return True
+
+    up = await raw_server(answer)
+    e = await edge(max_idle=1, pool_idle_s=0.5)
+    e.target.append(up.addr)
+
+    async def get() -> bytes:
+        async with http.get(e.base + "/x") as r:
+            return await r.read()
+
+    assert await asyncio.gather(get(), get(), get()) == [b"fine"] * 3
+    assert up.connections == 3
+    # One is kept for the next request; the two over the bound are closed at once.
+    await wait_until(lambda: up.closed == 2, timeout=5)
+    assert [len(p.idle) for p in e.clients.pools.values()] == [1]
+    # And the kept one is closed once idle for pool_idle_s.
+    await wait_until(lambda: up.closed == 3, timeout=10)
+    assert not e.clients.pools
+    await up.close()
