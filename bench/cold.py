@@ -21,9 +21,7 @@ import argparse
 import asyncio
 import datetime as dt
 import os
-import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,15 +30,12 @@ import aiohttp
 import orjson
 
 from bench import pool as docker_bench
-from bench import proxies, timeline
+from bench import timeline
 from bench.allocation import percentile
 from bench.common import (
     RESULTS,
-    Proc,
-    RedisServer,
     cpu_seconds,
     poll,
-    spawn_worker,
     timed_get,
     until_expired,
 )
@@ -109,17 +104,14 @@ def _bare_create(client: Any, scope: str) -> tuple[str, str]:
 
 
 async def _port_answers(http: aiohttp.ClientSession, ip: str) -> None:
-    deadline = time.monotonic() + 120
-    while True:
+    async def answers() -> bool:
         try:
             async with http.get(f"http://{ip}:8080/health") as r:
-                if r.status == 200:
-                    return
+                return r.status == 200
         except aiohttp.ClientError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{ip}: port never answered")
-        await asyncio.sleep(0.005)
+            return False
+
+    await poll(answers, 120, f"{ip}: port answering", interval=0.005)
 
 
 async def bare_refill(client: Any, scope: str, n: int) -> dict[str, Any]:
@@ -294,43 +286,22 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
 def _workers(quick: bool, out: Path, n: int) -> dict[str, Any]:
     """Refill, teardown and burst against one worker and router of this run's own."""
     data: dict[str, Any] = {}
-    client = docker_bench.docker_client()
-    prefix = f"cold{uuid.uuid4().hex[:8]}"
-    started: list[Proc] = []
-    with tempfile.TemporaryDirectory(prefix="sp-cold-") as tmp:
-        redis = RedisServer(Path(tmp)).start()
-        logs = out / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        env = {
-            "SESSIONPOOL_REDIS_URL": redis.url,
-            "SESSIONPOOL_KEY_PREFIX": prefix,
-            "SESSIONPOOL_WORKER_ID": f"cold-{prefix}",
-        }
-        try:
-            started.append(spawn_worker(env, logs / "cold-worker.log"))
-            router, url = proxies.router(redis.url, prefix, log=logs / "cold-router.log")
-            started.append(router)
+    with docker_bench.deployment("cold", out) as d:
 
-            async def go() -> None:
-                r = open_redis(redis.url)
-                store = Store(r, Keys(prefix))
-                try:
-                    data["bare"] = await bare_refill(client, prefix, n)
-                    data["refill"] = await refill(store, n)
-                    data["teardown_ms"] = await teardown(
-                        store, client, url, prefix, n, logs / "cold-worker.log"
-                    )
-                    data["burst"] = await burst(store, url, 8 if quick else 20)
-                finally:
-                    await r.aclose()
+        async def go() -> None:
+            r = open_redis(d.redis_url)
+            store = Store(r, Keys(d.prefix))
+            try:
+                data["bare"] = await bare_refill(d.client, d.prefix, n)
+                data["refill"] = await refill(store, n)
+                data["teardown_ms"] = await teardown(
+                    store, d.client, d.router_url, d.prefix, n, d.worker_log
+                )
+                data["burst"] = await burst(store, d.router_url, 8 if quick else 20)
+            finally:
+                await r.aclose()
 
-            asyncio.run(go())
-        finally:
-            for p in reversed(started):
-                p.stop()
-            redis.stop()
-            docker_bench.remove_scope(client, prefix)
-            client.close()
+        asyncio.run(go())
     return data
 
 

@@ -9,10 +9,13 @@ at the end whatever happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import subprocess
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,17 @@ import aiohttp
 
 from bench import proxies
 from bench.allocation import Latencies, percentile
-from bench.common import ROOT, Proc, poll, python, spawn, timed_get, until_expired
+from bench.common import (
+    ROOT,
+    Proc,
+    RedisServer,
+    poll,
+    python,
+    spawn,
+    spawn_worker,
+    timed_get,
+    until_expired,
+)
 from bench.seed import IMAGE, pool_def
 from router.keys import Keys
 from router.store import Store, open_redis
@@ -73,6 +86,52 @@ def ensure_image(client: Any) -> None:
         subprocess.run(
             ["bash", str(ROOT / "deploy/images/build.sh"), "echo"], check=True, timeout=900
         )
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What `deployment` runs: the engine's client, the key prefix (every container's scope),
+    the private Redis, the router's URL and the worker's log."""
+
+    client: Any
+    prefix: str
+    redis_url: str
+    router_url: str
+    worker_log: Path
+
+
+@contextlib.contextmanager
+def deployment(name: str, out: Path, **worker_env: str) -> Iterator[Deployment]:
+    """A private redis-server, one docker-runtime worker (`worker_env`: more SESSIONPOOL_*
+    variables) and one router process under a fresh key prefix, logging to
+    out/logs/<name>-{worker,router}.log; all stopped and the prefix's containers removed
+    afterwards."""
+    client = docker_client()
+    prefix = f"{name}{uuid.uuid4().hex[:8]}"
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    worker_log = logs / f"{name}-worker.log"
+    worker_log.unlink(missing_ok=True)
+    started: list[Proc] = []
+    with tempfile.TemporaryDirectory(prefix=f"sp-{name}-") as tmp:
+        redis = RedisServer(Path(tmp)).start()
+        env = {
+            "SESSIONPOOL_REDIS_URL": redis.url,
+            "SESSIONPOOL_KEY_PREFIX": prefix,
+            "SESSIONPOOL_WORKER_ID": f"{name}-{prefix}",
+            **worker_env,
+        }
+        try:
+            started.append(spawn_worker(env, worker_log))
+            router, url = proxies.router(redis.url, prefix, log=logs / f"{name}-router.log")
+            started.append(router)
+            yield Deployment(client, prefix, redis.url, url, worker_log)
+        finally:
+            for p in reversed(started):
+                p.stop()
+            redis.stop()
+            remove_scope(client, prefix)
+            client.close()
 
 
 def remove_scope(client: Any, scope: str) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -38,8 +37,7 @@ import aiohttp
 import orjson
 
 from bench import pool as docker_bench
-from bench import proxies
-from bench.common import RESULTS, Proc, RedisServer, spawn_worker
+from bench.common import RESULTS
 from bench.seed import IMAGE, pool_def
 from router.keys import Keys
 from router.store import Store, open_redis, text
@@ -214,45 +212,19 @@ def _ms(value: float) -> str:
 
 
 def run(n: int, out: Path) -> dict[str, Any]:
-    client = docker_bench.docker_client()
-    docker_bench.ensure_image(client)
-    prefix = f"tl{uuid.uuid4().hex[:8]}"
-    started: list[Proc] = []
-    with tempfile.TemporaryDirectory(prefix="sp-timeline-") as tmp:
-        workdir = Path(tmp)
-        redis = RedisServer(workdir).start()
-        env = {
-            "SESSIONPOOL_REDIS_URL": redis.url,
-            "SESSIONPOOL_KEY_PREFIX": prefix,
-            "SESSIONPOOL_WORKER_ID": f"timeline-{prefix}",
-            # A dry pool stays dry: no demand-following warm sandboxes between cold requests.
-            "SESSIONPOOL_DEMAND_WINDOW_S": "0.001",
-        }
-        logs = out / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        worker_log = logs / "timeline-worker.log"
-        worker_log.unlink(missing_ok=True)
-        try:
-            started.append(spawn_worker(env, worker_log))
-            router, url = proxies.router(redis.url, prefix, log=logs / "timeline-router.log")
-            started.append(router)
+    # A dry pool stays dry: no demand-following warm sandboxes between cold requests.
+    with docker_bench.deployment("timeline", out, SESSIONPOOL_DEMAND_WINDOW_S="0.001") as d:
+        docker_bench.ensure_image(d.client)
 
-            async def go() -> dict[str, Any]:
-                r = open_redis(redis.url)
-                try:
-                    return await _measure(
-                        Store(r, Keys(prefix)), client, url, prefix, worker_log, n
-                    )
-                finally:
-                    await r.aclose()
+        async def go() -> dict[str, Any]:
+            r = open_redis(d.redis_url)
+            try:
+                store = Store(r, Keys(d.prefix))
+                return await _measure(store, d.client, d.router_url, d.prefix, d.worker_log, n)
+            finally:
+                await r.aclose()
 
-            data = asyncio.run(go())
-        finally:
-            for p in reversed(started):
-                p.stop()
-            redis.stop()
-            docker_bench.remove_scope(client, prefix)
-            client.close()
+        data = asyncio.run(go())
     data["image"] = IMAGE
     data["load"] = Path("/proc/loadavg").read_text().split()[:3]
     text_report = report(data)

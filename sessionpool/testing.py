@@ -35,6 +35,7 @@ __all__ = [
     "Workers",
     "add_ready",
     "bound_socket",
+    "builtin_pool_body",
     "counts_are",
     "echo_pool",
     "make_pool",
@@ -275,6 +276,33 @@ def pool_body(
             "customContainerTemplate": {
                 "containers": [{"name": "main", "image": image, **(container or {})}],
                 "ingress": {"targetPort": target_port},
+            },
+            **props,
+        }
+    }
+
+
+def builtin_pool_body(
+    container_type: str = "PythonLTS",
+    *,
+    max_sessions: int = 10,
+    ready: int = 1,
+    cooldown_s: int = 300,
+    **props: Any,
+) -> dict[str, Any]:
+    """An ARM pool body of a built-in container type (PythonLTS, Shell): no template."""
+    return {
+        "properties": {
+            "containerType": container_type,
+            "scaleConfiguration": {
+                "maxConcurrentSessions": max_sessions,
+                "readySessionInstances": ready,
+            },
+            "dynamicPoolConfiguration": {
+                "lifecycleConfiguration": {
+                    "lifecycleType": "Timed",
+                    "cooldownPeriodInSeconds": cooldown_s,
+                }
             },
             **props,
         }

@@ -105,6 +105,12 @@ async def seed(store: Store, sandboxes: Any, name: str = "demo", n: int = 2, **p
 
 
 @pytest.fixture
+async def demo(store: Store, sandboxes: Any) -> None:
+    """The demo pool with two ready fake sandboxes."""
+    await seed(store, sandboxes)
+
+
+@pytest.fixture
 def keyed(store: Store, sandboxes: Any, keys_file: str, start_router: StartRouter) -> Keyed:
     """Seed a pool (`seed`'s arguments; the demo pool by default) and start a router that
     wants the API keys of `keys_file`."""
@@ -304,16 +310,15 @@ async def test_api_key_reaches_the_session_and_never_leaks_to_it(
     ],
 )
 async def test_bad_or_insufficient_credentials(
+    demo: None,
     keyed: Keyed,
     store: Store,
-    sandboxes: Any,
     http: aiohttp.ClientSession,
     headers: dict[str, str],
     path: str,
     status: int,
     code: str,
 ) -> None:
-    await seed(store, sandboxes)
     r = await keyed("other")
     assert_error(*await call(http, "GET", r.base + path, headers), status, code)
     assert (await store.counts("demo"))["allocated"] == 0  # nothing was claimed
@@ -333,14 +338,12 @@ async def test_scoped_key_serves_its_pool_and_admin_key_the_control_plane(
 
 
 async def test_keys_file_is_reloaded_when_it_changes(
-    store: Store,
-    sandboxes: Any,
+    demo: None,
     tmp_path: Path,
     start_router: StartRouter,
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    await seed(store, sandboxes)
     path = write_keys(
         tmp_path / "k.yaml",
         [
@@ -374,14 +377,12 @@ async def test_keys_file_is_reloaded_when_it_changes(
 
 
 async def test_credentials_never_reach_the_logs(
-    store: Store,
-    sandboxes: Any,
+    demo: None,
     keys_file: str,
     start_router: StartRouter,
     http: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    await seed(store, sandboxes)
     caplog.set_level(logging.DEBUG)
     r = await start_router(auth="required", api_keys_file=keys_file, jwt_hs256_secret=HS_SECRET)
     token = hs_token(aud="https://elsewhere")
@@ -445,14 +446,12 @@ def _alg_none() -> str:
     ],
 )
 async def test_hs256_tokens(
-    store: Store,
-    sandboxes: Any,
+    demo: None,
     start_router: StartRouter,
     http: aiohttp.ClientSession,
     make_token: Callable[[], str],
     status: int,
 ) -> None:
-    await seed(store, sandboxes)
     r = await start_router(auth="required", jwt_hs256_secret=HS_SECRET, jwt_issuer=ISSUER)
     got = await call(http, "GET", f"{r.base}/pools/demo/x?identifier=user1", bearer(make_token()))
     if status == 200:
@@ -462,9 +461,8 @@ async def test_hs256_tokens(
 
 
 async def test_jwt_is_not_accepted_as_x_api_key(
-    store: Store, sandboxes: Any, start_router: StartRouter, http: aiohttp.ClientSession
+    demo: None, start_router: StartRouter, http: aiohttp.ClientSession
 ) -> None:
-    await seed(store, sandboxes)
     r = await start_router(auth="required", jwt_hs256_secret=HS_SECRET)
     url = f"{r.base}/pools/demo/x?identifier=user1"
     assert (await call(http, "GET", url, bearer(hs_token())))[0] == 200
@@ -513,13 +511,8 @@ def rs_token(key: rsa.RSAPrivateKey, kid: str | None, **claims: Any) -> str:
 
 
 async def test_rs256_with_jwks_url_and_key_rotation(
-    store: Store,
-    sandboxes: Any,
-    start_router: StartRouter,
-    http: aiohttp.ClientSession,
-    jwks: JwksServer,
+    demo: None, start_router: StartRouter, http: aiohttp.ClientSession, jwks: JwksServer
 ) -> None:
-    await seed(store, sandboxes)
     k1, jwk1 = rsa_key("k1")
     k2, jwk2 = rsa_key("k2")
     jwks.keys = [jwk1]
@@ -556,13 +549,8 @@ async def test_rs256_with_jwks_url_and_key_rotation(
 
 
 async def test_rs256_with_jwks_file(
-    store: Store,
-    sandboxes: Any,
-    start_router: StartRouter,
-    http: aiohttp.ClientSession,
-    tmp_path: Path,
+    demo: None, start_router: StartRouter, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    await seed(store, sandboxes)
     key, jwk = rsa_key("file-key")
     path = tmp_path / "jwks.json"
     path.write_bytes(orjson.dumps({"keys": [jwk, {"kty": "oct", "k": "abc"}]}))

@@ -17,6 +17,7 @@ from router.pools import parse_pool
 from router.server import start_site
 from router.settings import Settings
 from router.store import Store
+from sessionpool.testing import builtin_pool_body
 from tests.helpers import docker_worker, engine_fixture, wait_until
 from tests.test_tls import client_context, make_cert
 
@@ -35,17 +36,7 @@ async def https_pool(
     engine: Any, settings: Settings, store: Store, tmp_path: Path
 ) -> AsyncIterator[tuple[str, Any]]:
     """(the pool's https:// endpoint, the certificate) with one ready sandbox."""
-    await store.put_pool(
-        parse_pool(
-            POOL,
-            {
-                "properties": {
-                    "containerType": "PythonLTS",
-                    "scaleConfiguration": {"maxConcurrentSessions": 2, "readySessionInstances": 1},
-                }
-            },
-        )
-    )
+    await store.put_pool(parse_pool(POOL, builtin_pool_body(max_sessions=2)))
     cert = make_cert("sessionpool-sk-test")
     cert.install(tmp_path)
     keys = tmp_path / "keys.yaml"

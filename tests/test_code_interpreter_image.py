@@ -78,16 +78,23 @@ def image_container(image: str, label: str) -> Iterator[str]:
         client.close()
 
 
-@pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    """One container for the module."""
-    yield from image_container(IMAGE, "code-interpreter-image")
+def image_fixtures(image: str, label: str) -> tuple[Any, Any]:
+    """A suite's `base_url` (one container of `image` for the module) and `http` (a client
+    on it) fixtures: `base_url, http = image_fixtures(IMAGE, label)`."""
+
+    @pytest.fixture(scope="module")
+    def base_url() -> Iterator[str]:
+        yield from image_container(image, label)
+
+    @pytest_asyncio.fixture
+    async def http(base_url: str) -> AsyncIterator[aiohttp.ClientSession]:
+        async with aiohttp.ClientSession(base_url=base_url) as session:
+            yield session
+
+    return base_url, http
 
 
-@pytest_asyncio.fixture
-async def http(base_url: str) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base_url=base_url) as session:
-        yield session
+base_url, http = image_fixtures(IMAGE, "code-interpreter-image")
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from yarl import URL
 from router.pools import parse_pool
 from router.settings import Settings
 from router.store import Store
-from sessionpool.testing import serving_router
+from sessionpool.testing import builtin_pool_body, serving_router
 from tests.helpers import docker_worker, engine_fixture, multipart, wait_until
 from workers.runtime import LABEL_SCOPE
 
@@ -62,23 +62,7 @@ async def _ready(store: Store, n: int) -> bool:
 
 @pytest.fixture
 async def env(engine: Any, settings: Settings, store: Store) -> AsyncIterator[Env]:
-    await store.put_pool(
-        parse_pool(
-            POOL,
-            {
-                "properties": {
-                    "containerType": "PythonLTS",
-                    "scaleConfiguration": {"maxConcurrentSessions": 5, "readySessionInstances": 1},
-                    "dynamicPoolConfiguration": {
-                        "lifecycleConfiguration": {
-                            "lifecycleType": "Timed",
-                            "cooldownPeriodInSeconds": 300,
-                        }
-                    },
-                }
-            },
-        )
-    )
+    await store.put_pool(parse_pool(POOL, builtin_pool_body(max_sessions=5)))
     worker = settings.replace(
         reconcile_interval_s=1, orphan_grace_s=2, warm_timeout_s=60, claim_idle_ms=2000
     )

@@ -223,6 +223,13 @@ async def warm(c: Cluster, pool: Pool) -> None:
     await c.bystander_serves(pool.name)
 
 
+async def attacker_in(c: Cluster, pool: Pool) -> str:
+    """Warm `pool` and give the attacker a session in it; that session's container."""
+    await warm(c, pool)
+    await c.get(pool.name, "/health", "attacker")
+    return await c.container_of(pool.name, "attacker")
+
+
 def host_addresses() -> list[str]:
     out = subprocess.run(
         ["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True
@@ -286,9 +293,7 @@ async def pids_current(c: Cluster, container: str) -> int:
 
 async def test_fork_bomb_is_held_by_the_pids_limit(cluster: Cluster) -> None:
     c = cluster
-    await warm(c, hostile_pool(ready=2))
-    await c.get("hostile", "/health", "attacker")
-    container = await c.container_of("hostile", "attacker")
+    container = await attacker_in(c, hostile_pool(ready=2))
     await c.post("hostile", "/forkbomb", "attacker")
     await wait_until(lambda: _at_least(c, container, PIDS - 2), timeout=20, interval=0.2)
     deadline = time.monotonic() + 3  # the bomb keeps trying; everything else goes on
@@ -309,9 +314,7 @@ async def _at_least(c: Cluster, container: str, n: int) -> bool:
 
 async def test_process_ignoring_sigterm_does_not_delay_teardown(cluster: Cluster) -> None:
     c = cluster
-    await warm(c, hostile_pool(ready=2))
-    await c.get("hostile", "/health", "attacker")
-    container = await c.container_of("hostile", "attacker")
+    container = await attacker_in(c, hostile_pool(ready=2))
     await c.post("hostile", "/stubborn", "attacker")
     await c.post("hostile", "/stubborn", "attacker")
     top = await asyncio.to_thread(c.engine.api.top, container)

@@ -21,7 +21,7 @@ import pytest_asyncio
 from router.keys import Keys
 from router.settings import Settings
 from router.store import Store, open_redis
-from sessionpool.testing import serving_router
+from sessionpool.testing import builtin_pool_body, serving_router
 from tests.conftest import RedisServer
 from tests.helpers import PNG_MAGIC, assert_png, docker_worker, engine_fixture, wait_until
 
@@ -39,16 +39,9 @@ RUN_SH = "runShellCommandInRemoteEnvironment"
 
 
 def _pool(container_type: str, mcp: bool = True) -> dict[str, Any]:
-    return {
-        "properties": {
-            "containerType": container_type,
-            "scaleConfiguration": {"maxConcurrentSessions": 8, "readySessionInstances": 1},
-            "dynamicPoolConfiguration": {
-                "lifecycleConfiguration": {"lifecycleType": "Timed", "cooldownPeriodInSeconds": 300}
-            },
-            "mcpServerSettings": {"isMCPServerEnabled": mcp},
-        }
-    }
+    return builtin_pool_body(
+        container_type, max_sessions=8, mcpServerSettings={"isMCPServerEnabled": mcp}
+    )
 
 
 engine = engine_fixture(*IMAGES.values())  # built when missing

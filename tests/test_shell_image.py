@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 
 from tests.helpers import multipart
-from tests.test_code_interpreter_image import image_container
+from tests.test_code_interpreter_image import image_fixtures
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300), pytest.mark.asyncio]
 
@@ -19,16 +17,7 @@ IMAGE = "sessionpool/shell:dev"
 SHELL = {"api-version": "2025-02-02-preview", "identifier": "shell-session"}
 
 
-@pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    """One container for the module."""
-    yield from image_container(IMAGE, "shell-image")
-
-
-@pytest_asyncio.fixture
-async def http(base_url: str) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base_url=base_url) as session:
-        yield session
+base_url, http = image_fixtures(IMAGE, "shell-image")
 
 
 async def execute(http: aiohttp.ClientSession, body: dict[str, Any]) -> dict[str, Any]:

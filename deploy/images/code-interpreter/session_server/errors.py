@@ -20,67 +20,55 @@ from aiohttp import web
 
 
 class ApiError(Exception):
-    """An error answered with ACA's envelope `{"error": {"code", "message", "traceId"}}`."""
+    """An error answered with ACA's envelope `{"error": {"code", "message", "traceId"}}`.
+
+    A subclass states its status and code as class arguments:
+    `class X(ApiError, status=404, code="...")` (a code alone keeps the parent's status).
+    """
 
     status: ClassVar[int] = 500
     code: ClassVar[str] = "InternalServerError"
+
+    def __init_subclass__(cls, *, status: int | None = None, code: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.status = status or cls.status
+        cls.code = code
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
 
-class BadRequestError(ApiError):
+class BadRequestError(ApiError, status=400, code="BadRequest"):
     """The request is malformed or a value is out of range."""
 
-    status = 400
-    code = "BadRequest"
 
-
-class InvalidRequestBodyError(BadRequestError):
+class InvalidRequestBodyError(BadRequestError, code="InvalidRequestBody"):
     """The body is not JSON, or not a JSON object."""
 
-    code = "InvalidRequestBody"
 
-
-class PropertiesMissingError(BadRequestError):
+class PropertiesMissingError(BadRequestError, code="SessionPropertiesMissing"):
     """The execution body lacks `code` (or a shell command): ACA's `SessionPropertiesMissing`."""
 
-    code = "SessionPropertiesMissing"
 
-
-class InvalidFileNameError(BadRequestError):
+class InvalidFileNameError(BadRequestError, code="InvalidFileName"):
     """A file name has disallowed characters or points outside the data directory."""
 
-    code = "InvalidFileName"
 
-
-class FileNotFoundApiError(ApiError):
+class FileNotFoundApiError(ApiError, status=404, code="FileNotFound"):
     """No such file or directory in the data directory."""
 
-    status = 404
-    code = "FileNotFound"
 
-
-class ExecutionNotFoundError(ApiError):
+class ExecutionNotFoundError(ApiError, status=404, code="ExecutionNotFound"):
     """No execution with that id (never created, or dropped from the retained history)."""
 
-    status = 404
-    code = "ExecutionNotFound"
 
-
-class ExecutionConflictError(ApiError):
+class ExecutionConflictError(ApiError, status=409, code="ExecutionAlreadyExists"):
     """The client-chosen `operation-id` is already used by another execution."""
 
-    status = 409
-    code = "ExecutionAlreadyExists"
 
-
-class UploadTooLargeError(ApiError):
+class UploadTooLargeError(ApiError, status=413, code="FileTooLarge"):
     """An uploaded file exceeds the upload cap."""
-
-    status = 413
-    code = "FileTooLarge"
 
 
 def error_response(
