@@ -268,25 +268,40 @@ async def test_header_hygiene_and_body_framing_on_the_wire(
     await up.close()
 
 
-async def test_a_stale_pooled_connection_is_retried_once_only_when_idempotent(
-    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
-) -> None:
+async def pooled_after_first(
+    edge: Callable[..., Awaitable[Edge]],
+    http: aiohttp.ClientSession,
+    then: Callable[[Seen, asyncio.StreamWriter], Awaitable[bool]],
+) -> tuple[Raw, Edge]:
+    """An edge in front of a raw server that answers `/first` (leaving that connection in the
+    router's idle pool) and hands every later request to `then`."""
+
     async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
         if b"/first" in seen.head:
             w.write(ok(b"first"))
             await w.drain()
             return True
-        if seen.conn == 0:  # a kept-alive connection the session drops when used again
-            return False
-        w.write(ok(b"again"))
-        await w.drain()
-        return True
+        return await then(seen, w)
 
     up = await raw_server(answer)
     e = await edge()
     e.target.append(up.addr)
     async with http.get(e.base + "/first") as r:
         assert await r.read() == b"first"
+    return up, e
+
+
+async def test_a_stale_pooled_connection_is_retried_once_only_when_idempotent(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    async def again(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        if seen.conn == 0:  # a kept-alive connection the session drops when used again
+            return False
+        w.write(ok(b"again"))
+        await w.drain()
+        return True
+
+    up, e = await pooled_after_first(edge, http, again)
     async with http.get(e.base + "/second") as r:
         assert (r.status, await r.read()) == (200, b"again")
     assert up.connections == 2
@@ -301,18 +316,10 @@ async def test_a_stale_pooled_connection_is_retried_once_only_when_idempotent(
 async def test_post_on_a_stale_connection_is_not_repeated(
     edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
 ) -> None:
-    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
-        if b"/first" in seen.head:
-            w.write(ok(b"first"))
-            await w.drain()
-            return True
+    async def drop(seen: Seen, w: asyncio.StreamWriter) -> bool:
         return False  # the POST's connection drops before any byte of an answer
 
-    up = await raw_server(answer)
-    e = await edge()
-    e.target.append(up.addr)
-    async with http.get(e.base + "/first") as r:
-        assert await r.read() == b"first"
+    up, e = await pooled_after_first(edge, http, drop)
     async with http.post(e.base + "/second", data=b"once") as r:
         assert (r.status, await r.text()) == (502, "SessionUnreachable")
     assert [s.head.split(b" ")[1] for s in up.seen] == [b"/first", b"/second"]
