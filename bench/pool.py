@@ -38,8 +38,7 @@ from bench.common import (
 from bench.seed import IMAGE, pool_def
 from router.keys import Keys
 from router.store import Store, open_redis
-
-LABEL_SCOPE = "io.sessionpool.scope"
+from workers.runtime import LABEL_SCOPE
 
 
 @dataclass

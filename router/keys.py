@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SEP = "\x00"
-
 
 @dataclass(frozen=True, slots=True)
 class PoolKeys:
@@ -50,7 +48,24 @@ class PoolKeys:
 
     def mcp_env(self, environment: str) -> str:
         """An MCP environment's record (the identifier after the tag: any is safe)."""
-        return self.mcp_env_prefix + environment
+        return f"{self.mcp_env_prefix}:{environment}"
+
+
+# Each PoolKeys field's kind: its key is `prefix:kind:{pool}` (the table above).
+POOL_KINDS = {
+    "definition": "pool",
+    "sandboxes": "sandboxes",
+    "ready": "ready",
+    "warming": "warming",
+    "sessions": "sessions",
+    "expiry": "expiry",
+    "events": "events",
+    "empty_flag": "emptyflag",
+    "log": "log",
+    "demand": "demand",
+    "mcp_key": "mcpkey",
+    "mcp_env_prefix": "mcpenv",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,22 +88,13 @@ class Keys:
 
     def pool(self, name: str) -> PoolKeys:
         tag = f"{{{name}}}"
-        p = self.prefix
         return PoolKeys(
-            pool=name,
-            definition=f"{p}:pool:{tag}",
-            sandboxes=f"{p}:sandboxes:{tag}",
-            ready=f"{p}:ready:{tag}",
-            warming=f"{p}:warming:{tag}",
-            sessions=f"{p}:sessions:{tag}",
-            expiry=f"{p}:expiry:{tag}",
-            events=f"{p}:events:{tag}",
-            empty_flag=f"{p}:emptyflag:{tag}",
-            log=f"{p}:log:{tag}",
-            demand=f"{p}:demand:{tag}",
-            mcp_key=f"{p}:mcpkey:{tag}",
-            mcp_env_prefix=f"{p}:mcpenv:{tag}:",
+            name, **{f: f"{self.prefix}:{kind}:{tag}" for f, kind in POOL_KINDS.items()}
         )
+
+
+# Separates the pool from the identifier in an invalidation message (neither can contain it).
+SEP = "\x00"
 
 
 def invalidation_message(pool: str, identifier: str) -> str:

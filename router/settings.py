@@ -46,9 +46,9 @@ class Settings:
     upstream_pool_idle_s: float = 4.0
     max_body_bytes: int = 2 * GiB
     ws_max_msg_bytes: int = 16 * MiB
-    route_cache_ttl_s: float = 2.0
-    activity_flush_s: float = 0.5
-    shutdown_timeout_s: float = 30.0
+    route_cache_ttl_s: float = 2.0  # how long a router trusts a cached route
+    activity_flush_s: float = 0.5  # session activity is written in batches this often
+    shutdown_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long
     # Client connections: a request's line and headers must arrive within header_timeout_s;
     # idle keep-alive connections close after keepalive_timeout_s; past max_connections per
     # process a new connection is answered 503 with Retry-After.
@@ -77,10 +77,10 @@ class Settings:
     runtime: str = "docker"
     role: str = "all"
     worker_id: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
-    reconcile_interval_s: float = 10.0
-    orphan_grace_s: float = 30.0
-    warm_timeout_s: float = 120.0
-    create_concurrency: int = 8
+    reconcile_interval_s: float = 10.0  # records <-> containers reconciliation period
+    orphan_grace_s: float = 30.0  # an unrecorded container this old is removed
+    warm_timeout_s: float = 120.0  # a sandbox not ready by then is abandoned
+    create_concurrency: int = 8  # sandboxes started in parallel per worker
     # Demand-following warm pool: allocations over this window set how many ready sandboxes
     # to keep above readySessionInstances; unclaimed ones above that go after the grace.
     demand_window_s: float = 10.0

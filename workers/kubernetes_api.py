@@ -29,6 +29,14 @@ from router.settings import Settings
 
 Json = dict[str, Any]
 WATCH_S = 60  # the server ends each watch after this; the caller re-opens it
+# What every pod watch asks for besides its selector and resourceVersion: events as raw JSON
+# lines, BOOKMARKs included, ended by the server after WATCH_S.
+WATCH = {
+    "watch": True,
+    "allow_watch_bookmarks": True,
+    "timeout_seconds": WATCH_S,
+    "_preload_content": False,
+}
 # resource → (API group attribute, the SDK's name for one of it)
 RESOURCES = {
     "pods": ("core", "pod"),
@@ -125,11 +133,8 @@ class KubeApi:
                     self.namespace,
                     label_selector=selector,
                     resource_version=version,
-                    watch=True,
-                    allow_watch_bookmarks=True,
-                    timeout_seconds=WATCH_S,
-                    _preload_content=False,
                     _request_timeout=(self.timeout_s, WATCH_S + self.timeout_s),
+                    **WATCH,
                 ),
                 self.timeout_s,
             )

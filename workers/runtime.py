@@ -10,10 +10,11 @@ from router.pools import Pool
 
 # Labels every sandbox container carries; `scope` is the deployment's key prefix, so two
 # deployments (or two tests) sharing one engine never touch each other's sandboxes.
-LABEL_SCOPE = "io.sessionpool.scope"
-LABEL_POOL = "io.sessionpool.pool"
-LABEL_SANDBOX = "io.sessionpool.sandbox"
-LABEL_VERSION = "io.sessionpool.version"
+LABEL_PREFIX = "io.sessionpool."
+LABEL_SCOPE = LABEL_PREFIX + "scope"
+LABEL_POOL = LABEL_PREFIX + "pool"
+LABEL_SANDBOX = LABEL_PREFIX + "sandbox"
+LABEL_VERSION = LABEL_PREFIX + "version"
 
 
 @dataclass(frozen=True, slots=True)
