@@ -4,13 +4,19 @@
 
 1. A dry pool's first request vs `docker run` until the port answers (bench/timeline.py, with
    the step-by-step timeline).
-2. Refill: an empty pool asked for N ready sandboxes, vs N bare containers (same image, limits
-   and network) created and started in parallel by the same number of threads until their
-   ports answer; with dockerd + containerd CPU over the refill, and the whole machine's.
+2. Refill: an empty pool asked for N ready sandboxes, vs N bare containers created like for
+   like (same image, limits, hardening, read-only root and tmpfs mounts, network) and started
+   in parallel by the same number of threads until their ports answer; with the CPU of every
+   process by role over each (bench/cpu.py): the sandboxes' own, dockerd's, its network hook's,
+   runc's, the worker's, and everyone else's on the machine.
 3. Teardown lag: expiresAt → the engine's `destroy` event, N sessions with a 1 s cooldown,
-   vs a bare `remove_container(force=True)`.
+   vs N bare like-for-like containers force-removed all at once (`remove_container(force=True)`
+   from N threads).
 4. A burst of 20 new identifiers in one second on a pool with readySessionInstances 2, twice:
    the first meets the pool at its floor, the second the pool grown by the first.
+5. Warm claim: first requests of new identifiers, 8 at a time, on a pool with enough ready
+   sandboxes (bench/allocation.py: seeded ready sandboxes on a local upstream, so what is timed
+   is the router's claim path and a new upstream connection, not a container).
 
 Writes `cold.md` and `cold.json` to `--out`. The machine's load average is printed with them.
 """
@@ -29,75 +35,51 @@ from typing import Any
 import aiohttp
 import orjson
 
+from bench import allocation, timeline
 from bench import pool as docker_bench
-from bench import timeline
 from bench.allocation import percentile
 from bench.common import (
     RESULTS,
-    cpu_seconds,
     poll,
     timed_get,
     until_expired,
 )
+from bench.cpu import ProcessCpu
 from bench.seed import IMAGE, pool_def
 from router.keys import Keys
+from router.limits import LimitPolicy
 from router.store import Store, open_redis
+from workers.docker_storage import Storage
 
 LABEL_SCOPE = docker_bench.LABEL_SCOPE
 NETWORK = "sessionpool-egress-disabled"  # the worker's default sandbox network
 CONCURRENCY = 8  # the worker's default create_concurrency
 
 
-def _pids(*names: str) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if Path(f"/proc/{entry}/comm").read_text().strip() in names:
-                    out.append(int(entry))
-            except OSError:
-                pass
-    return out
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds all cores spent not idle since boot (from /proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-class CpuWatch:
-    """dockerd + containerd CPU, and the machine's, between start() and stop()."""
-
-    def start(self) -> None:
-        self.pids = _pids("dockerd", "containerd")
-        self.t0, self.engine0, self.busy0 = time.monotonic(), cpu_seconds(self.pids), 0.0
-        self.busy0 = _machine_busy_s()
-
-    def stop(self) -> dict[str, float]:
-        wall = time.monotonic() - self.t0
-        return {
-            "engine_cores": (cpu_seconds(self.pids) - self.engine0) / wall,
-            "machine_cores": (_machine_busy_s() - self.busy0) / wall,
-        }
-
-
-def _bare_create(client: Any, scope: str) -> tuple[str, str]:
+def bare_kwargs(client: Any, scope: str) -> dict[str, Any]:
+    """`create_container` arguments of a bare container like the pool's sandboxes: the same
+    image, limits, hardening, read-only root with its tmpfs mounts (or quota), and network."""
+    limits = LimitPolicy().resolve(pool_def("bare", ready=0, max_sessions=1))
+    plan = Storage().plan(client, IMAGE, limits.storage_bytes, None, (scope, "bare"))
     host = client.api.create_host_config(
         network_mode=NETWORK,
         init=True,
         cap_drop=["ALL"],
         security_opt=["no-new-privileges"],
-        pids_limit=256,
-        mem_limit=256 << 20,
-        memswap_limit=256 << 20,
-        nano_cpus=500_000_000,
-        tmpfs={"/tmp": "rw,nosuid,nodev,size=128m"},
+        restart_policy={"Name": "no"},
+        pids_limit=limits.pids,
+        mem_limit=limits.memory_bytes,
+        memswap_limit=limits.memory_bytes,
+        nano_cpus=int(limits.cpu * 1e9),
+        read_only=plan.get("read_only", False),
+        tmpfs=plan.get("tmpfs"),
+        storage_opt=plan.get("storage_opt"),
     )
-    made = client.api.create_container(
-        IMAGE, labels={LABEL_SCOPE: scope}, host_config=host, detach=True
-    )
+    return {"image": IMAGE, "labels": {LABEL_SCOPE: scope}, "host_config": host, "detach": True}
+
+
+def _bare_create(client: Any, kwargs: dict[str, Any]) -> tuple[str, str]:
+    made = client.api.create_container(**kwargs)
     client.api.start(made["Id"])
     info = client.api.inspect_container(made["Id"])
     return made["Id"], info["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
@@ -115,38 +97,41 @@ async def _port_answers(http: aiohttp.ClientSession, ip: str) -> None:
 
 
 async def bare_refill(client: Any, scope: str, n: int) -> dict[str, Any]:
-    """n bare sandboxes started by CONCURRENCY threads, until every port answers."""
+    """n bare sandboxes started by CONCURRENCY threads until every port answers; then all n
+    force-removed at once (one thread each, as the reaper destroys a batch in parallel)."""
     loop = asyncio.get_running_loop()
-    cpu = CpuWatch()
+    kwargs = await asyncio.to_thread(bare_kwargs, client, scope)
     ids: list[str] = []
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         async with aiohttp.ClientSession() as http:
+            cpu = ProcessCpu()
             cpu.start()
             t0 = time.monotonic()
 
             async def one() -> None:
-                cid, ip = await loop.run_in_executor(pool, _bare_create, client, scope)
+                cid, ip = await loop.run_in_executor(pool, _bare_create, client, kwargs)
                 ids.append(cid)
                 await _port_answers(http, ip)
 
             await asyncio.gather(*(one() for _ in range(n)))
             took = time.monotonic() - t0
             share = cpu.stop()
-        t1 = time.monotonic()
-        removes = [loop.run_in_executor(pool, _timed_remove, client, cid) for cid in ids]
+    await asyncio.sleep(1)  # as the pool's sessions idle before they expire
+    with ThreadPoolExecutor(n) as pool:
+        t1 = time.perf_counter()
+        removes = [loop.run_in_executor(pool, _timed_remove, client, cid, t1) for cid in ids]
         rm_ms = list(await asyncio.gather(*removes))
-        rm_wall = time.monotonic() - t1
-    return {"n": n, "s": took, "per_s": n / took, **share, "rm_ms": rm_ms, "rm_wall_s": rm_wall}
+    return {"n": n, "s": took, "per_s": n / took, "cpu": share, "rm_ms": rm_ms}
 
 
-def _timed_remove(client: Any, cid: str) -> float:
-    t0 = time.perf_counter()
+def _timed_remove(client: Any, cid: str, t0: float) -> float:
+    """ms from t0 (when every remove was asked for) until this one returned."""
     client.api.remove_container(cid, force=True)
     return (time.perf_counter() - t0) * 1000
 
 
 async def refill(store: Store, n: int) -> dict[str, Any]:
-    cpu = CpuWatch()
+    cpu = ProcessCpu()
     cpu.start()
     t0 = time.monotonic()
     await store.put_pool(pool_def("refill", ready=n, max_sessions=2 * n + 10, cooldown_s=1))
@@ -164,7 +149,7 @@ async def refill(store: Store, n: int) -> dict[str, Any]:
     await poll(
         removed, 120, "refill pool removed", interval=0.01
     )  # its removals must not overlap what follows
-    return {"n": n, "s": took, "per_s": n / took, **share}
+    return {"n": n, "s": took, "per_s": n / took, "cpu": share}
 
 
 async def teardown(
@@ -302,7 +287,42 @@ def _workers(quick: bool, out: Path, n: int) -> dict[str, Any]:
                 await r.aclose()
 
         asyncio.run(go())
+        # Its own key prefix and router: the worker above must not see the seeded sandboxes.
+        claims = allocation.run(
+            d.redis_url, f"{d.prefix}-claim", 40 if quick else 200, CONCURRENCY, out / "logs"
+        )
+        data["warm_claim"] = claims[-1].to_json()
     return data
+
+
+# The roles bench/cpu.py tells apart, in the order the refill's CPU line lists them.
+CPU_ROLES = (
+    "sandboxes",
+    "dockerd",
+    "dockerd hook",
+    "shim + runc",
+    "containerd",
+    "worker",
+    "router",
+    "bench",
+    "redis",
+    "other",
+)
+ENGINE_ROLES = ("dockerd", "dockerd hook", "shim + runc", "containerd")
+
+
+def cpu_line(label: str, run: dict[str, Any]) -> str:
+    """One refill's CPU by role (cores), with sandboxes/s per engine core."""
+    cpu = run["cpu"]
+    engine = sum(cpu.get(r, 0.0) for r in ENGINE_ROLES)
+    parts = ", ".join(f"{r} {cpu.get(r, 0.0):.2f}" for r in CPU_ROLES)
+    per_sandbox = {r: cpu.get(r, 0.0) * cpu["wall_s"] / run["n"] * 1000 for r in CPU_ROLES}
+    top = ", ".join(f"{r} {ms:.0f}" for r, ms in per_sandbox.items() if ms >= 1)
+    return (
+        f"| {label} | {run['per_s']:.1f} /s | {engine:.2f} ({cpu.get('dockerd', 0.0):.2f}) | "
+        f"{run['per_s'] / engine if engine else float('nan'):.1f} | "
+        f"{cpu['machine']:.2f} of {os.cpu_count()} | {parts} | {top} |"
+    )
 
 
 def report(data: dict[str, Any]) -> str:
@@ -314,6 +334,7 @@ def report(data: dict[str, Any]) -> str:
     die = data["teardown_ms"]["die"]
     rm_p50, rm_p99 = percentile(bare["rm_ms"], 50), percentile(bare["rm_ms"], 99)
     b1, b2 = data["burst"]["first"], data["burst"]["second"]
+    claim = data["warm_claim"]
 
     def met(ok: bool) -> str:
         return "met" if ok else "not met"
@@ -324,11 +345,15 @@ def report(data: dict[str, Any]) -> str:
         f"| dry pool: first request, p50 | {cold:.0f} ms | `docker run` → port answers "
         f"{bare_run:.0f} ms | {cold / bare_run:.2f}x | ≤ 1.1x | {met(cold <= 1.1 * bare_run)} |",
         f"| refill {ref['n']} from empty | {ref['per_s']:.1f} /s | {bare['per_s']:.1f} /s "
-        f"({CONCURRENCY} threads, create, start, inspect, port) "
+        f"(like for like, {CONCURRENCY} threads: create, start, inspect, port) "
         f"| {ref['per_s'] / bare['per_s']:.2f}x "
         f"| ≥ 8 /s | {met(ref['per_s'] >= 8)} |",
-        f"| teardown lag after expiry, p50 / p99 | {td_p50:.0f} / {td_p99:.0f} ms | `rm -f` "
-        f"{rm_p50:.0f} / {rm_p99:.0f} ms | {td_p99 / rm_p99:.2f}x (p99) | p99 ≤ 500 ms "
+        f"| warm claim, {CONCURRENCY} concurrent, p50 / p99 ({claim['n']} claims) "
+        f"| {claim['p50_ms']:.1f} / {claim['p99_ms']:.1f} ms | — | — | p99 ≤ 10 ms "
+        f"| {met(claim['p99_ms'] <= 10)} |",
+        f"| teardown lag after expiry, p50 / p99 | {td_p50:.0f} / {td_p99:.0f} ms | like for "
+        f"like, all {len(bare['rm_ms'])} `rm -f` at once {rm_p50:.0f} / {rm_p99:.0f} ms "
+        f"| {td_p99 / rm_p99:.2f}x (p99) | p99 ≤ 500 ms "
         f"| {met(td_p99 <= 500)} |",
         f"| (expiry to the session ended in Redis, p50 / p99) | "
         f"{percentile(data['teardown_ms']['ended'], 50):.0f} / "
@@ -345,11 +370,20 @@ def report(data: dict[str, Any]) -> str:
         f"{b1['p50_ms']:.0f} / {b1['p99_ms']:.0f} ms; second {b2['p50_ms']:.0f} / "
         f"{b2['p99_ms']:.0f} ms (pool grown to {b2['ready_before']}) | — | — | — | |",
         "",
-        f"CPU during the refill: dockerd + containerd {ref['engine_cores']:.2f} cores, the "
-        f"whole machine {ref['machine_cores']:.2f} of {os.cpu_count()} cores (bare run: "
-        f"{bare['engine_cores']:.2f} / {bare['machine_cores']:.2f}). Load average before "
-        f"{' '.join(data['load_before'])}, after {' '.join(data['load_after'])}: other work "
-        "shares these cores, so every figure is a same-run ratio, not an absolute.",
+        "CPU during the refills, in cores (bench/cpu.py; `other` is everything else on the "
+        "machine, e.g. other benches and tests; short-lived processes are lower bounds). The "
+        "engine is dockerd, its network hook (dockerd re-executed per container), the shim, "
+        "runc and containerd.",
+        "",
+        "| refill | rate | engine (dockerd) cores | sandboxes/s per engine core | machine busy "
+        "| cores by role | CPU ms per sandbox by role |",
+        "|---|---:|---:|---:|---:|---|---|",
+        cpu_line("sessionpool", ref),
+        cpu_line("bare Docker", bare),
+        "",
+        f"Load average before {' '.join(data['load_before'])}, after "
+        f"{' '.join(data['load_after'])}: other work shares these cores, so every figure is a "
+        "same-run ratio, not an absolute.",
         "",
         timeline.report(data["timeline"]),
     ]

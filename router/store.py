@@ -445,15 +445,19 @@ class Store:
         return [text(s) for s in out]
 
     @_store_call
-    async def allocations_since(self, pool: str, window_ms: int, cap: int) -> int:
-        """How many sessions the pool allocated in the last `window_ms` (Redis' clock), read
-        from its event stream (at most `cap` entries looked at)."""
+    async def allocation_times(self, pool: str, window_ms: int, cap: int) -> list[int]:
+        """When (ms, Redis' clock) the pool allocated sessions in the last `window_ms`, read
+        from the stream ids of its `allocated` entries (at most `cap` entries looked at)."""
         sec, usec = await self.redis.time()
         start = int(sec) * 1000 + int(usec) // 1000 - window_ms
         entries: Any = await self.redis.xrevrange(
             self.pk(pool).events, max="+", min=str(max(start, 0)), count=cap
         )
-        return sum(1 for _, fields in entries if isinstance(decode(fields.get(b"data")), Allocated))
+        return [
+            int(text(mid).partition("-")[0])
+            for mid, fields in entries
+            if isinstance(decode(fields.get(b"data")), Allocated)
+        ]
 
     @_store_call
     async def set_container(

@@ -1,10 +1,11 @@
 """The replenisher: keeps each pool's ready sandboxes at target.
 
 The target follows demand: `readySessionInstances` is the floor, and while sessions are being
-allocated it keeps enough ready to absorb the allocation rate of the last `demand_window_s`
-for one refill time (capped by `maxConcurrentSessions`, in RESERVE). When demand falls the
-target falls back, and ready sandboxes above it that no request claimed are retired after
-`surplus_grace_s`.
+allocated it keeps enough ready to absorb the recent allocation rate for one refill time: the
+most allocations the last `demand_window_s` saw within any one refill time (a steady rate r
+gives r * refill time; a burst gives its size, so the same burst again is served warm). RESERVE
+caps it by `maxConcurrentSessions`. When demand falls the target falls back, and ready
+sandboxes above it that no request claimed are retired after `surplus_grace_s`.
 
 Level-triggered: every wake-up (an `allocated`/`pool-empty`/`pool-changed` event on the pool's
 stream, or the periodic safety net) recomputes what is missing. RESERVE writes `warming`
@@ -17,10 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from router.errors import SandboxRuntimeError
@@ -93,9 +93,9 @@ class Replenisher:
             return max(cached[1], pool.ready_instances)
         window_s = self.ctx.settings.demand_window_s
         cap = min(pool.max_sessions * 4, STREAM_LOOK_MAX)
-        recent = await self.ctx.store.allocations_since(pool.name, int(window_s * 1000), cap)
+        times = await self.ctx.store.allocation_times(pool.name, int(window_s * 1000), cap)
         refill_s = max(self._refill_s.get(pool.name, 0.0), MIN_REFILL_S)
-        following = math.ceil(recent / window_s * refill_s)
+        following = peak_in_span(times, int(refill_s * 1000))
         self._targets[pool.name] = (loop.time() + TARGET_TTL_S, following)
         return max(following, pool.ready_instances)
 
@@ -245,3 +245,14 @@ class Replenisher:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def peak_in_span(times_ms: Sequence[int], span_ms: int) -> int:
+    """The most of `times_ms` that fall within any one `span_ms`-long interval."""
+    ordered = sorted(times_ms)
+    best = lo = 0
+    for hi, at in enumerate(ordered):
+        while at - ordered[lo] >= span_ms:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
