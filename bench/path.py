@@ -2,6 +2,7 @@
 
     python -m bench.path              # about 2 minutes; writes bench/results/path.{md,json}
     python -m bench.path --quick      # seconds-long runs, results to --out
+    python -m bench.path --only load --no-peers --profile 1000 --out /tmp/x   # a subset
 
 One run, one upstream (nginx, one worker, a 40-byte body) reached directly and through the
 sessionpool router, configurable-http-proxy (Node), the bare aiohttp proxy and nginx
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,8 +43,11 @@ BARE = "bare aiohttp proxy"
 NGINX = "nginx proxy_pass"
 
 
-def profile(proc: Proc, url: str, seconds: int, top: int = 15) -> dict[str, Any]:
-    """Where the router's CPU goes at c=32: py-spy's on-CPU samples, by leaf frame."""
+SECTIONS = ("load", "stream", "ws")
+
+
+def profile(proc: Proc, url: str, seconds: int, c: int = 32, top: int = 15) -> dict[str, Any]:
+    """Where the router's CPU goes at `c` connections: py-spy's samples, by leaf frame."""
     spy = which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         return {"not_run": "py-spy is not installed (pip install py-spy)"}
@@ -51,30 +56,53 @@ def profile(proc: Proc, url: str, seconds: int, top: int = 15) -> dict[str, Any]
         cmd = [spy, "record", "--format", "raw", "-r", "250", "-d", str(seconds + 1)]
         cmd += ["--nonblocking", "-o", str(raw), "-p", str(proc.pid)]
         rec = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wrk(url, 32, seconds, proc)
+        wrk(url, c, seconds, proc)
         rec.wait(60)
         if not raw.exists():
             return {"not_run": "py-spy could not attach (ptrace not permitted?)"}
         leaf: collections.Counter[str] = collections.Counter()
+        inclusive: collections.Counter[str] = collections.Counter()
         total = 0
         for line in raw.read_text().splitlines():
             stack, _, n = line.rpartition(" ")
-            frame = stack.rsplit(";", 1)[-1]
-            name, _, where = frame.partition(" (")
-            module = where.split(":")[0].split("/site-packages/")[-1].rsplit("/", 1)[-1]
-            leaf[f"{name} ({module})"] += int(n)
+            frames = [_frame(f) for f in stack.split(";")]
+            leaf[frames[-1]] += int(n)
+            for frame in set(frames):
+                inclusive[frame] += int(n)
             total += int(n)
+    if not total:
+        return {"not_run": "py-spy recorded no samples"}
     return {
         "samples": total,
         "top_self": [[f, round(100 * n / total, 1)] for f, n in leaf.most_common(top)],
+        "top_total": [[f, round(100 * n / total, 1)] for f, n in inclusive.most_common(3 * top)],
     }
 
 
-def run(quick: bool, out: Path) -> dict[str, Any]:
+def _frame(frame: str) -> str:
+    """`name (file.py)` of one py-spy frame `name (path/file.py:line)`."""
+    name, _, where = frame.partition(" (")
+    module = where.split(":")[0].split("/site-packages/")[-1].rsplit("/", 1)[-1]
+    return f"{name} ({module})"
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run(
+    quick: bool,
+    out: Path,
+    sections: tuple[str, ...] = SECTIONS,
+    peers: bool = True,
+    profile_at: tuple[int, ...] = (32,),
+) -> dict[str, Any]:
     secs, warm = (1, 0) if quick else (3, 1)
     res: dict[str, Any] = {
         "quick": quick,
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_before": loadavg(),
+        "sections": list(sections),
     }
     with tempfile.TemporaryDirectory(prefix="sppath-") as tmp:
         work = Path(tmp)
@@ -84,49 +112,71 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
         started: list[Proc] = []
         prefix = f"bench{uuid.uuid4().hex[:8]}"
         try:
-            up, upstream = proxies.nginx_upstream(work / "up")
-            started.append(up)
-            asyncio.run(seed_router_pool(redis.url, f"{prefix}-p", {"warm": upstream}))
-            router, router_url = proxies.router(redis.url, f"{prefix}-p", log=logs / "router.log")
-            started.append(router)
-            paths: dict[str, tuple[str, Proc | None]] = {
-                "direct": (f"http://{upstream}/small", None),
-                ROUTER: (f"{router_url}/pools/bench/small?identifier=warm", router),
-            }
-            why = proxies.chp_available()
-            if why is None:
-                chp, chp_url = proxies.chp(upstream)
-                started.append(chp)
-                paths[CHP] = (f"{chp_url}/small", chp)
-            bare, bare_url = proxies.bare_proxy(upstream)
-            started.append(bare)
-            paths[BARE] = (f"{bare_url}/small", bare)
-            ngx, ngx_url = proxies.nginx_proxy(work / "ngx", upstream)
-            started.append(ngx)
-            paths[NGINX] = (f"{ngx_url}/small", ngx)
-            res["not_run"] = {CHP: why} if why else {}
-            subprocess.run(["curl", "-sf", paths[ROUTER][0]], check=True, capture_output=True)
-            runs: dict[str, dict[int, LoadResult]] = {}
-            for c in (1, 32):  # interleaved: every path at one concurrency before the next
-                for name, (url, proc) in paths.items():
-                    runs.setdefault(name, {})[c] = wrk(url, c, secs, proc, warm)
-            # Profiled before the c=1000 run, whose end cuts a thousand requests mid-way (and
-            # so their sandbox connections): the profile shows the steady state.
-            res["profile"] = profile(router, paths[ROUTER][0], secs)
-            for c in (256, 1000):
-                runs[ROUTER][c] = wrk(paths[ROUTER][0], c, secs, router, warm)
-            res["runs"] = {
-                n: {str(c): {**vars(r), "per_core": r.rps_per_core} for c, r in by_c.items()}
-                for n, by_c in runs.items()
-            }
+            if "load" in sections:
+                res.update(
+                    _load(work, logs, redis.url, prefix, started, secs, warm, peers, profile_at)
+                )
         finally:
             for p in started:
                 p.stop()
-        size = 64 << 20 if quick else GiB
-        res["streaming"] = streaming.run(redis.url, f"{prefix}-s", size, logs).to_json()
-        ws = scale.websockets(redis.url, f"{prefix}-w", 1000 if quick else 10_000, logs)
-        res["websockets"] = ws.to_json()
+        if "stream" in sections:
+            size = 64 << 20 if quick else GiB
+            res["streaming"] = streaming.run(redis.url, f"{prefix}-s", size, logs).to_json()
+        if "ws" in sections:
+            ws = scale.websockets(redis.url, f"{prefix}-w", 1000 if quick else 10_000, logs)
+            res["websockets"] = ws.to_json()
         redis.stop()
+    res["load_after"] = loadavg()
+    return res
+
+
+def _load(
+    work: Path,
+    logs: Path,
+    redis_url: str,
+    prefix: str,
+    started: list[Proc],
+    secs: int,
+    warm: int,
+    peers: bool,
+    profile_at: tuple[int, ...],
+) -> dict[str, Any]:
+    """Sections 1 and 2: every path at c=1 and c=32, then the router at c=256 and c=1000."""
+    res: dict[str, Any] = {}
+    up, upstream = proxies.nginx_upstream(work / "up")
+    started.append(up)
+    asyncio.run(seed_router_pool(redis_url, f"{prefix}-p", {"warm": upstream}))
+    router, router_url = proxies.router(redis_url, f"{prefix}-p", log=logs / "router.log")
+    started.append(router)
+    paths: dict[str, tuple[str, Proc | None]] = {
+        "direct": (f"http://{upstream}/small", None),
+        ROUTER: (f"{router_url}/pools/bench/small?identifier=warm", router),
+    }
+    why = proxies.chp_available() if peers else "--no-peers"
+    if why is None:
+        chp, chp_url = proxies.chp(upstream)
+        started.append(chp)
+        paths[CHP] = (f"{chp_url}/small", chp)
+    if peers:
+        bare, bare_url = proxies.bare_proxy(upstream)
+        started.append(bare)
+        paths[BARE] = (f"{bare_url}/small", bare)
+        ngx, ngx_url = proxies.nginx_proxy(work / "ngx", upstream)
+        started.append(ngx)
+        paths[NGINX] = (f"{ngx_url}/small", ngx)
+    res["not_run"] = {CHP: why} if why else {}
+    subprocess.run(["curl", "-sf", paths[ROUTER][0]], check=True, capture_output=True)
+    runs: dict[str, dict[int, LoadResult]] = {}
+    for c in (1, 32):  # interleaved: every path at one concurrency before the next
+        for name, (url, proc) in paths.items():
+            runs.setdefault(name, {})[c] = wrk(url, c, secs, proc, warm)
+    res["profile"] = {str(c): profile(router, paths[ROUTER][0], secs, c) for c in profile_at}
+    for c in (256, 1000):
+        runs[ROUTER][c] = wrk(paths[ROUTER][0], c, secs, router, warm)
+    res["runs"] = {
+        n: {str(c): {**vars(r), "per_core": r.rps_per_core} for c, r in by_c.items()}
+        for n, by_c in runs.items()
+    }
     return res
 
 
@@ -135,14 +185,45 @@ def _f(x: float | None, spec: str = ",.0f") -> str:
 
 
 def report(res: dict[str, Any]) -> str:
-    runs = res["runs"]
-    r32 = runs[ROUTER]["32"]
     lines = [
         "# Request path bench (issue #16)",
         "",
         f"Run {res['when']}{' (quick)' if res['quick'] else ''} by `python -m bench.path`, on a "
         "shared 2-core machine with other work running: absolute req/s are low and noisy "
-        "(±20 %); compare per core and the ratios. wrk -t1; upstream nginx (1 worker, 40 B).",
+        "(±20 %); compare per core and the ratios. wrk -t1; upstream nginx (1 worker, 40 B). "
+        f"Load average (1/5/15 min) before: {res.get('load_before', '?')}, "
+        f"after: {res.get('load_after', '?')}.",
+    ]
+    if "runs" in res:
+        lines += _report_load(res)
+    if "streaming" in res:
+        lines += _report_streaming(res["streaming"])
+    if "websockets" in res:
+        ws = res["websockets"]
+        lines += [
+            "",
+            f"Idle WebSockets held by one router process: {ws['held']:,} of {ws['wanted']:,}, "
+            f"**{ws['kib_per_ws']:.1f} KiB each** (RSS growth / held)"
+            + (f"; {ws['note']}." if ws.get("note") else "."),
+        ]
+    for c, prof in res.get("profile", {}).items():
+        lines += [
+            "",
+            f"Where the router's CPU goes at c={c} (py-spy, share of samples by leaf frame):",
+            "",
+        ]
+        if "not_run" in prof:
+            lines.append(f"not run: {prof['not_run']}")
+        else:
+            lines += ["| frame | % |", "|---|---|"]
+            lines += [f"| `{f}` | {p} |" for f, p in prof["top_self"]]
+    return "\n".join(lines) + "\n"
+
+
+def _report_load(res: dict[str, Any]) -> list[str]:
+    runs = res["runs"]
+    r32 = runs[ROUTER]["32"]
+    lines = [
         "",
         "| path | c=1 p50 / p99 ms | c=32 req/s | c=32 p99 ms | req/s per proxy core (c=32) |",
         "|---|---|---|---|---|",
@@ -167,17 +248,23 @@ def report(res: dict[str, Any]) -> str:
         "",
         "One warm session under many connections (router):",
         "",
-        "| c | req/s | vs c=32 | per core | p99 ms | errors |",
-        "|---|---|---|---|---|---|",
+        "| c | req/s | vs c=32 | per core | vs c=32 per core | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in ("32", "256", "1000"):
         r = runs[ROUTER][c]
+        per_core = "-"
+        if r["per_core"] and r32["per_core"]:
+            per_core = f"{r['per_core'] / r32['per_core']:.0%}"
         lines.append(
             f"| {c} | {r['rps']:,.0f} | {r['rps'] / r32['rps']:.0%} | {_f(r['per_core'])} | "
-            f"{r['p99_ms']:.1f} | {r['errors']} |"
+            f"{per_core} | {r['p99_ms']:.1f} | {r['errors']} |"
         )
-    st = res["streaming"]
-    lines += [
+    return lines
+
+
+def _report_streaming(st: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "Streaming (one transfer each way):",
         "",
@@ -190,23 +277,7 @@ def report(res: dict[str, Any]) -> str:
                 f"| {who} | {t['direction']} {t['bytes'] >> 20} MiB | {t['gb_per_core_s']:.2f} | "
                 f"{t['rss_growth_mib']:.1f} |"
             )
-    ws = res["websockets"]
-    lines += [
-        "",
-        f"Idle WebSockets held by one router process: {ws['held']:,} of {ws['wanted']:,}, "
-        f"**{ws['kib_per_ws']:.1f} KiB each** (RSS growth / held)"
-        + (f"; {ws['note']}." if ws.get("note") else "."),
-        "",
-        "Where the router's CPU goes at c=32 (py-spy, share of on-CPU samples by leaf frame):",
-        "",
-    ]
-    prof = res["profile"]
-    if "not_run" in prof:
-        lines.append(f"not run: {prof['not_run']}")
-    else:
-        lines += ["| frame | % |", "|---|---|"]
-        lines += [f"| `{f}` | {p} |" for f, p in prof["top_self"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,12 +286,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--only", action="append", choices=SECTIONS, help="run only these sections (repeatable)"
+    )
+    p.add_argument("--no-peers", action="store_true", help="direct and router only (no CHP etc.)")
+    p.add_argument(
+        "--profile", action="append", type=int, metavar="C", help="profile at C connections"
+    )
     args = p.parse_args(argv)
     for tool in ("wrk", "nginx", "redis-server", "curl"):
         if shutil.which(tool) is None:
             print(f"bench.path: {tool} is not installed", file=sys.stderr)
             return 2
-    res = run(args.quick, args.out)
+    sections = tuple(args.only or SECTIONS)
+    res = run(args.quick, args.out, sections, not args.no_peers, tuple(args.profile or (32,)))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "path.json").write_text(json.dumps(res, indent=1) + "\n")
     (args.out / "path.md").write_text(report(res))

@@ -39,8 +39,8 @@ def _forwarded_element(peer: str, scheme: str, host: str) -> str:
     return f"for={node};proto={scheme};host={_quoted(host)}"
 
 
-def set_forwarding(request: web.Request, out: CIMultiDict[str], prefix: str) -> None:
-    """Write the forwarding headers of `request` into `out` (which holds none of them).
+def forwarding_headers(request: web.Request, prefix: str) -> list[tuple[str, str]]:
+    """The forwarding headers of `request` as the sandbox sees them.
 
     `prefix` is the path the router stripped (`/pools/demo`), sent as X-Forwarded-Prefix so
     a session can build links (e.g. Operation-Location) that work through the router.
@@ -50,18 +50,27 @@ def set_forwarding(request: web.Request, out: CIMultiDict[str], prefix: str) -> 
     trusted = in_networks(peer, request.app.get(TRUSTED_PROXIES, ()))
     if trusted:
         chain = headers.getall("X-Forwarded-For", [])
-        out["X-Forwarded-For"] = ", ".join([*chain, peer])
         proto = headers.get("X-Forwarded-Proto") or request.scheme
         host = headers.get("X-Forwarded-Host") or request.host
+        out = [("X-Forwarded-For", ", ".join([*chain, peer]))]
     else:
-        out["X-Forwarded-For"] = peer
         proto, host = request.scheme, request.host
-    out["X-Forwarded-Proto"] = proto
-    out["X-Forwarded-Host"] = host
-    out["X-Forwarded-Prefix"] = prefix
+        out = [("X-Forwarded-For", peer)]
+    out += (
+        ("X-Forwarded-Proto", proto),
+        ("X-Forwarded-Host", host),
+        ("X-Forwarded-Prefix", prefix),
+    )
     if "Forwarded" in headers:
         element = _forwarded_element(peer, request.scheme, request.host)
         prior = headers.getall("Forwarded") if trusted else []
-        out["Forwarded"] = ", ".join([*prior, element])
+        out.append(("Forwarded", ", ".join([*prior, element])))
     if "X-Real-IP" in headers:
-        out["X-Real-IP"] = headers["X-Real-IP"] if trusted else peer
+        out.append(("X-Real-IP", headers["X-Real-IP"] if trusted else peer))
+    return out
+
+
+def set_forwarding(request: web.Request, out: CIMultiDict[str], prefix: str) -> None:
+    """Write the forwarding headers of `request` into `out` (which holds none of them)."""
+    for name, value in forwarding_headers(request, prefix):
+        out[name] = value

@@ -8,6 +8,7 @@ warming = `PoolPendingPodCount`.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -78,6 +79,15 @@ class RouterMetrics:
             "sessionpool_open_connections", "Client connections open in this process", registry=r
         )
         self.responses = counter("sessionpool_responses", "Responses by status class", ["code"])
+        self._by_class: dict[int, Any] = {}  # labels() per response is not free
+
+    def response(self, status: int) -> None:
+        """Count a response by its status class (1xx … 5xx)."""
+        cls = status // 100
+        child = self._by_class.get(cls)
+        if child is None:
+            child = self._by_class[cls] = self.responses.labels(f"{cls}xx")
+        child.inc()
 
     async def render(self, store: Store) -> bytes:
         """Refresh the pool gauges from Redis, then render the exposition text."""

@@ -20,7 +20,7 @@ from router.errors import (
     SessionTimeoutError,
     SessionUnreachableError,
 )
-from router.forwarding import FORWARDING, set_forwarding
+from router.forwarding import FORWARDING, forwarding_headers, set_forwarding
 from router.tunnel import GOING_AWAY, Tunnel, open_tunnel, switching_protocols
 from router.upstream import (
     Clients,
@@ -29,7 +29,6 @@ from router.upstream import (
     IdleTimeout,
     Response,
     UpstreamError,
-    request_head,
 )
 
 if TYPE_CHECKING:
@@ -38,7 +37,8 @@ if TYPE_CHECKING:
     from router.metrics import RouterMetrics
     from router.routing import Lease
     from router.settings import Settings
-    from router.target import Target
+
+from router.target import Target
 
 log = logging.getLogger("sessionpool.proxy")
 
@@ -96,46 +96,88 @@ def upstream_headers(
     return out
 
 
-def downstream_headers(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The sandbox's response headers as the caller should see them."""
-    named = _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+_DROPPED_RAW = frozenset(n.encode() for n in DROPPED_UPSTREAM | FRAMING)
+_HOP_BY_HOP_RAW = frozenset(n.encode() for n in HOP_BY_HOP)
+_NONE: frozenset[bytes] = frozenset()
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+def http_request_head(
+    request: web.Request, target: str, addr: str, prefix: str, framing: bytes
+) -> bytes:
+    """The request line and headers for the sandbox, ready for one send: the caller's header
+    lines as they arrived, less hop-by-hop ones (and those its Connection names), its
+    credentials, its forwarding headers and its body framing; then this hop's forwarding
+    headers (`router.forwarding`) and `framing` (the body's Content-Length or
+    Transfer-Encoding line, or nothing). One pass over the raw lines, no decoding."""
+    named = _NONE
+    if "Connection" in request.headers:
+        named = frozenset(t.encode() for t in _connection_tokens(request.headers))
+    head = f"{request.method} {target} HTTP/1.1\r\nHost: {addr}\r\n"
+    lines = [head.encode("utf-8", "surrogateescape")]
+    for name, value in request.raw_headers:
         low = name.lower()
-        if low in HOP_BY_HOP or low in named:
+        if low in _DROPPED_RAW or low in named:
             continue
-        out.add(name, value)
-    if "Transfer-Encoding" in headers:
+        lines.append(b"%s: %s\r\n" % (name, value))
+    own = "".join(f"{name}: {value}\r\n" for name, value in forwarding_headers(request, prefix))
+    lines.append(own.encode("utf-8", "surrogateescape") + framing + b"\r\n")
+    return b"".join(lines)
+
+
+def response_headers(up: Response) -> list[tuple[str, str]]:
+    """The sandbox's response headers as the caller should see them, in one pass."""
+    named = _NONE
+    if up.connection:
+        named = frozenset(
+            t.strip().lower() for v in up.connection for t in v.split(b",") if t.strip()
+        )
+    out: list[tuple[str, str]] = []
+    rechunked = False
+    for name, value in up.raw:
+        low = name.lower()
+        if low in _HOP_BY_HOP_RAW or low in named:
+            rechunked = rechunked or low == b"transfer-encoding"
+            continue
+        out.append((_text(name), _text(value)))
+    if rechunked:
         # aiohttp re-frames the body; a stale length would contradict chunking.
-        out.popall("Content-Length", None)
+        out = [(n, v) for n, v in out if n.lower() != "content-length"]
     return out
 
 
 class Upstream:
-    """The way to the sandboxes: the pools of keep-alive connections (router.upstream), the
-    client session other callers (MCP) use, the size limits, the proxy metrics and the relayed
-    WebSockets (closed with 1001 at shutdown)."""
+    """The way to the sandboxes: plain HTTP over pools of keep-alive connections
+    (`HttpForwarder`), WebSockets as byte tunnels (`WebSocketForwarder`), the client session
+    other callers (MCP) use, the size limits and the proxy metrics."""
 
     def __init__(
         self, client: aiohttp.ClientSession, settings: Settings, metrics: RouterMetrics
     ) -> None:
         self.client = client
-        self.clients = Clients(
+        self.max_body_bytes = settings.max_body_bytes
+        self.metrics = metrics
+        self._proxy_seconds: dict[str, Histogram] = {}  # labels() per request is not free
+        clients = Clients(
             settings.upstream_connect_timeout_s,
             settings.upstream_idle_timeout_s,
             settings.upstream_pool_max_idle,
             settings.upstream_pool_idle_s,
         )
-        self.max_body_bytes = settings.max_body_bytes
-        self.ws_max_msg_bytes = settings.ws_max_msg_bytes
-        self.metrics = metrics
-        self._proxy_seconds: dict[str, Histogram] = {}  # labels() per request is not free
-        self.connect_timeout_s = settings.upstream_connect_timeout_s
-        self.websockets: set[Tunnel] = set()
+        self.http = HttpForwarder(clients, settings.max_body_bytes, self._observe)
+        self.ws = WebSocketForwarder(settings.ws_max_msg_bytes, settings.upstream_connect_timeout_s)
+
+    @property
+    def clients(self) -> Clients:
+        return self.http.clients
 
     def check_request(self, request: web.Request) -> None:
         """What can be refused before a session is claimed for `request`: a declared body over
-        the cap (a streamed one is counted as it goes) and a malformed WebSocket upgrade.
+        the cap (a streamed one is counted as it goes, by `HttpForwarder`) and a malformed
+        WebSocket upgrade.
 
         Raises:
             RequestTooLargeError, BadRequestError.
@@ -153,39 +195,27 @@ class Upstream:
         Raises:
             RequestTooLargeError, SessionUnreachableError, SessionTimeoutError.
         """
-        addr = lease.session.addr
         try:
             if is_websocket(request):
-                return await forward_websocket(
-                    request,
-                    addr,
-                    target.rest,
-                    target.prefix,
-                    self.ws_max_msg_bytes,
-                    lease.activity,
-                    self.connect_timeout_s,
-                    self.websockets,
-                )
-            started = time.monotonic()
-            seconds = self._proxy_seconds.get(target.pool)
-            if seconds is None:
-                seconds = self._proxy_seconds[target.pool] = self.metrics.proxy.labels(target.pool)
-            return await forward_http(
-                request,
-                self.clients,
-                addr,
-                target.rest,
-                target.prefix,
-                self.max_body_bytes,
-                on_headers=lambda: seconds.observe(time.monotonic() - started),
-            )
+                return await self.ws.forward(request, lease.session.addr, target, lease.activity)
+            return await self.http.forward(request, lease.session.addr, target)
         except (SessionUnreachableError, SessionTimeoutError) as exc:
             self.metrics.upstream_errors.labels(target.pool, exc.code).inc()
             raise
 
+    def _observe(self, pool: str, seconds: float) -> None:
+        histogram = self._proxy_seconds.get(pool)
+        if histogram is None:
+            histogram = self._proxy_seconds[pool] = self.metrics.proxy.labels(pool)
+        histogram.observe(seconds)
+
+    @property
+    def websockets(self) -> set[Tunnel]:
+        return self.ws.tunnels
+
     async def close_websockets(self) -> None:
         """Router shutdown: tell every relayed WebSocket client we are going away (1001)."""
-        await close_websockets(self.websockets)
+        await close_websockets(self.ws.tunnels)
 
 
 def client_timeout(connect_s: float, idle_s: float) -> aiohttp.ClientTimeout:
@@ -193,33 +223,6 @@ def client_timeout(connect_s: float, idle_s: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(
         total=None, connect=connect_s, sock_connect=connect_s, sock_read=idle_s
     )
-
-
-def split_addr(addr: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` as a host and a port."""
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-async def _send_body(
-    conn: Connection, content: aiohttp.StreamReader, cap: int, chunked: bool
-) -> None:
-    """Stream the caller's body to the sandbox, failing once it passes `cap` bytes."""
-    seen = 0
-    async for chunk in content.iter_any():
-        if not chunk:
-            continue
-        seen += len(chunk)
-        if seen > cap:
-            raise RequestTooLargeError(cap)
-        if chunked:
-            await conn.write(b"%x\r\n" % len(chunk))
-            await conn.write(chunk)
-            await conn.write(b"\r\n")
-        else:
-            await conn.write(chunk)
-    if chunked:
-        await conn.write(b"0\r\n\r\n")
 
 
 def _framing(request: web.Request) -> bytes:
@@ -245,69 +248,113 @@ def _upstream_failure(addr: str, exc: BaseException) -> SessionPoolError:
     return SessionUnreachableError("The session dropped the connection.")
 
 
-async def forward_http(
-    request: web.Request,
-    clients: Clients,
-    addr: str,
-    target: str,
-    prefix: str,
-    max_body_bytes: int,
-    on_headers: Callable[[], None] | None = None,
-) -> web.StreamResponse:
-    """Stream `request` to `http://{addr}{target}` and the answer back (router.upstream).
+class HttpForwarder:
+    """Plain HTTP to the sandboxes over `router.upstream`'s keep-alive connections, with the
+    request body cap; `observe(pool, seconds)` is told how long each answer's head took."""
 
-    A body longer than `max_body_bytes` fails as it streams (a declared length was checked
-    by `Upstream.check_request`). A request without a body that is safe to repeat is sent
-    again, once, on a new connection when a reused one fails before any byte of the answer.
+    def __init__(
+        self,
+        clients: Clients,
+        max_body_bytes: int,
+        observe: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.clients = clients
+        self.max_body_bytes = max_body_bytes
+        self.observe = observe
 
-    Raises:
-        RequestTooLargeError, SessionUnreachableError, SessionTimeoutError: before the
-        response started; afterwards a failure aborts the client connection instead.
-    """
-    headers = upstream_headers(request, prefix, drop=FRAMING)
-    framing = _framing(request)
-    head = request_head(request.method, target, addr, headers.items(), framing)
-    chunked = framing.startswith(b"Transfer")
-    has_body = request.body_exists
-    retry = request.method in IDEMPOTENT and not has_body
-    host, port = split_addr(addr)
-    pool = clients.pool(host, port)
-    sender: asyncio.Task[None] | None = None
-    retried = False
-    while True:
-        try:
-            conn = (None if retried else pool.acquire()) or await clients.fresh(pool)
-        except UpstreamError as exc:
-            raise _upstream_failure(addr, exc) from exc
-        answer = conn.start(head, request.method == "HEAD")
-        if has_body:
-            sender = asyncio.create_task(_send_body(conn, request.content, max_body_bytes, chunked))
-            sender.add_done_callback(partial(_body_failed, answer=answer))
-        try:
-            up = await answer
-        except RequestTooLargeError:
-            conn.finish(False)
-            raise
-        except UpstreamError as exc:
-            conn.finish(False)
-            if sender is not None:
-                sender.cancel()
-            if retry and not retried and conn.reused and exc.before_response:
-                retried = True  # a stale pooled connection: once more on a new one
-                continue
-            raise _upstream_failure(addr, exc) from exc
-        except OSError as exc:  # the body could not be sent
-            conn.finish(False)
-            raise _upstream_failure(addr, exc) from exc
-        except BaseException:
-            conn.finish(False)
-            if sender is not None:
-                sender.cancel()
-            raise
-        break
-    if on_headers is not None:
-        on_headers()
-    return await _relay_response(request, conn, up, sender)
+    async def forward(self, request: web.Request, addr: str, target: Target) -> web.StreamResponse:
+        """Stream `request` to `http://{addr}{target.rest}` and the answer back.
+
+        A body longer than the cap fails as it streams (a declared length was checked by
+        `Upstream.check_request`). A request without a body that is safe to repeat is sent
+        again, once, on a new connection when a reused one fails before any byte of the
+        answer. A caller who leaves once its request was sent leaves the connection to finish
+        reading the answer and be reused (`Connection.abandon`).
+
+        Raises:
+            RequestTooLargeError, SessionUnreachableError, SessionTimeoutError: before the
+            response started; afterwards a failure aborts the client connection instead.
+        """
+        started = time.monotonic()
+        framing = _framing(request)
+        head = http_request_head(request, target.rest, addr, target.prefix, framing)
+        has_body = request.body_exists
+        retry = request.method in IDEMPOTENT and not has_body
+        pool = self.clients.pool(addr)
+        sender: asyncio.Task[None] | None = None
+        retried = False
+        while True:
+            try:
+                conn = await (pool.fresh() if retried else pool.get())
+            except UpstreamError as exc:
+                raise _upstream_failure(addr, exc) from exc
+            answer = conn.start(head, request.method == "HEAD")
+            if has_body:
+                sender = asyncio.create_task(
+                    _send_body(conn, request.content, self.max_body_bytes, framing[:1] == b"T")
+                )
+                sender.add_done_callback(partial(_body_failed, answer=answer))
+            try:
+                up = await answer
+            except RequestTooLargeError:
+                conn.finish(False)
+                raise
+            except UpstreamError as exc:
+                conn.finish(False)
+                if sender is not None:
+                    sender.cancel()
+                if retry and not retried and conn.reused and exc.before_response:
+                    retried = True  # a stale pooled connection: once more on a new one
+                    continue
+                raise _upstream_failure(addr, exc) from exc
+            except OSError as exc:  # the body could not be sent
+                conn.finish(False)
+                raise _upstream_failure(addr, exc) from exc
+            except asyncio.CancelledError:
+                if _sent(sender):
+                    conn.abandon()  # the caller left; the answer may still be read
+                else:
+                    conn.finish(False)
+                    if sender is not None:
+                        sender.cancel()
+                raise
+            except BaseException:
+                conn.finish(False)
+                if sender is not None:
+                    sender.cancel()
+                raise
+            break
+        if self.observe is not None:
+            self.observe(target.pool, time.monotonic() - started)
+        return await _relay_response(request, conn, up, sender)
+
+
+async def _send_body(
+    conn: Connection, content: aiohttp.StreamReader, cap: int, chunked: bool
+) -> None:
+    """Stream the caller's body to the sandbox, failing once it passes `cap` bytes."""
+    seen = 0
+    async for chunk in content.iter_any():
+        if not chunk:
+            continue
+        seen += len(chunk)
+        if seen > cap:
+            raise RequestTooLargeError(cap)
+        if chunked:
+            await conn.write(b"%x\r\n" % len(chunk))
+            await conn.write(chunk)
+            await conn.write(b"\r\n")
+        else:
+            await conn.write(chunk)
+    if chunked:
+        await conn.write(b"0\r\n\r\n")
+
+
+def _sent(sender: asyncio.Task[None] | None) -> bool:
+    """The whole request body went up (or there was none)."""
+    return sender is None or (
+        sender.done() and not sender.cancelled() and sender.exception() is None
+    )
 
 
 def _body_failed(task: asyncio.Task[None], *, answer: asyncio.Future[Response]) -> None:
@@ -328,19 +375,25 @@ class _Relayed(web.StreamResponse):
 async def _relay_response(
     request: web.Request, conn: Connection, up: Response, sender: asyncio.Task[None] | None
 ) -> web.StreamResponse:
-    resp = _Relayed(
-        status=up.status, reason=up.reason or None, headers=downstream_headers(up.headers)
-    )
-    done = False
+    resp = _Relayed(status=up.status, reason=up.reason or None)
+    resp.headers.extend(response_headers(up))
+    done = caller_left = False
     try:
         await resp.prepare(request)
-        await resp.write(conn.take_buffered())  # the headers, and what has arrived
-        async for chunk in conn.body():
-            await resp.write(chunk)
-        await resp.write_eof()
+        if conn.complete:  # the whole answer is here: headers, body and end in one go
+            await resp.write_eof(conn.take_buffered())
+        else:
+            await resp.write(conn.take_buffered())  # the headers, and what has arrived
+            async for chunk in conn.body():
+                await resp.write(chunk)
+            await resp.write_eof()
         done = True
     except ConnectionResetError:  # the caller went away; aiohttp drops its connection quietly
+        caller_left = True
         return resp
+    except asyncio.CancelledError:
+        caller_left = True
+        raise
     except UpstreamError as exc:
         # Headers are gone already: the only honest signal left is a cut connection.
         log.info("upstream failed mid-response: %s", exc)
@@ -348,12 +401,13 @@ async def _relay_response(
             request.transport.abort()
     finally:
         # Reused only when the whole body went up and the whole answer came down.
-        sent = sender is None or (
-            sender.done() and not sender.cancelled() and sender.exception() is None
-        )
+        sent = _sent(sender)
         if sender is not None and not sender.done():
             sender.cancel()
-        conn.finish(done and sent)
+        if caller_left and sent:
+            conn.abandon()
+        else:
+            conn.finish(done and sent)
     return resp
 
 
@@ -377,43 +431,46 @@ def is_websocket(request: web.Request) -> bool:
     )
 
 
-async def forward_websocket(
-    request: web.Request,
-    addr: str,
-    target: str,
-    prefix: str,
-    max_msg_bytes: int,
-    on_data: Callable[[], None],
-    connect_timeout_s: float,
-    registry: set[Tunnel],
-) -> web.StreamResponse:
-    """Relay a WebSocket both ways as a byte tunnel (see `router.tunnel`); data frames call
-    `on_data`, pings and pongs do not.
+class WebSocketForwarder:
+    """WebSockets relayed both ways as byte tunnels (`router.tunnel`), with the frame size
+    cap; the tunnels open now are closed with 1001 when the router shuts down."""
 
-    Raises:
-        SessionUnreachableError, SessionTimeoutError: the sandbox refused the upgrade.
-    """
-    key = request.headers["Sec-WebSocket-Key"]  # checked by check_handshake
-    headers = upstream_headers(request, prefix, drop=WS_ANSWER)
-    tunnel = Tunnel(on_data, max_msg_bytes)
-    answer, rest = await open_tunnel(addr, target, headers, key, connect_timeout_s, tunnel)
-    resp = switching_protocols(answer, HOP_BY_HOP)
-    del headers, answer  # an idle tunnel keeps as little as it can
-    registry.add(tunnel)  # closed with 1001 when the router shuts down
-    try:
-        await resp.prepare(request)
-        request.protocol.keep_alive(False)
-        if request.transport is None:
-            raise ConnectionResetError("the caller went away")
-        tunnel.start(request.transport, rest)
-        # The caller's bytes now go to the tunnel (aiohttp's parser interface, typed narrowly).
-        request.protocol.set_parser(tunnel)  # type: ignore[arg-type]
-        await tunnel.done
-    finally:
-        registry.discard(tunnel)
-        if tunnel.up is not None:
-            tunnel.up.close()
-    return resp
+    def __init__(self, max_msg_bytes: int, connect_timeout_s: float) -> None:
+        self.max_msg_bytes = max_msg_bytes
+        self.connect_timeout_s = connect_timeout_s
+        self.tunnels: set[Tunnel] = set()
+
+    async def forward(
+        self, request: web.Request, addr: str, target: Target, on_data: Callable[[], None]
+    ) -> web.StreamResponse:
+        """Relay the WebSocket of `request`; data frames call `on_data`, pings and pongs do not.
+
+        Raises:
+            SessionUnreachableError, SessionTimeoutError: the sandbox refused the upgrade.
+        """
+        key = request.headers["Sec-WebSocket-Key"]  # checked by check_handshake
+        headers = upstream_headers(request, target.prefix, drop=WS_ANSWER)
+        tunnel = Tunnel(on_data, self.max_msg_bytes)
+        answer, rest = await open_tunnel(
+            addr, target.rest, headers, key, self.connect_timeout_s, tunnel
+        )
+        resp = switching_protocols(answer, HOP_BY_HOP)
+        del headers, answer  # an idle tunnel keeps as little as it can
+        self.tunnels.add(tunnel)  # closed with 1001 when the router shuts down
+        try:
+            await resp.prepare(request)
+            request.protocol.keep_alive(False)
+            if request.transport is None:
+                raise ConnectionResetError("the caller went away")
+            tunnel.start(request.transport, rest)
+            # The caller's bytes now go to the tunnel (aiohttp's parser interface, typed narrowly).
+            request.protocol.set_parser(tunnel)  # type: ignore[arg-type]
+            await tunnel.done
+        finally:
+            self.tunnels.discard(tunnel)
+            if tunnel.up is not None:
+                tunnel.up.close()
+        return resp
 
 
 async def close_websockets(registry: set[Tunnel]) -> None:

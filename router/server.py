@@ -62,7 +62,7 @@ async def start_site(
         settings.host,
         settings.port,
         reuse_port=reuse_port or None,
-        backlog=1024,
+        backlog=4096,
         ssl_context=tls.context if tls is not None else None,
     )
     try:

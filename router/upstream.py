@@ -19,6 +19,10 @@ from multidict import CIMultiDict
 HIGH_WATER = 256 * 1024  # response bytes buffered before the sandbox is paused
 LOW_WATER = 64 * 1024
 MAX_HEAD_BYTES = 64 * 1024  # a response's status line and headers
+MAX_CONNECTING = 32  # connects in progress to one sandbox at once
+DRAIN_BYTES = 64 * 1024  # what is read of an answer its caller left, before giving up on it
+DRAIN_S = 1.0
+_FRAMING_NAMES = frozenset({b"transfer-encoding", b"content-length", b"connection"})
 
 
 class UpstreamError(Exception):
@@ -38,42 +42,74 @@ class IdleTimeout(UpstreamError):
 
 
 class Response:
-    """The status line and headers of an answer; its body is `Connection.body()`."""
+    """The status line and headers of an answer; its body is `Connection.body()`. `raw` holds
+    the header lines as they arrived (bytes), `connection` the values of its Connection
+    headers (the hop-by-hop names they add)."""
 
-    __slots__ = ("headers", "keep_alive", "reason", "status")
+    __slots__ = ("_headers", "connection", "keep_alive", "raw", "reason", "status")
 
     def __init__(
-        self, status: int, reason: str, headers: CIMultiDict[str], keep_alive: bool
+        self,
+        status: int,
+        reason: str,
+        raw: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        connection: list[bytes] | None = None,
     ) -> None:
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.raw = raw
         self.keep_alive = keep_alive
+        self.connection = connection or []
+        self._headers: CIMultiDict[str] | None = None
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        if self._headers is None:
+            self._headers = CIMultiDict((_text(n), _text(v)) for n, v in self.raw)
+        return self._headers
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
 
 
 class Connection(asyncio.Protocol):
-    """One TCP connection to a sandbox, serving one exchange at a time."""
+    """One TCP connection to a sandbox, serving one exchange at a time.
 
-    def __init__(self, pool: Pool, idle_timeout_s: float) -> None:
+    One timer per connection, armed when it opens and re-armed at most every
+    `Clients.granule_s`, checks both the exchange's idle timeout and the pool's idle time:
+    an exchange starting or ending touches no timer.
+    """
+
+    def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.loop = asyncio.get_running_loop()
-        self.idle_timeout_s = idle_timeout_s
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
-        self.idle_handle: asyncio.TimerHandle | None = None
         self._writable: asyncio.Future[None] | None = None
         self._paused_reading = False
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
+        # Kept across exchanges: llhttp starts the next message where the last one ended.
+        self._parser = httptools.HttpResponseParser(self)
+        self._drain_handle: asyncio.TimerHandle | None = None
+        self._draining = False
         self._reset(head_request=False)
 
     def _reset(self, head_request: bool) -> None:
-        self._parser = httptools.HttpResponseParser(self)
         self._head_request = head_request
         self._active = False
         self._got_bytes = False
         self._head_bytes = 0
         self._reason = ""
-        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._head_done = False
+        self._keep_alive = False
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._connection: list[bytes] = []
+        self._chunked = False
+        self._length = False
         self._response: asyncio.Future[Response] | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -81,7 +117,6 @@ class Connection(asyncio.Protocol):
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._last_read = 0.0
-        self._timer: asyncio.TimerHandle | None = None
         self._until_close = False
         self._extra = False
 
@@ -90,6 +125,8 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; they have its methods.
         self.transport = transport  # type: ignore[assignment]
+        self._idle_since = now = self.loop.time()
+        self._tick_handle = self.loop.call_at(now + self.pool.clients.granule_s, self._tick)
 
     def data_received(self, data: bytes) -> None:
         if not self._active or self._complete:
@@ -97,7 +134,7 @@ class Connection(asyncio.Protocol):
             return
         self._got_bytes = True
         self._last_read = self.loop.time()
-        if self._response is not None and not self._response.done():
+        if not self._head_done:
             self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
@@ -114,8 +151,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
+        self._cancel_timers()
         if self._active and not self._complete:
             if self._headers_done and self._until_close and self._error is None:
                 self._complete = True  # the body's end is the connection's end
@@ -137,7 +173,7 @@ class Connection(asyncio.Protocol):
 
     @property
     def _headers_done(self) -> bool:
-        return self._response is not None and self._response.done()
+        return self._head_done
 
     def on_message_begin(self) -> None:
         if self._headers_done:  # a second answer to one request: never trusted again
@@ -150,29 +186,45 @@ class Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._headers_done:
             return
-        self._headers.add(
-            name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
-        )
+        low = name.lower()
+        if low in _FRAMING_NAMES:
+            if low == b"transfer-encoding":
+                self._chunked = self._chunked or b"chunked" in value.lower()
+            elif low == b"content-length":
+                self._length = True
+            else:
+                self._connection.append(value)
+        self._raw.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # 1xx before the answer (101 is refused by feed_data)
-            self._headers = CIMultiDict()
+            self._raw = []
+            self._connection = []
+            self._chunked = self._length = False
             self._reason = ""
             return
-        headers = self._headers
-        keep_alive = bool(self._parser.should_keep_alive()) and not self._head_request
-        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        self._head_done = True
+        keep_alive = self._keep_alive = (
+            bool(self._parser.should_keep_alive()) and not self._head_request
+        )
         self._until_close = not (
-            chunked or "Content-Length" in headers or status in (204, 304) or self._head_request
+            self._chunked or self._length or status in (204, 304) or self._head_request
         )
         if self._head_request:
             self._complete = True  # no body follows an answer to HEAD
         if self._response is not None and not self._response.done():
-            self._response.set_result(Response(status, self._reason, headers, keep_alive))
+            self._response.set_result(
+                Response(status, self._reason, self._raw, keep_alive, self._connection)
+            )
 
     def on_body(self, body: bytes) -> None:
         if self._extra:
+            return
+        if self._draining:
+            self._buffered += len(body)
+            if self._buffered > DRAIN_BYTES:
+                self.close()
             return
         self._chunks.append(body)
         self._buffered += len(body)
@@ -184,6 +236,8 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._headers_done and not self._extra:
             self._complete = True
+            if self._draining:
+                self.loop.call_soon(self._drained)
             self._wake()
 
     # the exchange
@@ -201,27 +255,45 @@ class Connection(asyncio.Protocol):
         self._wake()
         self.close()
 
-    def _arm_idle_timer(self) -> None:
-        self._last_read = self.loop.time()
-        self._timer = self.loop.call_at(self._last_read + self.idle_timeout_s, self._check_idle)
-
-    def _check_idle(self) -> None:
-        if not self._active or self._complete or self._error is not None:
+    def _tick(self) -> None:
+        """The one timer: an exchange silent for the idle timeout fails, a pooled connection
+        idle for the pool's idle time closes; otherwise it comes back by the next due time."""
+        self._tick_handle = None
+        if self.closed:
             return
-        due = self._last_read + self.idle_timeout_s
-        if self.loop.time() >= due:
-            self._fail(IdleTimeout("the session sent nothing in time", not self._got_bytes))
+        clients = self.pool.clients
+        now = self.loop.time()
+        if self._active:
+            if self._complete or self._error is not None:
+                due = now + clients.granule_s
+            else:
+                due = self._last_read + clients.idle_timeout_s
+                if now >= due:
+                    self._fail(IdleTimeout("the session sent nothing in time", not self._got_bytes))
+                    return
         else:
-            self._timer = self.loop.call_at(due, self._check_idle)
+            due = self._idle_since + clients.idle_s
+            if now >= due:
+                self.close()
+                return
+        self._tick_handle = self.loop.call_at(min(due, now + clients.granule_s), self._tick)
+
+    def _cancel_timers(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+        if self._drain_handle is not None:
+            self._drain_handle.cancel()
+            self._drain_handle = None
 
     def start(self, head: bytes, head_request: bool) -> asyncio.Future[Response]:
         """Send the request head; the returned future is the response's head."""
         self._reset(head_request)
         self._active = True
+        self._last_read = self.loop.time()
         self._response = self.loop.create_future()
         assert self.transport is not None
         self.transport.write(head)
-        self._arm_idle_timer()
         return self._response
 
     async def write(self, data: bytes) -> None:
@@ -239,13 +311,18 @@ class Connection(asyncio.Protocol):
         """What of the body has arrived already, at once."""
         if not self._chunks:
             return b""
-        data = b"".join(self._chunks)
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
         if self._paused_reading and self.transport:
             self._paused_reading = False
             self.transport.resume_reading()
         return data
+
+    @property
+    def complete(self) -> bool:
+        """The whole answer has arrived (what `take_buffered` returns is all of it)."""
+        return self._complete and self._error is None
 
     async def body(self) -> AsyncIterator[bytes]:
         """The response body's bytes as they arrive (de-chunked, not decompressed).
@@ -274,9 +351,6 @@ class Connection(asyncio.Protocol):
 
     def finish(self, reusable: bool) -> None:
         """The exchange is over: back to the pool when it ended cleanly, else closed."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         ok = (
             reusable
             and self._complete
@@ -285,11 +359,8 @@ class Connection(asyncio.Protocol):
             and not self._until_close
             and not self._extra
             and not self.closed
-            and self._response is not None
-            and self._response.done()
-            and not self._response.cancelled()
-            and self._response.exception() is None
-            and self._response.result().keep_alive
+            and self._head_done
+            and self._keep_alive
         )
         self._active = False
         if ok:
@@ -297,10 +368,41 @@ class Connection(asyncio.Protocol):
         else:
             self.close()
 
+    def abandon(self) -> None:
+        """The caller left while the request was fully sent: read the rest of the answer
+        (at most `DRAIN_BYTES`, for at most `DRAIN_S`) and pool the connection, instead of
+        closing it and opening another for the next caller; anything else closes it."""
+        if self.closed:
+            return
+        if self._error is not None or self._until_close or self._head_request or not self._active:
+            self.close()
+            return
+        self._buffered = sum(len(c) for c in self._chunks)
+        self._chunks.clear()
+        if self._complete:
+            self.finish(True)
+            return
+        if self._buffered > DRAIN_BYTES:
+            self.close()
+            return
+        self._draining = True
+        if self._paused_reading and self.transport:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        self._drain_handle = self.loop.call_later(DRAIN_S, self.close)
+
+    def _drained(self) -> None:
+        if self._drain_handle is not None:
+            self._drain_handle.cancel()
+            self._drain_handle = None
+        self._draining = False
+        if self._response is not None and not self._response.done():
+            self._response.cancel()  # nobody waits for it any more
+        self.finish(True)
+
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timers()
+        self._draining = False
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.abort()  # connection_lost follows and forgets it
@@ -309,44 +411,103 @@ class Connection(asyncio.Protocol):
 
 
 class Pool:
-    """Idle keep-alive connections to one sandbox address (newest reused first)."""
+    """Idle keep-alive connections to one sandbox address (newest reused first), and the
+    connects in progress to it (at most `MAX_CONNECTING` at once, so a burst of callers does
+    not overflow the sandbox's listen backlog, whose dropped SYNs would stall for seconds)."""
 
-    def __init__(self, clients: Clients, host: str, port: int) -> None:
+    def __init__(self, clients: Clients, host: str, port: int, key: str) -> None:
         self.clients = clients
         self.host = host
         self.port = port
+        self.key = key
         self.idle: deque[Connection] = deque()
+        self.connecting = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
 
     def acquire(self) -> Connection | None:
-        while self.idle:
-            conn = self.idle.pop()
-            if conn.idle_handle is not None:
-                conn.idle_handle.cancel()
-                conn.idle_handle = None
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
             if not conn.closed:
                 conn.reused = True
                 return conn
         return None
 
     def release(self, conn: Connection) -> None:
-        pool = self.clients.pools.setdefault((self.host, self.port), self)
+        clients = self.clients
+        pool = clients.pools.setdefault(self.key, self)
         if pool is not self:  # this one was dropped when it emptied
             conn.pool = pool
             pool.release(conn)
             return
-        if len(self.idle) >= self.clients.max_idle or self.clients.closed:
+        if len(self.idle) >= clients.max_idle or clients.closed:
             conn.close()
             return
+        conn._idle_since = conn.loop.time()
         self.idle.append(conn)
-        conn.idle_handle = conn.loop.call_later(self.clients.idle_s, conn.close)
+        self._wake_one()  # a caller waiting to connect takes this one instead
 
     def forget(self, conn: Connection) -> None:
         try:
             self.idle.remove(conn)
         except ValueError:
             return
-        if not self.idle:
-            self.clients.pools.pop((self.host, self.port), None)
+        self._drop_if_unused()
+
+    def _drop_if_unused(self) -> None:
+        unused = not self.idle and not self.connecting and not self.waiters
+        if unused and self.clients.pools.get(self.key) is self:
+            del self.clients.pools[self.key]
+
+    def _wake_one(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def get(self) -> Connection:
+        """An idle connection, else a new one (waiting while `MAX_CONNECTING` connects are in
+        progress, for one of them or a released connection).
+
+        Raises:
+            ConnectError, IdleTimeout: the connect failed or timed out.
+        """
+        conn = self.acquire()
+        if conn is not None:
+            return conn
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.clients.connect_timeout_s
+        while self.connecting >= MAX_CONNECTING:
+            waiter = loop.create_future()
+            self.waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                raise IdleTimeout("waited too long to connect", True) from None
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # pass the turn on
+                raise
+            conn = self.acquire()
+            if conn is not None:
+                return conn
+        return await self.fresh()
+
+    async def fresh(self) -> Connection:
+        """A new connection (not counted against `MAX_CONNECTING`'s wait).
+
+        Raises:
+            ConnectError, IdleTimeout: the connect failed or timed out.
+        """
+        self.connecting += 1
+        try:
+            return await self.clients.open(self)
+        finally:
+            self.connecting -= 1
+            self._wake_one()
+            self._drop_if_unused()
 
 
 class Clients:
@@ -359,33 +520,33 @@ class Clients:
         self.idle_timeout_s = idle_timeout_s
         self.max_idle = max_idle
         self.idle_s = idle_s
-        self.pools: dict[tuple[str, int], Pool] = {}
+        # How often a connection's one timer looks at it, at most.
+        self.granule_s = max(min(idle_timeout_s, idle_s), 0.01)
+        self.pools: dict[str, Pool] = {}
         self.closed = False
 
-    def pool(self, host: str, port: int) -> Pool:
-        pool = self.pools.get((host, port))
+    def pool(self, addr: str) -> Pool:
+        """The pool of `host:port` (or `[v6]:port`)."""
+        pool = self.pools.get(addr)
         if pool is None:
-            pool = self.pools[(host, port)] = Pool(self, host, port)
+            host, _, port = addr.rpartition(":")
+            pool = self.pools[addr] = Pool(self, host.strip("[]"), int(port), addr)
         return pool
 
-    async def connect(self, host: str, port: int) -> Connection:
-        """A pooled idle connection to `host:port`, else a new one.
+    async def connect(self, addr: str) -> Connection:
+        """A pooled idle connection to `addr`, else a new one.
 
         Raises:
             ConnectError: refused, unreachable or not connected within the connect timeout.
         """
-        pool = self.pool(host, port)
-        conn = pool.acquire()
-        if conn is not None:
-            return conn
-        return await self.fresh(pool)
+        return await self.pool(addr).get()
 
-    async def fresh(self, pool: Pool) -> Connection:
+    async def open(self, pool: Pool) -> Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, protocol = await loop.create_connection(
-                    lambda: Connection(pool, self.idle_timeout_s), pool.host, pool.port
+                    lambda: Connection(pool), pool.host, pool.port
                 )
         except TimeoutError:
             raise IdleTimeout("connecting timed out", True) from None

@@ -1,4 +1,4 @@
-"""The router's keep-alive upstream client (router/upstream.py behind proxy.forward_http)
+"""The router's keep-alive upstream client (router/upstream.py behind proxy.HttpForwarder)
 against raw TCP servers that answer with exactly the bytes each test scripts."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from router import proxy
+from router import proxy, upstream
 from router.errors import SessionPoolError
+from router.target import Target
 from router.upstream import Clients
 from tests.helpers import wait_until
 
@@ -102,7 +103,7 @@ def ok(body: bytes, extra: str = "") -> bytes:
 
 @dataclass
 class Edge:
-    """An aiohttp server forwarding every request to `target` with forward_http."""
+    """An aiohttp server forwarding every request to `target` with HttpForwarder."""
 
     clients: Clients
     base: str
@@ -126,8 +127,9 @@ async def edge() -> AsyncIterator[Callable[..., Awaitable[Edge]]]:
 
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
-                return await proxy.forward_http(
-                    request, clients, target[0], request.raw_path, "", max_body_bytes
+                forwarder = proxy.HttpForwarder(clients, max_body_bytes)
+                return await forwarder.forward(
+                    request, target[0], Target.whole("", request.raw_path)
                 )
             except SessionPoolError as exc:
                 return web.Response(status=exc.status, text=exc.code)
@@ -470,4 +472,77 @@ async def test_idle_connections_are_bounded_in_count_and_time(
     # And the kept one is closed once idle for pool_idle_s.
     await wait_until(lambda: up.closed == 3, timeout=10)
     assert not e.clients.pools
+    await up.close()
+
+
+async def test_a_caller_who_leaves_before_the_answer_leaves_a_reusable_connection(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    release = asyncio.Event()
+
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        if b"/slow" in seen.head:
+            await release.wait()  # answered only after the caller gave up
+        w.write(ok(b"done"))
+        await w.drain()
+        return True
+
+    up = await raw_server(answer)
+    e = await edge()
+    e.target.append(up.addr)
+
+    async def slow() -> bytes:
+        async with http.get(e.base + "/slow") as r:
+            return await r.read()
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(slow(), 0.5)
+    await wait_until(lambda: len(up.seen) == 1, timeout=5)
+    release.set()
+    # The router read the answer nobody waits for and pooled the connection again.
+    await wait_until(lambda: sum(len(p.idle) for p in e.clients.pools.values()) == 1, timeout=5)
+    async with http.get(e.base + "/next") as r:
+        assert (r.status, await r.read()) == (200, b"done")
+    assert up.connections == 1 and up.closed == 0
+    assert [s.conn for s in up.seen] == [0, 0]
+    await up.close()
+
+
+async def test_connects_to_one_sandbox_are_bounded_and_waiters_take_released_connections(
+    monkeypatch: pytest.MonkeyPatch,
+    edge: Callable[..., Awaitable[Edge]],
+    http: aiohttp.ClientSession,
+) -> None:
+    monkeypatch.setattr(upstream, "MAX_CONNECTING", 2)
+    opening = most = 0
+    real_open = Clients.open
+
+    async def slow_open(self: Clients, pool: upstream.Pool) -> upstream.Connection:
+        nonlocal opening, most
+        opening += 1
+        most = max(most, opening)
+        try:
+            await asyncio.sleep(0.05)
+            return await real_open(self, pool)
+        finally:
+            opening -= 1
+
+    monkeypatch.setattr(Clients, "open", slow_open)
+
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        w.write(ok(b"fine"))
+        await w.drain()
+        return True
+
+    up = await raw_server(answer)
+    e = await edge(max_idle=64)
+    e.target.append(up.addr)
+
+    async def get() -> bytes:
+        async with http.get(e.base + "/x") as r:
+            return await r.read()
+
+    assert await asyncio.gather(*(get() for _ in range(20))) == [b"fine"] * 20
+    assert most == 2  # never more than MAX_CONNECTING connects at once
+    assert up.connections < 20  # later callers took connections the first ones released
     await up.close()
