@@ -299,8 +299,7 @@ def _workers(quick: bool, out: Path, n: int) -> dict[str, Any]:
 CPU_ROLES = (
     "sandboxes",
     "dockerd",
-    "dockerd hook",
-    "shim + runc",
+    "shim + runc + hook",
     "containerd",
     "worker",
     "router",
@@ -308,7 +307,7 @@ CPU_ROLES = (
     "redis",
     "other",
 )
-ENGINE_ROLES = ("dockerd", "dockerd hook", "shim + runc", "containerd")
+ENGINE_ROLES = ("dockerd", "shim + runc + hook", "containerd")
 
 
 def cpu_line(label: str, run: dict[str, Any]) -> str:
@@ -371,9 +370,9 @@ def report(data: dict[str, Any]) -> str:
         f"{b2['p99_ms']:.0f} ms (pool grown to {b2['ready_before']}) | — | — | — | |",
         "",
         "CPU during the refills, in cores (bench/cpu.py; `other` is everything else on the "
-        "machine, e.g. other benches and tests; short-lived processes are lower bounds). The "
-        "engine is dockerd, its network hook (dockerd re-executed per container), the shim, "
-        "runc and containerd.",
+        "machine, e.g. other benches and tests). The engine is dockerd, containerd, and each "
+        "container's shim with what it ran: runc, and the prestart hook runc ran (dockerd "
+        "re-executed as `libnetwork-setkey` for the container's network).",
         "",
         "| refill | rate | engine (dockerd) cores | sandboxes/s per engine core | machine busy "
         "| cores by role | CPU ms per sandbox by role |",

@@ -1,51 +1,54 @@
-"""Where the CPU goes over an interval: processes by role, and the sandboxes' cgroups.
+"""Where the CPU goes over an interval: processes by role, and the sandboxes' cgroup.
 
-A thread samples `/proc/<pid>/stat` (utime + stime) every SAMPLE_S, so a short-lived process
-(runc, the engine's network hook, iptables) counts for what it used up to its last sample: the
-per-role figures are lower bounds. The sandboxes' own processes are read whole from the cpuacct
-cgroup Docker puts containers under (cgroup v1 `docker/`).
+Two snapshots of `/proc/<pid>/stat`, at start() and stop(), so measuring costs nothing in
+between. Each process counts its own CPU plus that of the children it reaped meanwhile
+(cutime + cstime): a container's shim thereby accounts for the short-lived `runc` calls it made
+and for the prestart hook `runc` ran (dockerd re-executed as `libnetwork-setkey` for each
+container's network), and dockerd for the tools it ran. The sandboxes' own processes are read
+whole from the cpuacct cgroup Docker puts containers under (cgroup v1 `docker/`); processes
+inside a container are not counted again. A process that both started and ended between the
+snapshots, with no counted parent, is missed (`machine` still has it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
-SAMPLE_S = 0.025
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CGROUP_DOCKER = Path("/sys/fs/cgroup/cpuacct/docker/cpuacct.usage")
 ROLES = {
     "dockerd": "dockerd",
     "containerd": "containerd",
-    "containerd-shim": "shim + runc",
-    "runc": "shim + runc",
-    "runc:[0:PARENT]": "shim + runc",
-    "runc:[1:CHILD]": "shim + runc",
-    "runc:[2:INIT]": "shim + runc",
-    # dockerd re-executed as the container's prestart hook (libnetwork-setkey)
-    "exe": "dockerd hook",
-    "iptables": "iptables",
+    "containerd-shim": "shim + runc + hook",
+    "containerd-shim-runc-v2": "shim + runc + hook",
     "redis-server": "redis",
 }
-Key = tuple[int, int]  # (pid, start time): a reused pid is another process
 
 
-def _stat_all() -> dict[Key, tuple[str, int, float]]:
-    """(pid, start time) → (name, parent pid, CPU seconds so far)."""
-    out: dict[Key, tuple[str, int, float]] = {}
+@dataclass(frozen=True, slots=True)
+class _Proc:
+    name: str
+    ppid: int
+    cpu_s: float  # its own utime + stime, plus its reaped children's
+
+
+def _snapshot() -> dict[tuple[int, int], _Proc]:
+    """(pid, start time) → the process; a reused pid is another process."""
+    out: dict[tuple[int, int], _Proc] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         with contextlib.suppress(OSError, ValueError, IndexError):
             raw = Path(f"/proc/{entry}/stat").read_text()
-            comm = raw[raw.index("(") + 1 : raw.rindex(")")]
-            fields = raw[raw.rindex(")") + 2 :].split()
-            cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
-            out[(int(entry), int(fields[19]))] = (comm, int(fields[1]), cpu)
+            name = raw[raw.index("(") + 1 : raw.rindex(")")]
+            f = raw[raw.rindex(")") + 2 :].split()
+            cpu = sum(int(x) for x in f[11:15]) / CLK_TCK  # utime stime cutime cstime
+            out[(int(entry), int(f[19]))] = _Proc(name, int(f[1]), cpu)
     return out
 
 
@@ -67,63 +70,55 @@ def _in_container(pid: int) -> bool:
     return False
 
 
-def _python_role(pid: int) -> str | None:
-    """The bench's own python processes by what they run (worker, router, this bench)."""
+def _descends(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
+    for _ in range(32):
+        if pid == ancestor:
+            return True
+        pid = parents.get(pid, 0)
+        if pid <= 1:
+            return False
+    return False
+
+
+def _role(pid: int, proc: _Proc, ours: set[int]) -> str:
+    """This bench's own processes by what they run (worker, router, this bench); the engine's
+    by name; everything else (other runs and tests on the machine) is `other`."""
     if pid == os.getpid():
         return "bench"
-    with contextlib.suppress(OSError):
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if b"sessionpool.cli" in argv:
+    if pid in ours and proc.name.startswith("python"):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             for role in (b"worker", b"router"):
                 if role in argv:
                     return role.decode()
-    return None
+    if pid in ours:
+        return ROLES.get(proc.name, "bench")
+    if proc.name.startswith(("kworker", "ksoftirq")):
+        return "kernel threads"
+    return ROLES.get(proc.name, "other")
 
 
 class ProcessCpu:
     """Cores used by each role between start() and stop()."""
 
-    def __init__(self) -> None:
-        self._first: dict[Key, float] = {}
-        self._last: dict[Key, tuple[str, int, float]] = {}
-        self._contained: dict[Key, bool] = {}  # counted with the sandboxes' cgroup
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
     def start(self) -> None:
-        seen = _stat_all()
-        self._first = {k: v[2] for k, v in seen.items()}
-        self._last = seen
+        self._first = _snapshot()
         self.t0, self.busy0, self.cg0 = time.monotonic(), machine_busy_s(), _containers_s()
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
-            self._update(_stat_all())
-
-    def _update(self, seen: dict[Key, tuple[str, int, float]]) -> None:
-        for key in seen.keys() - self._last.keys():
-            self._contained[key] = _in_container(key[0])
-        self._last.update(seen)
 
     def stop(self) -> dict[str, float]:
         """Cores used over the interval: one entry per role, `sandboxes` from the containers'
         cgroup, `machine` (every core's busy time, whoever used it) and `wall_s`."""
-        self._stop.set()
-        self._thread.join()
-        self._update(_stat_all())
+        last = _snapshot()
         wall = time.monotonic() - self.t0
+        parents = {pid: proc.ppid for (pid, _), proc in last.items()}
+        ours = {pid for pid in parents if _descends(pid, os.getpid(), parents)}
         by: dict[str, float] = defaultdict(float)
-        for key, (comm, _, cpu) in self._last.items():
-            used = cpu - self._first.get(key, 0.0)
-            if used <= 0 or self._contained.get(key):
+        for key, proc in last.items():
+            before = self._first.get(key)
+            used = proc.cpu_s - (before.cpu_s if before is not None else 0.0)
+            if used <= 0 or _in_container(key[0]):
                 continue
-            role = (
-                (_python_role(key[0]) if comm.startswith("python") else None)
-                or ROLES.get(comm)
-                or ("kernel threads" if comm.startswith(("kworker", "ksoftirq")) else "other")
-            )
-            by[role] += used / wall
+            by[_role(key[0], proc, ours)] += used / wall
         by["sandboxes"] = (_containers_s() - self.cg0) / wall
         by["machine"] = (machine_busy_s() - self.busy0) / wall
         by["wall_s"] = wall
