@@ -264,15 +264,11 @@ def docker_runtime_fixtures(
 
 
 async def tcp_connects(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    """Whether a TCP connection to host:port opens within `timeout_s` (then it is closed)."""
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-    except (TimeoutError, OSError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
+    """Whether a TCP connection to host:port opens within `timeout_s` (then it is closed):
+    the workers' own check (a startup probe's first step)."""
+    from workers import probes
+
+    return await probes._accepts(host, port, timeout_s)
 
 
 @contextlib.asynccontextmanager
