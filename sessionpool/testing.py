@@ -182,10 +182,12 @@ class Workers:
         self.procs: list[Process] = []
         self.logs: list[Path] = []
 
-    async def start(self, *args: str) -> Process:
+    async def start(self, *args: str, **changes: Any) -> Process:
+        """One more worker, with `changes` to the group's settings."""
         log = self.directory / f"worker-{len(self.procs)}.log"
         self.logs.append(log)
-        proc = await spawn_worker(self.settings, *args, runtime=self.runtime, log=log)
+        settings = self.settings.replace(**changes)
+        proc = await spawn_worker(settings, *args, runtime=self.runtime, log=log)
         self.procs.append(proc)
         return proc
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -13,8 +15,9 @@ import pytest
 from router.keys import Keys
 from router.settings import Settings
 from router.store import Store, open_redis
-from sessionpool.testing import RedisServer
-from tests.helpers import FakeSandbox
+from sessionpool.testing import ECHO_IMAGE, RedisServer, serving_router
+from tests.helpers import FakeSandbox, open_engine
+from tests.worker_rigs import Rig, open_rig
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +51,13 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
 
 
 @pytest.fixture
+async def router_url(settings: Settings) -> AsyncIterator[str]:
+    """A router of `settings` in this process (waiting up to 20 s for a sandbox); its URL."""
+    async with serving_router(settings.replace(allocation_wait_s=20.0)) as url:
+        yield url
+
+
+@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
@@ -66,6 +76,24 @@ async def sandboxes() -> AsyncIterator[Callable[[], Awaitable[FakeSandbox]]]:
     for sb in made:
         sb.slow_release.set()
         await sb.close()
+
+
+@pytest.fixture(scope="session")
+def echo_engine() -> Iterator[Any]:
+    """A Docker client, with the echo image built when missing (asked for only by the tests
+    that need it: no engine, they fail)."""
+    client = open_engine(ECHO_IMAGE)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+async def rig(
+    request: pytest.FixtureRequest, settings: Settings, tmp_path: Path
+) -> AsyncIterator[Rig]:
+    """The runtime a worker scenario runs on (`@on(...)` in tests/worker_rigs.py)."""
+    async with open_rig(request.param, settings, tmp_path, request.getfixturevalue) as made:
+        yield made
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -19,7 +19,7 @@ from router.settings import Settings
 from router.store import Store
 from sessionpool.testing import spawn_router, stop_process
 from tests.helpers import FakeSandbox, add_ready, make_pool, wait_until
-from tests.test_workers import process_pool
+from tests.worker_rigs import process_pool
 from workers.main import run
 from workers.process import ProcessRuntime
 

@@ -21,7 +21,7 @@ from router.keys import Keys
 from router.settings import Settings
 from router.store import Store, open_redis, wait_redis
 from tests.helpers import wait_until
-from tests.test_workers import process_pool
+from tests.worker_rigs import process_pool
 from workers.main import run
 from workers.process import ProcessRuntime
 

@@ -5,21 +5,19 @@ the target that nobody claimed are retired after the grace."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import aiohttp
 
 from router.store import Store
-from tests.helpers import wait_until
-from tests.test_workers import counts_are, get_host, process_pool, router_url, worker
-
-__all__ = ["router_url", "worker"]  # fixtures used here
+from sessionpool.testing import counts_are, wait_until
+from tests.worker_rigs import Rig, hostname, on, process_pool
 
 
+@on("process")
 async def test_warm_pool_grows_under_a_burst_and_shrinks_after(
-    store: Store, worker: Any, router_url: str
+    rig: Rig, store: Store, router_url: str, http: aiohttp.ClientSession
 ) -> None:
-    runtime = await worker(demand_window_s=3.0, surplus_grace_s=0.5)
+    await rig.start_worker(demand_window_s=3.0, surplus_grace_s=0.5)
     max_sessions = 16
     await store.put_pool(process_pool(ready=1, max_sessions=max_sessions))
     await wait_until(lambda: counts_are(store, "proc", ready=1, warming=0), timeout=15)
@@ -43,7 +41,7 @@ async def test_warm_pool_grows_under_a_burst_and_shrinks_after(
     sampler = asyncio.create_task(sample())
     try:
         hosts = await asyncio.gather(
-            *(get_host(f"{router_url}/pools/proc/?identifier=burst-{i}") for i in range(10))
+            *(hostname(http, f"{router_url}/pools/proc/?identifier=burst-{i}") for i in range(10))
         )
         assert len(set(hosts)) == 10  # one sandbox each
         # Grows: ten allocations within about one refill time ask for ten warm; what
@@ -56,27 +54,27 @@ async def test_warm_pool_grows_under_a_burst_and_shrinks_after(
         await sampler
     assert violations == []
     recs = await store.sandboxes("proc")
-    await wait_until(lambda: _runtime_count(runtime, store, 11), timeout=10)
+    await wait_until(lambda: _held(rig, 11), timeout=10)
     assert sorted(r.state for r in recs.values()).count("allocated") == 10
 
 
-async def _runtime_count(runtime: Any, store: Store, n: int) -> bool:
-    return len(await runtime.list(store.keys.prefix)) == n
+async def _held(rig: Rig, n: int) -> bool:
+    return len(await rig.hosts()) == n
 
 
+@on("process")
 async def test_unclaimed_surplus_is_retired_after_the_grace(
-    store: Store, worker: Any, router_url: str
+    rig: Rig, store: Store, router_url: str, http: aiohttp.ClientSession
 ) -> None:
-    runtime = await worker(surplus_grace_s=0.5)
+    await rig.start_worker(surplus_grace_s=0.5)
     await store.put_pool(process_pool(ready=4, max_sessions=8))
     await wait_until(lambda: counts_are(store, "proc", ready=4, warming=0), timeout=15)
-    before = {o.sandbox_id for o in await runtime.list(store.keys.prefix)}
+    before = set(await rig.live())
     # Scale down (the template is unchanged, so nothing is replaced): three are now surplus.
     await store.put_pool(process_pool(ready=1, max_sessions=8))
     await wait_until(lambda: counts_are(store, "proc", ready=1, warming=0), timeout=15)
-    await wait_until(lambda: _runtime_count(runtime, store, 1), timeout=10)
-    after = {o.sandbox_id for o in await runtime.list(store.keys.prefix)}
+    await wait_until(lambda: _held(rig, 1), timeout=10)
+    after = set(await rig.live())
     assert after < before  # the one kept is one of the originals: retired, not replaced
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{router_url}/pools/proc/?identifier=still-served") as r:
-            assert r.status == 200
+    async with http.get(f"{router_url}/pools/proc/?identifier=still-served") as r:
+        assert r.status == 200
