@@ -143,13 +143,15 @@ async def _serve(request: web.Request, target: Target) -> web.StreamResponse:
         raise PoolNotFoundError(target.pool)
     routing, upstream = app[ROUTING], app[UPSTREAM]
     local = _local(target.path)
+    if local is None:  # refused before Redis is touched, and nothing claimed for it
+        ident = query_identifier(request.query)
+        upstream.check_request(request)
+    pool = await routing.get_pool(target.pool)
     if local is not None:
-        pool = await routing.get_pool(target.pool)
         if local.serves(pool):
             return await local.handler(request, routing, pool, target, principal.id)
-    ident = query_identifier(request.query)  # before Redis is touched
-    upstream.check_request(request)  # nothing is claimed for a request refused anyway
-    pool = await routing.get_pool(target.pool)
+        ident = query_identifier(request.query)
+        upstream.check_request(request)
     async with routing.lease(pool, ident, principal.id) as lease:
         return await upstream.forward(request, lease, target)
 

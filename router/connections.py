@@ -8,6 +8,11 @@
 - Malformed requests are counted and logged at most once per `MALFORMED_LOG_INTERVAL_S`,
   one line each, never a traceback per request.
 
+- Every pending connection is accepted each time the listening socket is readable
+  (`AcceptingSite`): uvloop's own server accepts one per loop iteration, so under load, when
+  one iteration serves hundreds of requests, a burst of new connections waited seconds in
+  the kernel's accept queue (and overflowed it).
+
 aiohttp has no hook for these, so `BoundedRunner` serves with a `RequestHandler` subclass
 that reads a few of its private fields (`_loop`, `_waiter`, `_request_count`); the tests in
 tests/test_connections.py pin the behaviour from a client's side.
@@ -16,7 +21,10 @@ tests/test_connections.py pin the behaviour from a client's side.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
+import ssl
 import time
 from typing import Any, cast
 
@@ -186,3 +194,117 @@ class BoundedRunner(web.AppRunner):
         assert isinstance(server, _BoundedServer)
         server.bounds = self.bounds
         return server
+
+
+ACCEPT_BATCH = 512  # connections accepted per readiness, at most (then the loop runs on)
+ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class _Listener:
+    """The listening sockets of an `AcceptingSite`, shaped like the server aiohttp expects
+    (`sockets`, `close`)."""
+
+    def __init__(self, sockets: list[socket.socket]) -> None:
+        self.sockets = sockets
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self.sockets = []
+
+
+class AcceptingSite(web.BaseSite):
+    """A TCP site like `web.TCPSite` that accepts every pending connection (up to
+    `ACCEPT_BATCH`) whenever its socket is readable, then hands each to the loop as an
+    accepted socket; on running out of descriptors it stops accepting for a second."""
+
+    __slots__ = ("_bound_port", "_host", "_port", "_reuse_port", "_tasks")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        backlog: int = 4096,
+        reuse_port: bool = False,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._bound_port = port
+        self._reuse_port = reuse_port
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._host or '0.0.0.0'}:{self._bound_port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            self._host or None,
+            self._port,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        )
+        sockets: list[socket.socket] = []
+        try:
+            for family, kind, proto, _, addr in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self._reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if self._port == 0 and len(sockets) > 1:  # the same port on every address
+                    addr = (addr[0], sockets[0].getsockname()[1], *addr[2:])
+                sock.bind(addr)
+                sock.listen(self._backlog)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        self._server = _Listener(sockets)  # type: ignore[assignment]
+        self._bound_port = sockets[0].getsockname()[1]
+        for sock in sockets:
+            loop.add_reader(sock.fileno(), self._accept, loop, sock)
+
+    def _accept(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        server = self._runner.server
+        if server is None:
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in ACCEPT_ERRORS:
+                    raise
+                log.warning("cannot accept connections for 1 s: %s", exc)
+                loop.remove_reader(sock.fileno())
+                loop.call_later(1.0, self._resume, loop, sock)
+                return
+            conn.setblocking(False)
+            task = loop.create_task(
+                loop.connect_accepted_socket(server, conn, ssl=self._ssl_context)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._accepted)
+
+    def _resume(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        if self._server is not None and sock.fileno() != -1:
+            loop.add_reader(sock.fileno(), self._accept, loop, sock)
+
+    def _accepted(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("a connection failed before it was served: %r", task.exception())

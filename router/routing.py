@@ -56,6 +56,7 @@ class Routing:
         self.settings = settings
         self._routes: dict[tuple[str, str], Route] = {}
         self._pools: dict[str, tuple[Pool, float]] = {}
+        self._pool_loads: dict[str, asyncio.Task[Pool]] = {}  # one read per pool at a time
         # Caching is only safe while the invalidation subscription is live.
         self.cache_enabled = False
         self._pending: dict[str, dict[str, int]] = defaultdict(dict)
@@ -70,16 +71,44 @@ class Routing:
     # Pools ---------------------------------------------------------------------------------
 
     async def get_pool(self, name: str) -> Pool:
-        """Raises: PoolNotFoundError."""
-        now = time.monotonic()
+        """The pool `name`, from the cache when the invalidation channel is live. Past its
+        time-to-live a cached definition is still served while one background read renews
+        it, and concurrent misses share one read: a thousand requests in flight when the
+        entry ages out cost Redis one GET, not a thousand.
+
+        Raises:
+            PoolNotFoundError.
+        """
         hit = self._pools.get(name)
-        if hit is not None and hit[1] > now and self.cache_enabled:
+        if hit is not None and self.cache_enabled:
+            if hit[1] <= time.monotonic() and name not in self._pool_loads:
+                self._load_pool(name)  # renewed off the request path
             return hit[0]
+        load = self._pool_loads.get(name) or self._load_pool(name)
+        return await asyncio.shield(load)
+
+    def _load_pool(self, name: str) -> asyncio.Task[Pool]:
+        task = asyncio.create_task(self._read_pool(name))
+        self._pool_loads[name] = task
+        task.add_done_callback(lambda t: self._pool_loaded(name, t))
+        return task
+
+    def _pool_loaded(self, name: str, task: asyncio.Task[Pool]) -> None:
+        if self._pool_loads.get(name) is task:
+            del self._pool_loads[name]
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("reading pool %s failed: %r", name, task.exception())
+
+    async def _read_pool(self, name: str) -> Pool:
         pool = await self.store.get_pool(name)
+        # Not cached when an invalidation for it arrived while the read ran.
+        current = self._pool_loads.get(name) is asyncio.current_task()
         if pool is None:
-            self._pools.pop(name, None)
+            if current:
+                self._pools.pop(name, None)
             raise PoolNotFoundError(name)
-        self._pools[name] = (pool, now + POOL_CACHE_TTL_S)
+        if current:
+            self._pools[name] = (pool, time.monotonic() + POOL_CACHE_TTL_S)
         return pool
 
     # Routes --------------------------------------------------------------------------------
@@ -254,6 +283,7 @@ class Routing:
             self.forget(pool, ident)
         else:  # the pool itself changed
             self._pools.pop(pool, None)
+            self._pool_loads.pop(pool, None)  # a read in flight is not cached
             for key in [k for k in self._routes if k[0] == pool]:
                 del self._routes[key]
             for key in [k for k in self._claims if k[0] == pool]:
@@ -278,6 +308,7 @@ class Routing:
                 self._routes.clear()
                 self._claims.clear()
                 self._pools.clear()
+                self._pool_loads.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
 

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from router import routing as routing_module
 from router import scripts
 from router.app import ROUTING, STORE, create_app
 from router.routing import Routing
@@ -185,3 +186,28 @@ async def test_requests_wait_for_a_busy_redis_pool_and_probes_do_not(
             assert not any(c.done() for c in calls)  # waiting, not failed with 503
             await held.release()
             assert await asyncio.gather(*calls) == [sandbox.name] * 2
+
+
+async def test_a_herd_reads_a_pool_definition_once_when_cold_and_once_when_expired(
+    monkeypatch: pytest.MonkeyPatch, env: tuple[Env, FakeSandbox], redis_server: Any
+) -> None:
+    e, _ = env
+    monkeypatch.setattr(routing_module, "POOL_CACHE_TTL_S", 0.0)  # cached, but expired at once
+    definition = e.store.pk("herd").definition
+
+    def reads() -> int:
+        return sum(1 for line in monitor.lines if f'"get" "{definition.lower()}"' in line.lower())
+
+    await e.store.put_pool(make_pool("herd"))
+    async with Monitor(redis_server.socket) as monitor:
+        # Cold: every caller misses; one GET serves them all.
+        pools = await asyncio.gather(*(e.routing.get_pool("herd") for _ in range(30)))
+        assert {p.name for p in pools} == {"herd"}
+        await monitor.sync(e.store)
+        assert reads() == 1
+        # Expired: every caller is answered from the cache while one GET renews it.
+        pools = await asyncio.gather(*(e.routing.get_pool("herd") for _ in range(30)))
+        assert {p.name for p in pools} == {"herd"}
+        await wait_until(lambda: reads() == 2)
+        await monitor.sync(e.store)
+        assert reads() == 2
