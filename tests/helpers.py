@@ -21,6 +21,7 @@ from router.settings import Settings
 from router.store import Store
 from sessionpool import testing
 from sessionpool.testing import Process, wait_until
+from workers.probes import tcp_connects as tcp_connects  # the tests' own TCP check too
 
 __all__ = ["FakeSandbox", "add_ready", "make_pool", "open_engine", "pattern_sha", "wait_until"]
 
@@ -261,18 +262,6 @@ def docker_runtime_fixtures(
         await rt.close()
 
     return engine, runtime
-
-
-async def tcp_connects(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    """Whether a TCP connection to host:port opens within `timeout_s` (then it is closed)."""
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-    except (TimeoutError, OSError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
 
 
 @contextlib.asynccontextmanager
