@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from router.errors import StoreUnavailableError
 from router.keys import Keys
 from router.settings import Settings
 from router.store import Store, open_redis, wait_redis
+from sessionpool.testing import unused_ports
 from tests.helpers import wait_until
 from tests.worker_rigs import process_pool
 from workers.main import run
@@ -29,20 +29,14 @@ pytestmark = pytest.mark.timeout(180)
 MASTER = "spmaster"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Topology:
     """A primary, a replica and three sentinels on loopback, each a real redis-server."""
 
     def __init__(self, directory: Path, password: str = "") -> None:
         self.dir = directory
         self.password = password  # as deploy/k8s/20-redis.yaml: on servers and sentinels
-        self.ports = [free_port(), free_port()]
-        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.ports = unused_ports(2)
+        self.sentinel_ports = unused_ports(3)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     def start_server(self, port: int, replica_of: int | None = None) -> None:
