@@ -21,6 +21,7 @@ from router.settings import Settings
 from router.store import Store
 from sessionpool import testing
 from sessionpool.testing import Process, wait_until
+from workers.probes import tcp_connects as tcp_connects  # the tests' own TCP check too
 
 __all__ = ["FakeSandbox", "add_ready", "make_pool", "open_engine", "pattern_sha", "wait_until"]
 
@@ -278,14 +279,6 @@ def docker_runtime_fixtures(
         await rt.close()
 
     return engine, runtime
-
-
-async def tcp_connects(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    """Whether a TCP connection to host:port opens within `timeout_s` (then it is closed):
-    the workers' own check (a startup probe's first step)."""
-    from workers import probes
-
-    return await probes._accepts(host, port, timeout_s)
 
 
 @contextlib.asynccontextmanager
