@@ -163,8 +163,9 @@ async def teardown(
 
     await poll(ready, 300, "teardown pool ready", interval=0.01)
     # No refill while the sessions run out (what is measured is teardown, not creates racing
-    # it): the floor goes to 0, and with every session allocated maxConcurrentSessions leaves
-    # demand-following no room.
+    # it): the floor goes to 0 before the n sessions are allocated, and maxConcurrentSessions
+    # to 1 after, so the demand-following pool (n allocations just now) has room for one
+    # sandbox once they have ended.
     await store.put_pool(pool_def("teardown", ready=0, max_sessions=n, cooldown_s=1))
     since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
     k = store.pk("teardown")
@@ -175,6 +176,7 @@ async def teardown(
                 for i in range(n)
             )
         )
+    await store.put_pool(pool_def("teardown", ready=0, max_sessions=1, cooldown_s=1))
     records, expires = await until_expired(store, "teardown", (f"td-{i}" for i in range(n)), 0.01)
     containers = {ident: rec["container"] for ident, rec in records.items()}
     sandbox_of = {ident: rec["sandbox"] for ident, rec in records.items()}

@@ -9,7 +9,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from bench.common import BENCH, Proc, free_port, python, spawn, wait_port, which
+from bench.common import BENCH, Proc, python, spawn, wait_port, which
+from sessionpool.testing import unused_port, unused_ports
 
 NGINX_MISSING = "nginx is not installed (apt-get install -y nginx-light)"
 CHP = BENCH / "node_modules" / ".bin" / "configurable-http-proxy"
@@ -59,7 +60,7 @@ def _nginx(name: str, workdir: Path, port: int, body: str) -> Proc:
 
 def nginx_upstream(workdir: Path) -> tuple[Proc, str]:
     """nginx, one worker, answering every request with a 40-byte body."""
-    port = free_port()
+    port = unused_port()
     body = (
         "location / { default_type text/plain; "
         'return 200 "0123456789012345678901234567890123456789"; }'
@@ -69,7 +70,7 @@ def nginx_upstream(workdir: Path) -> tuple[Proc, str]:
 
 def nginx_proxy(workdir: Path, upstream: str) -> tuple[Proc, str]:
     """nginx proxy_pass, one worker, with upstream keep-alive."""
-    port = free_port()
+    port = unused_port()
     body = textwrap.dedent("""\
         location / {
           proxy_pass http://backend;
@@ -114,7 +115,7 @@ def python_upstream(count: int, workdir: Path, log: Path | None = None) -> tuple
 
 def echo_app(log: Path | None = None) -> tuple[Proc, str]:
     """sessionpool/demo/echo.py on the host: the session image's own app."""
-    port = free_port()
+    port = unused_port()
     proc = spawn(
         "echo-app",
         [python(), "sessionpool/demo/echo.py"],
@@ -126,7 +127,7 @@ def echo_app(log: Path | None = None) -> tuple[Proc, str]:
 
 
 def bare_proxy(upstream: str) -> tuple[Proc, str]:
-    port = free_port()
+    port = unused_port()
     proc = spawn("bare-aiohttp", [python(), str(BENCH / "bare_proxy.py"), str(port), upstream])
     wait_port(port)
     return proc, f"http://127.0.0.1:{port}"
@@ -136,7 +137,7 @@ def router(
     redis_url: str, prefix: str, log: Path | None = None, env: dict[str, str] | None = None
 ) -> tuple[Proc, str]:
     """The sessionpool router as a real process (`sessionpool router`, one process)."""
-    port = free_port()
+    port = unused_port()
     proc = spawn(
         "router",
         [
@@ -173,7 +174,7 @@ def chp_available() -> str | None:
 
 def chp(upstream: str) -> tuple[Proc, str]:
     """configurable-http-proxy (Node, one process) with a default target."""
-    port, api = free_port(), free_port()
+    port, api = unused_ports(2)
     proc = spawn(
         "chp",
         [

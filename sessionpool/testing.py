@@ -48,6 +48,8 @@ __all__ = [
     "spawn_router",
     "spawn_worker",
     "stop_process",
+    "unused_port",
+    "unused_ports",
     "wait_until",
 ]
 
@@ -97,6 +99,26 @@ def bound_socket(host: str = "127.0.0.1") -> socket.socket:
 
 def port_of(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
+
+
+def unused_ports(n: int = 1, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct ports of `host` that are free now, for child programs that must be told
+    the port they bind (redis-server, a router restarted on the same address, a worker's
+    metrics port, a compose stack). Another socket may take one before the child binds it:
+    a listener of this process binds port 0 instead (`bound_socket`, `serving_router`)."""
+    socks = [socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [port_of(sock) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def unused_port(host: str = "127.0.0.1") -> int:
+    """One of `unused_ports`."""
+    return unused_ports(1, host)[0]
 
 
 # Processes ----------------------------------------------------------------------------------

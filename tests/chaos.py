@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -36,17 +35,12 @@ from router.errors import StoreUnavailableError
 from router.keys import Keys
 from router.pools import parse_pool
 from router.store import Store, open_redis, wait_redis
+from sessionpool.testing import unused_port, unused_ports
 from workers.runtime import LABEL_SANDBOX, LABEL_SCOPE
 
 ROOT = Path(__file__).resolve().parent.parent
 
 POOL = "chaos"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -65,8 +59,8 @@ class Cluster:
     directory: Path
     prefix: str
     logs: Path | None = None
-    redis_port: int = field(default_factory=free_port)
-    router_ports: list[int] = field(default_factory=lambda: [free_port(), free_port()])
+    redis_port: int = field(default_factory=unused_port)
+    router_ports: list[int] = field(default_factory=lambda: unused_ports(2))
     redis: Any = None
     routers: list[Any] = field(default_factory=list)
     workers: list[Any] = field(default_factory=list)

@@ -21,6 +21,7 @@ from router.settings import Settings
 from router.store import Store
 from sessionpool import testing
 from sessionpool.testing import Process, wait_until
+from workers.probes import tcp_connects as tcp_connects  # the tests' own TCP check too
 
 __all__ = ["FakeSandbox", "add_ready", "make_pool", "open_engine", "pattern_sha", "wait_until"]
 
@@ -233,6 +234,23 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, check=check, timeout=300)
 
 
+def iptables_has(rule: tuple[str, ...]) -> bool:
+    """Whether the host's iptables holds `rule` (`-C`; waits up to 5 s for the xtables lock)."""
+    return sh("iptables", "-w", "5", "-C", *rule, check=False).returncode == 0
+
+
+def ensure_image(name: str, label: tuple[str, str] | None = None) -> None:
+    """Build sessionpool/<name>:dev with deploy/images/build.sh when it is missing, or when its
+    `label` (key, value) says it was built from an older tree."""
+    key, want = label or ("", "")
+    fmt = f'{{{{index .Config.Labels "{key}"}}}}' if key else "{{.Id}}"
+    found = sh(
+        "docker", "image", "inspect", "--format", fmt, f"sessionpool/{name}:dev", check=False
+    )
+    if found.returncode != 0 or (key and found.stdout.strip() != want):
+        sh("bash", str(ROOT / "deploy/images/build.sh"), name)
+
+
 def docker_runtime_fixtures(
     scope: str, prefix: str, ensure_image: Callable[[], None]
 ) -> tuple[Any, Any]:
@@ -261,18 +279,6 @@ def docker_runtime_fixtures(
         await rt.close()
 
     return engine, runtime
-
-
-async def tcp_connects(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    """Whether a TCP connection to host:port opens within `timeout_s` (then it is closed)."""
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-    except (TimeoutError, OSError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
 
 
 @contextlib.asynccontextmanager

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from router.auth import load_api_keys
+from sessionpool.testing import unused_ports
 from workers.docker import DockerRuntime
 from workers.runtime import LABEL_SCOPE
 
@@ -56,18 +57,6 @@ def compose_command() -> list[str]:
     if sh("docker", "compose", "version", check=False).returncode == 0:
         return ["docker", "compose"]
     pytest.fail("neither docker-compose nor `docker compose` is installed (apt: docker-compose)")
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct loopback ports that are free now (the stack binds them moments later)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> Any:
@@ -138,7 +127,7 @@ def stack() -> Iterator[Stack]:
     compose = compose_command()
     ensure_images()
     prefix = f"dt{uuid.uuid4().hex[:8]}"
-    lb, r1, r2, redis = free_ports(4)
+    lb, r1, r2, redis = unused_ports(4)  # the stack binds them moments later
     env = {
         **os.environ,
         "SP_TAG": TAG,

@@ -30,7 +30,7 @@ from router.keys import Keys
 from router.pools import Pool, parse_pool
 from router.settings import Settings
 from router.store import Store, open_redis
-from sessionpool.testing import spawn_worker, stop_process
+from sessionpool.testing import spawn_worker, stop_process, unused_port
 from tests.helpers import open_engine, recording_server, tcp_connects, wait_until
 from workers.docker import DockerRuntime
 from workers.runtime import LABEL_SCOPE
@@ -40,12 +40,6 @@ IMAGE = "sessionpool/hostile:dev"
 NETWORK_PREFIX = f"sphost{uuid.uuid4().hex[:6]}"
 MEMORY_MIB = 128
 PIDS = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +63,7 @@ def tcp_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A redis-server on 0.0.0.0:<port>, without protected mode: reachable if not firewalled."""
     exe = shutil.which("redis-server")
     assert exe is not None, "redis-server is not installed"
-    port = free_port()
+    port = unused_port("0.0.0.0")
     proc = subprocess.Popen(
         [
             *(exe, "--bind", "0.0.0.0", "--port", str(port), "--protected-mode", "no"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from router.app import create_app
 from router.settings import Settings
 from router.store import Store
-from sessionpool.testing import spawn_router, stop_process
+from sessionpool.testing import spawn_router, stop_process, unused_port
 from tests.helpers import FakeSandbox, add_ready, make_pool, wait_until
 from tests.worker_rigs import process_pool
 from workers.main import run
@@ -134,14 +133,8 @@ async def test_router_logs_are_json_with_the_trace_id(
     assert "sekrit-token" not in err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_worker_metrics_count_teardowns_by_reason(settings: Settings, store: Store) -> None:
-    port = free_port()
+    port = unused_port()  # the worker binds it itself (0 means no metrics server)
     stop = asyncio.Event()
     task = asyncio.create_task(
         run(

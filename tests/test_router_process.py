@@ -16,7 +16,7 @@ import pytest
 from router.pools import Pool
 from router.settings import Settings
 from router.store import Store
-from sessionpool.testing import spawn, spawn_router
+from sessionpool.testing import spawn, spawn_router, unused_port
 from tests.helpers import CHUNK, FakeSandbox, add_ready, make_pool, pattern_sha, wait_until
 
 MiB = 1 << 20
@@ -149,11 +149,7 @@ async def test_sigterm_drains_in_flight_then_exits(sandbox: FakeSandbox, serving
 
 
 async def test_processes_share_one_port(settings: Settings, store: Store) -> None:
-    import socket
-
-    with socket.socket() as s:  # a fixed port: several processes cannot share port 0
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_port()  # a fixed port: several processes cannot share port 0
     pool = make_pool()
     await store.put_pool(pool)
     sb = await FakeSandbox().start()

@@ -78,3 +78,31 @@ async def test_unclaimed_surplus_is_retired_after_the_grace(
     assert after < before  # the one kept is one of the originals: retired, not replaced
     async with http.get(f"{router_url}/pools/proc/?identifier=still-served") as r:
         assert r.status == 200
+
+
+@on("process")
+async def test_a_pools_sandboxes_start_at_most_create_concurrency_at_once(
+    rig: Rig, store: Store
+) -> None:
+    """From container start to ready (the startup probe included), one pool never has more
+    sandboxes starting than create_concurrency: a burst shares the CPU among fewer at once."""
+    await rig.start_worker(create_concurrency=2)
+    starting_seen: list[int] = []
+    sampling = True
+
+    async def sample() -> None:
+        while sampling:
+            recs = await store.sandboxes("proc")
+            starting_seen.append(
+                sum(1 for r in recs.values() if r.state == "warming" and r.container)
+            )
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        await store.put_pool(process_pool(ready=6, max_sessions=10))
+        await wait_until(lambda: counts_are(store, "proc", ready=6, warming=0), timeout=30)
+    finally:
+        sampling = False
+        await sampler
+    assert max(starting_seen) == 2  # in parallel, and never more than the bound

@@ -42,9 +42,8 @@ async def gone(rig: Rig, host: str) -> bool:
 async def test_warm_pool_serves_refills_and_follows_its_template(
     rig: Rig, store: Store, router_url: str, http: aiohttp.ClientSession
 ) -> None:
-    await rig.start_worker()
     old = rig.pool(ready=3)
-    await put_warm(store, old)
+    await rig.warm(store, old)
     assert len(await rig.live()) == 3
     ep = f"{router_url}/pools/main"
     host = await hostname(http, f"{ep}/x?identifier=first-user")
@@ -72,8 +71,7 @@ async def test_warm_pool_serves_refills_and_follows_its_template(
 async def test_idle_session_ends_while_a_stream_keeps_its_own(
     rig: Rig, store: Store, router_url: str, http: aiohttp.ClientSession
 ) -> None:
-    await rig.start_worker()
-    await put_warm(store, rig.pool(ready=2, cooldown_s=2))
+    await rig.warm(store, rig.pool(ready=2, cooldown_s=2))
     ep = f"{router_url}/pools/main"
     idle_host = await hostname(http, f"{ep}/?identifier=idle-user")
     t_idle = time.monotonic()
@@ -96,8 +94,7 @@ async def test_idle_session_ends_while_a_stream_keeps_its_own(
 async def test_stop_exit_outside_kill_and_liveness_end_sessions(
     rig: Rig, store: Store, router_url: str, http: aiohttp.ClientSession
 ) -> None:
-    await rig.start_worker()
-    await put_warm(
+    await rig.warm(
         store,
         rig.pool(ready=2),
         rig.pool("exits", ready=1, lifecycle="OnContainerExit"),

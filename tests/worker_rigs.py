@@ -109,6 +109,11 @@ class Rig:
         container["probes"] = [HEALTH_PROBE] if probes is None else probes
         return make_pool(name, image=image, container=container, secrets=SECRETS, **body)
 
+    async def warm(self, store: Store, *pools: Pool) -> None:
+        """Start a worker, define `pools` and wait until each has its ready sandboxes."""
+        await self.start_worker()
+        await put_warm(store, *pools)
+
     def app(self) -> tuple[str, Json]:
         """The image and the container fields that run the echo app."""
         return ECHO_IMAGE, {}

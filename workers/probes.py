@@ -28,8 +28,8 @@ def probe_target(addr: str, pool: Pool, probe: Probe | None) -> tuple[str, int]:
     return host, probe.port
 
 
-async def _accepts(host: str, port: int, timeout_s: float) -> bool:
-    """Whether something listens on host:port (one TCP connect, closed at once)."""
+async def tcp_connects(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Whether a TCP connection to host:port opens within `timeout_s` (then it is closed)."""
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
     except (OSError, TimeoutError):
@@ -46,13 +46,9 @@ async def probe_once(
     """One probe attempt: True when it passed."""
     host, port = probe_target(addr, pool, probe)
     timeout = probe.timeout_s if probe is not None else 1.0
+    if probe is None or probe.path is None:
+        return await tcp_connects(host, port, timeout)
     try:
-        if probe is None or probe.path is None:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return True
         url = f"{probe.scheme}://{host}:{port}{probe.path}"
         async with client.get(
             url,
@@ -81,7 +77,7 @@ async def wait_started(client: aiohttp.ClientSession, addr: str, pool: Pool) -> 
     listening = probe is None or probe.path is None  # a TCP probe is that check already
     while True:
         if not listening:
-            listening = await _accepts(host, port, timeout_s)
+            listening = await tcp_connects(host, port, timeout_s)
         if listening and await probe_once(client, addr, pool, probe):
             return True
         if loop.time() > deadline:

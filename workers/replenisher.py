@@ -2,9 +2,11 @@
 
 The target follows demand: `readySessionInstances` is the floor, and while sessions are being
 allocated it keeps enough ready to absorb the recent allocation rate for one refill time: the
-most allocations the last `demand_window_s` saw within any one refill time (a steady rate r
-gives r * refill time; a burst gives its size, so the same burst again is served warm). RESERVE
-caps it by `maxConcurrentSessions`. When demand falls the target falls back, and ready
+most new sessions the last `demand_window_s` saw within any one refill time (a steady rate r
+gives r * refill time; a burst gives its size, so the same burst again is served warm). A new
+session counts when it was allocated or, while it still waits for a sandbox, now: a burst
+grows the pool while it is being served, not only once it has been. RESERVE caps it by
+`maxConcurrentSessions`. When demand falls the target falls back, and ready
 sandboxes above it that no request claimed are retired after `surplus_grace_s`.
 
 Level-triggered: every wake-up (an `allocated`/`pool-empty`/`pool-changed` event on the pool's
@@ -53,6 +55,7 @@ class Replenisher:
         self._backoff: dict[str, tuple[float, float]] = {}  # pool -> (until, current delay)
         self._targets: dict[str, tuple[float, int]] = {}  # pool -> (valid until, target)
         self._refill_s: dict[str, float] = {}  # pool -> smoothed reserve-to-ready time
+        self._boot: dict[str, asyncio.Semaphore] = {}  # pool -> its sandboxes starting
 
     async def fill(self, pool_name: str) -> int:
         """Start creating what the pool lacks; returns how many sandboxes were reserved."""
@@ -93,9 +96,11 @@ class Replenisher:
             return max(cached[1], pool.ready_instances)
         window_s = self.ctx.settings.demand_window_s
         cap = min(pool.max_sessions * 4, STREAM_LOOK_MAX)
-        times = await self.ctx.store.allocation_times(pool.name, int(window_s * 1000), cap)
+        demand = await self.ctx.store.demand(pool.name, int(window_s * 1000), cap)
         refill_s = max(self._refill_s.get(pool.name, 0.0), MIN_REFILL_S)
-        following = peak_in_span(times, int(refill_s * 1000))
+        # Each new session once: allocated (at that time) or still waiting (now).
+        arrivals = [*demand.allocated_ms, *[demand.now_ms] * demand.waiting]
+        following = peak_in_span(arrivals, int(refill_s * 1000))
         self._targets[pool.name] = (loop.time() + TARGET_TTL_S, following)
         return max(following, pool.ready_instances)
 
@@ -117,13 +122,27 @@ class Replenisher:
                     pool.name, Teardown(sandbox=sid, container=rec.container, reason="replaced")
                 )
 
+    def _booting(self, pool: str) -> asyncio.Semaphore:
+        """At most `create_concurrency` sandboxes of one pool start at once, from reservation
+        to ready: a burst's sandboxes share the CPU with fewer others, so the first of them
+        (reserved first: the waiting requests') are ready sooner, and a pool whose image starts
+        slowly holds back only its own."""
+        sem = self._boot.get(pool)
+        if sem is None:
+            sem = self._boot[pool] = asyncio.Semaphore(self.ctx.settings.create_concurrency)
+        return sem
+
     async def _create(self, pool: Pool, sid: str) -> None:
+        # Wall-clock step times, logged once the sandbox is ready (bench/timeline.py reads them).
+        steps = {"reserved": time.time()}
+        async with self._booting(pool.name):
+            await self._start(pool, sid, steps)
+
+    async def _start(self, pool: Pool, sid: str, steps: dict[str, float]) -> None:
         ctx = self.ctx
         store = ctx.store
         loop = asyncio.get_running_loop()
         started = loop.time()
-        # Wall-clock step times, logged once the sandbox is ready (bench/timeline.py reads them).
-        steps = {"reserved": time.time()}
         async with self._sem:
             steps["slot"] = time.time()
             if ctx.stop.is_set():

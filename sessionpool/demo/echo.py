@@ -134,6 +134,11 @@ def main():
     app.router.add_get("/sleep", sleep)
     app.router.add_get("/connect", connect)
     app.router.add_route("*", "/{tail:.*}", echo)
+    serve(app)
+
+
+def serve(app):
+    """Serve `app` on $HOST:$PORT (0.0.0.0:8080), as every test session image does."""
     web.run_app(
         app,
         host=os.environ.get("HOST", "0.0.0.0"),

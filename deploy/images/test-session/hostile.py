@@ -8,14 +8,17 @@ import asyncio
 import contextlib
 import errno
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 
 from aiohttp import web
 
-HOSTNAME = socket.gethostname()
+# The echo app (sessionpool/demo/echo.py) sits beside this file in the image: its health and
+# network probe are this session's too.
+from echo import connect, health, serve
+
+routes = web.RouteTableDef()  # the attacks; main() adds echo's /health and /connect
 
 
 def _spawn(code):
@@ -30,10 +33,7 @@ def _spawn(code):
     return proc.pid
 
 
-async def health(request):
-    return web.json_response({"status": "ok", "hostname": HOSTNAME})
-
-
+@routes.post("/forkbomb")
 async def forkbomb(request):
     # Each child forks forever; fork failures (the pids limit) are ignored and retried.
     pid = _spawn(
@@ -47,6 +47,7 @@ async def forkbomb(request):
     return web.json_response({"started": pid})
 
 
+@routes.post("/membomb")
 async def membomb(request):
     # In this very process when ?self=1 (the OOM killer then takes the server), else a child.
     code = (
@@ -62,6 +63,7 @@ async def membomb(request):
     return web.json_response({"started": _spawn(code)})
 
 
+@routes.post("/fill")
 async def fill(request):
     """Write to `path` until the filesystem refuses; report how far it got."""
     path = request.query.get("path", "/tmp/fill")
@@ -88,6 +90,7 @@ def _fill(path, limit, keep):
     return {"written": written, "error": error}
 
 
+@routes.post("/stubborn")
 async def stubborn(request):
     pid = _spawn(
         "import signal, time\n"
@@ -97,22 +100,6 @@ async def stubborn(request):
         "    time.sleep(1)\n"
     )
     return web.json_response({"started": pid})
-
-
-async def connect(request):
-    host = request.query.get("host", "")
-    port = int(request.query.get("port", "80"))
-    timeout_ms = int(request.query.get("timeout_ms", "1000"))
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_ms / 1000)
-    except TimeoutError:
-        return web.json_response({"connected": False, "error": "timeout"})
-    except OSError as e:
-        return web.json_response({"connected": False, "error": f"{type(e).__name__}: {e}"})
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return web.json_response({"connected": True, "error": None})
 
 
 def _read(path):
@@ -178,11 +165,13 @@ def _report():
     }
 
 
+@routes.get("/report")
 async def report(request):
     """What this sandbox is allowed: capabilities, limits, mounts, where it can write."""
     return web.json_response(await asyncio.to_thread(_report))
 
 
+@routes.get("/exists")
 async def exists(request):
     found = await asyncio.to_thread(os.path.exists, request.query.get("path", ""))
     return web.json_response({"exists": found})
@@ -190,21 +179,10 @@ async def exists(request):
 
 def main():
     app = web.Application()
+    app.add_routes(routes)
     app.router.add_get("/health", health)
-    app.router.add_post("/forkbomb", forkbomb)
-    app.router.add_post("/membomb", membomb)
-    app.router.add_post("/fill", fill)
-    app.router.add_post("/stubborn", stubborn)
     app.router.add_get("/connect", connect)
-    app.router.add_get("/exists", exists)
-    app.router.add_get("/report", report)
-    web.run_app(
-        app,
-        host=os.environ.get("HOST", "0.0.0.0"),
-        port=int(os.environ.get("PORT", "8080")),
-        access_log=None,
-        print=None,
-    )
+    serve(app)
 
 
 if __name__ == "__main__":
