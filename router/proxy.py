@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -329,25 +329,44 @@ class HttpForwarder:
         return await _relay_response(request, conn, up, sender)
 
 
+async def _body_pieces(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
+    """The caller's body as it arrives: each time, every piece aiohttp has buffered, as it
+    received them. `readany` would join them first, one more copy of every uploaded byte
+    (a fifth of an upload's CPU); this takes them with the reader's own per-piece read,
+    which keeps its accounting (and resumes the caller's socket) as `readany` does. The
+    tests of `HttpForwarder`'s bodies pin it (aiohttp's private API)."""
+    buffer = content._buffer
+    take = content._read_nowait_chunk
+    while True:
+        exc = content.exception()
+        if exc is not None:
+            raise exc
+        if buffer:
+            yield [take(-1) for _ in range(len(buffer))]
+        elif content.is_eof():
+            return
+        else:
+            await content._wait("body")
+
+
 async def _send_body(
     conn: Connection, content: aiohttp.StreamReader, cap: int, chunked: bool
 ) -> None:
     """Stream the caller's body to the sandbox, failing once it passes `cap` bytes."""
     seen = 0
-    async for chunk in content.iter_any():
-        if not chunk:
+    async for pieces in _body_pieces(content):
+        size = sum(map(len, pieces))
+        if not size:
             continue
-        seen += len(chunk)
+        seen += size
         if seen > cap:
             raise RequestTooLargeError(cap)
         if chunked:
-            await conn.write(b"%x\r\n" % len(chunk))
-            await conn.write(chunk)
-            await conn.write(b"\r\n")
+            await conn.write([b"%x\r\n" % size, *pieces, b"\r\n"])
         else:
-            await conn.write(chunk)
+            await conn.write(pieces)
     if chunked:
-        await conn.write(b"0\r\n\r\n")
+        await conn.write([b"0\r\n\r\n"])
 
 
 def _sent(sender: asyncio.Task[None] | None) -> bool:

@@ -296,11 +296,12 @@ class Connection(asyncio.Protocol):
         self.transport.write(head)
         return self._response
 
-    async def write(self, data: bytes) -> None:
-        """Send request body bytes, waiting while the sandbox does not read them."""
+    async def write(self, pieces: list[bytes]) -> None:
+        """Send request body bytes (in one vectored write), waiting while the sandbox does
+        not read them."""
         if self.closed or self.transport is None:
             raise ConnectionResetError("the session closed")
-        self.transport.write(data)
+        self.transport.writelines(pieces)
         self._last_read = self.loop.time()  # a long upload is not an idle session
         if self._writable is not None and not self._writable.done():
             await self._writable

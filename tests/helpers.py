@@ -234,6 +234,23 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, check=check, timeout=300)
 
 
+def iptables_has(rule: tuple[str, ...]) -> bool:
+    """Whether the host's iptables holds `rule` (`-C`; waits up to 5 s for the xtables lock)."""
+    return sh("iptables", "-w", "5", "-C", *rule, check=False).returncode == 0
+
+
+def ensure_image(name: str, label: tuple[str, str] | None = None) -> None:
+    """Build sessionpool/<name>:dev with deploy/images/build.sh when it is missing, or when its
+    `label` (key, value) says it was built from an older tree."""
+    key, want = label or ("", "")
+    fmt = f'{{{{index .Config.Labels "{key}"}}}}' if key else "{{.Id}}"
+    found = sh(
+        "docker", "image", "inspect", "--format", fmt, f"sessionpool/{name}:dev", check=False
+    )
+    if found.returncode != 0 or (key and found.stdout.strip() != want):
+        sh("bash", str(ROOT / "deploy/images/build.sh"), name)
+
+
 def docker_runtime_fixtures(
     scope: str, prefix: str, ensure_image: Callable[[], None]
 ) -> tuple[Any, Any]:

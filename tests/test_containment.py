@@ -31,7 +31,15 @@ from router.errors import SandboxRuntimeError
 from router.limits import DEFAULT, LimitPolicy, Limits
 from router.pools import Pool
 from router.settings import GiB, MiB
-from tests.helpers import docker_runtime_fixtures, make_pool, remove_networks, sh, wait_until
+from tests.helpers import (
+    docker_runtime_fixtures,
+    ensure_image,
+    iptables_has,
+    make_pool,
+    remove_networks,
+    sh,
+    wait_until,
+)
 from workers.docker import DockerRuntime, limits_not_in_force
 from workers.docker_firewall import bridge_name, firewall_rules
 from workers.docker_storage import QUOTA, TMPFS, Storage
@@ -39,7 +47,6 @@ from workers.runtime import LABEL_SANDBOX, Handle, SandboxSpec
 
 pytestmark = pytest.mark.docker
 
-ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/hostile:dev"
 HOSTILE_API = "3"  # the image's io.sessionpool.hostile-api label: /report is there
 SCOPE = f"c{uuid.uuid4().hex[:8]}"
@@ -48,26 +55,15 @@ WRITABLE = ("/tmp", "/var/tmp", "/run", "/mnt/data", "/home/sandbox")
 READ_ONLY = ("/", "/etc", "/usr", "/opt")
 
 
-def image_api() -> str:
-    fmt = '{{index .Config.Labels "io.sessionpool.hostile-api"}}'
-    return sh("docker", "image", "inspect", "--format", fmt, IMAGE, check=False).stdout.strip()
-
-
 def labelled(sandbox_id: str) -> list[str]:
     out = sh("docker", "ps", "-aq", "--filter", f"label={LABEL_SANDBOX}={sandbox_id}")
     return out.stdout.split()
 
 
-def iptables_has(rule: tuple[str, ...]) -> bool:
-    return sh("iptables", "-w", "5", "-C", *rule, check=False).returncode == 0
-
-
-def _ensure_image() -> None:
-    if image_api() != HOSTILE_API:  # missing, or built from an older tree (no /report)
-        sh("bash", str(ROOT / "deploy/images/build.sh"), "hostile")
-
-
-engine, runtime = docker_runtime_fixtures(SCOPE, PREFIX, _ensure_image)
+# Rebuilt when missing, or built from an older tree (no /report).
+engine, runtime = docker_runtime_fixtures(
+    SCOPE, PREFIX, lambda: ensure_image("hostile", ("io.sessionpool.hostile-api", HOSTILE_API))
+)
 
 
 @pytest.fixture

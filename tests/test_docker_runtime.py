@@ -22,6 +22,8 @@ from router.errors import SandboxRuntimeError
 from router.pools import Pool
 from tests.helpers import (
     docker_runtime_fixtures,
+    ensure_image,
+    iptables_has,
     make_pool,
     recording_server,
     remove_networks,
@@ -36,7 +38,6 @@ from workers.runtime import Exit, Handle, SandboxSpec
 
 pytestmark = pytest.mark.docker
 
-ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sessionpool/echo:dev"
 SCOPE = f"t{uuid.uuid4().hex[:8]}"
 PREFIX = f"sptest{uuid.uuid4().hex[:6]}"
@@ -52,16 +53,7 @@ def scope_containers() -> list[str]:
     return out.stdout.split()
 
 
-def iptables_has(rule: tuple[str, ...]) -> bool:
-    return sh("iptables", "-w", "5", "-C", *rule, check=False).returncode == 0
-
-
-def _ensure_image() -> None:
-    if sh("docker", "image", "inspect", IMAGE, check=False).returncode != 0:
-        sh("bash", str(ROOT / "deploy/images/build.sh"), "echo")
-
-
-engine, runtime = docker_runtime_fixtures(SCOPE, PREFIX, _ensure_image)
+engine, runtime = docker_runtime_fixtures(SCOPE, PREFIX, lambda: ensure_image("echo"))
 
 
 @pytest.fixture

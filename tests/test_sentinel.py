@@ -122,6 +122,36 @@ async def primary_port(t: Topology) -> int | None:
         await s.aclose()
 
 
+async def sentinels_agree(t: Topology) -> bool:
+    """Every sentinel knows the replica (as a live replica) and the two other sentinels: until
+    then a dead primary has no quorum or nothing to promote, and no failover can start.
+    Sentinels learn replicas from the primary's INFO and each other from hello messages, both
+    periodic, so this takes seconds after the servers are up."""
+    for port in t.sentinel_ports:
+        s = aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=1, decode_responses=True)
+        try:
+            replicas = await s.execute_command("SENTINEL", "REPLICAS", MASTER)
+            others = await s.execute_command("SENTINEL", "SENTINELS", MASTER)
+        except (aioredis.ConnectionError, aioredis.TimeoutError, aioredis.ResponseError):
+            return False
+        finally:
+            await s.aclose()
+        live = [r for r in map(_fields, replicas) if not _DEAD & set(r["flags"].split(","))]
+        if not any(r.get("port") == str(t.ports[1]) for r in live) or len(others) < 2:
+            return False
+    return True
+
+
+_DEAD = {"s_down", "o_down", "disconnected"}
+
+
+def _fields(reply: list[str] | dict[str, str]) -> dict[str, str]:
+    """A SENTINEL listing's entry (a flat name/value list in RESP2) as a dict."""
+    if isinstance(reply, dict):
+        return reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))
+
+
 async def test_failover_under_load(topology: Topology, key_prefix: str) -> None:
     t = topology
 
@@ -137,6 +167,7 @@ async def test_failover_under_load(topology: Topology, key_prefix: str) -> None:
 
     await wait_until(replica_synced, timeout=20)
     await wait_until(lambda: primary_port(t), timeout=20)
+    await wait_until(lambda: sentinels_agree(t), timeout=60)
     settings = Settings(
         redis_url=t.url,
         key_prefix=key_prefix,
