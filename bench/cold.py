@@ -254,6 +254,11 @@ async def burst(store: Store, router_url: str, n: int) -> dict[str, Any]:
             }
             await asyncio.sleep(3)
     await store.delete_pool("burst")
+
+    async def removed() -> bool:
+        return not await store.sandboxes("burst")
+
+    await poll(removed, 120, "burst pool removed", interval=0.05)  # before the claims are timed
     return out
 
 

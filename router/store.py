@@ -162,15 +162,6 @@ class Session:
 
 
 @dataclass(frozen=True, slots=True)
-class Demand:
-    """What `Store.demand` read: Redis' clock, allocation times (ms), requests waiting."""
-
-    now_ms: int
-    allocated_ms: list[int]
-    waiting: int
-
-
-@dataclass(frozen=True, slots=True)
 class ClaimResult:
     """What CLAIM answered: a session (new or existing) or why there is none."""
 
@@ -454,23 +445,19 @@ class Store:
         return [text(s) for s in out]
 
     @_store_call
-    async def demand(self, pool: str, window_ms: int, cap: int) -> Demand:
-        """The pool's recent demand (Redis' clock): when it allocated sessions in the last
-        `window_ms`, read from the stream ids of its `allocated` entries (at most `cap` entries
-        looked at), and how many requests wait for a sandbox right now."""
+    async def allocation_times(self, pool: str, window_ms: int, cap: int) -> list[int]:
+        """When (ms, Redis' clock) the pool allocated sessions in the last `window_ms`, read
+        from the stream ids of its `allocated` entries (at most `cap` entries looked at)."""
         sec, usec = await self.redis.time()
-        now = int(sec) * 1000 + int(usec) // 1000
-        k = self.pk(pool)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xrevrange(k.events, max="+", min=str(max(now - window_ms, 0)), count=cap)
-            pipe.zcount(k.demand, f"({now}", "+inf")
-            entries, waiting = await pipe.execute()
-        allocated = [
+        start = int(sec) * 1000 + int(usec) // 1000 - window_ms
+        entries: Any = await self.redis.xrevrange(
+            self.pk(pool).events, max="+", min=str(max(start, 0)), count=cap
+        )
+        return [
             int(text(mid).partition("-")[0])
             for mid, fields in entries
             if isinstance(decode(fields.get(b"data")), Allocated)
         ]
-        return Demand(now, allocated, int(waiting))
 
     @_store_call
     async def set_container(

@@ -1,5 +1,5 @@
-"""The demand-following target: what the store reads as recent demand (real Redis), and its
-arithmetic (the most new sessions within one refill time)."""
+"""The demand-following target: the allocation times the store reads (real Redis), and the
+arithmetic (the most allocations within one refill time)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,17 @@ from sessionpool.testing import add_ready, make_pool
 from workers.replenisher import peak_in_span
 
 
-async def test_demand_counts_allocations_when_made_and_waiters_now(store: Store) -> None:
+async def test_allocation_times_are_the_allocations_of_the_window(store: Store) -> None:
     pool = make_pool("wanted", ready=1, max_sessions=10)
     await store.put_pool(pool)
     await add_ready(store, pool, "c-1", "127.0.0.1:1")
     assert (await store.claim(pool, "first-one")).created  # allocated from the ready one
-    for ident in ("waiter-1", "waiter-2"):
-        assert (await store.claim(pool, ident, wait_ms=30_000)).empty  # no ready: waits
-    demand = await store.demand("wanted", 10_000, 100)
-    assert demand.waiting == 2
-    assert len(demand.allocated_ms) == 1
-    assert 0 <= demand.now_ms - demand.allocated_ms[0] < 10_000
-    # A waiter whose wait is over no longer counts.
-    assert (await store.claim(pool, "gave-up", wait_ms=1)).empty
-    await store.redis.zadd(store.pk("wanted").demand, {"gave-up": demand.now_ms - 1})
-    assert (await store.demand("wanted", 10_000, 100)).waiting == 2
+    # A request left waiting (no ready sandbox) is not an allocation.
+    assert (await store.claim(pool, "waiter-1", wait_ms=30_000)).empty
+    times = await store.allocation_times("wanted", 10_000, 100)
+    assert len(times) == 1
+    sec, usec = await store.redis.time()
+    assert 0 <= int(sec) * 1000 + int(usec) // 1000 - times[0] < 10_000
 
 
 def test_a_burst_counts_whole_within_one_refill_time() -> None:

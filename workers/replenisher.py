@@ -2,12 +2,14 @@
 
 The target follows demand: `readySessionInstances` is the floor, and while sessions are being
 allocated it keeps enough ready to absorb the recent allocation rate for one refill time: the
-most new sessions the last `demand_window_s` saw within any one refill time (a steady rate r
-gives r * refill time; a burst gives its size, so the same burst again is served warm). A new
-session counts when it was allocated or, while it still waits for a sandbox, now: a burst
-grows the pool while it is being served, not only once it has been. RESERVE caps it by
-`maxConcurrentSessions`. When demand falls the target falls back, and ready
-sandboxes above it that no request claimed are retired after `surplus_grace_s`.
+most allocations the last `demand_window_s` saw within any one refill time (a steady rate r
+gives r * refill time; a burst gives its size, so the same burst again is served warm).
+Requests still waiting are not counted: RESERVE already starts one sandbox for each, and a
+spare started beside it would only share its CPU. RESERVE caps the target by
+`maxConcurrentSessions`. At most `create_concurrency` sandboxes of one pool start at once,
+reserved first served first, so the first of a burst are ready sooner. When demand falls the
+target falls back, and ready sandboxes above it that no request claimed are retired after
+`surplus_grace_s`.
 
 Level-triggered: every wake-up (an `allocated`/`pool-empty`/`pool-changed` event on the pool's
 stream, or the periodic safety net) recomputes what is missing. RESERVE writes `warming`
@@ -96,11 +98,9 @@ class Replenisher:
             return max(cached[1], pool.ready_instances)
         window_s = self.ctx.settings.demand_window_s
         cap = min(pool.max_sessions * 4, STREAM_LOOK_MAX)
-        demand = await self.ctx.store.demand(pool.name, int(window_s * 1000), cap)
+        times = await self.ctx.store.allocation_times(pool.name, int(window_s * 1000), cap)
         refill_s = max(self._refill_s.get(pool.name, 0.0), MIN_REFILL_S)
-        # Each new session once: allocated (at that time) or still waiting (now).
-        arrivals = [*demand.allocated_ms, *[demand.now_ms] * demand.waiting]
-        following = peak_in_span(arrivals, int(refill_s * 1000))
+        following = peak_in_span(times, int(refill_s * 1000))
         self._targets[pool.name] = (loop.time() + TARGET_TTL_S, following)
         return max(following, pool.ready_instances)
 
