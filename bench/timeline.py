@@ -20,8 +20,8 @@ worker's log all read it):
 
 and, in the same run, bare `docker run -d`s of the same image (like for like: the pool's limits,
 hardening, read-only root, tmpfs mounts and network; the pool's limits only; none): CLI started
-→ `create` → `start` → port answers. Prints a table of medians (ms after the request was sent) and writes
-`timeline.json` and `timeline.md` to `--out`.
+→ `create` → `start` → port answers. Prints a table of medians (ms after the request was
+sent) and writes `timeline.json` and `timeline.md` to `--out`.
 """
 
 from __future__ import annotations
