@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import resource
 import subprocess
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ class LoadResult:
     p99_ms: float
     errors: int
     cpu_s: float
+    load_cpu_s: float = 0.0  # wrk's own CPU time during the run (it shares the machine)
 
     @property
     def rps_per_core(self) -> float | None:
@@ -69,6 +71,7 @@ def wrk(
             timeout=warmup_s + 30,
         )
     cpu0 = proxy.cpu() if proxy else 0.0
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
         [
             exe,
@@ -89,5 +92,7 @@ def wrk(
         timeout=duration_s + 30,
     )
     cpu = (proxy.cpu() - cpu0) if proxy else 0.0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     requests, rps, p50, p99, errors = parse_wrk(done.stdout)
-    return LoadResult(connections, duration_s, requests, rps, p50, p99, errors, cpu)
+    return LoadResult(connections, duration_s, requests, rps, p50, p99, errors, cpu, load_cpu)

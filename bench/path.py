@@ -248,18 +248,27 @@ def _report_load(res: dict[str, Any]) -> list[str]:
         "",
         "One warm session under many connections (router):",
         "",
-        "| c | req/s | vs c=32 | per core | vs c=32 per core | p99 ms | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| c | req/s | vs c=32 | per core | vs c=32 per core | p99 ms | errors | router CPU "
+        "| wrk CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in ("32", "256", "1000"):
         r = runs[ROUTER][c]
         per_core = "-"
         if r["per_core"] and r32["per_core"]:
             per_core = f"{r['per_core'] / r32['per_core']:.0%}"
+        secs = r["duration_s"]
         lines.append(
             f"| {c} | {r['rps']:,.0f} | {r['rps'] / r32['rps']:.0%} | {_f(r['per_core'])} | "
-            f"{per_core} | {r['p99_ms']:.1f} | {r['errors']} |"
+            f"{per_core} | {r['p99_ms']:.1f} | {r['errors']} | {r['cpu_s'] / secs:.0%} | "
+            f"{r.get('load_cpu_s', 0) / secs:.0%} |"
         )
+    lines += [
+        "",
+        "(router / wrk CPU: share of one core during the run; the machine has two, shared with "
+        "nginx and anything else running. When router + wrk + nginx fill both cores, req/s "
+        "measures the machine, not the router: compare per core.)",
+    ]
     return lines
 
 

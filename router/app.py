@@ -143,15 +143,15 @@ async def _serve(request: web.Request, target: Target) -> web.StreamResponse:
         raise PoolNotFoundError(target.pool)
     routing, upstream = app[ROUTING], app[UPSTREAM]
     local = _local(target.path)
-    if local is None:  # refused before Redis is touched, and nothing claimed for it
-        ident = query_identifier(request.query)
-        upstream.check_request(request)
-    pool = await routing.get_pool(target.pool)
+    pool: Pool | None = None
     if local is not None:
+        pool = await routing.get_pool(target.pool)
         if local.serves(pool):
             return await local.handler(request, routing, pool, target, principal.id)
-        ident = query_identifier(request.query)
-        upstream.check_request(request)
+    ident = query_identifier(request.query)  # a proxied request is refused before Redis
+    upstream.check_request(request)  # is touched, and nothing is claimed for it
+    if pool is None:
+        pool = await routing.get_pool(target.pool)
     async with routing.lease(pool, ident, principal.id) as lease:
         return await upstream.forward(request, lease, target)
 

@@ -158,7 +158,6 @@ class Upstream:
         self, client: aiohttp.ClientSession, settings: Settings, metrics: RouterMetrics
     ) -> None:
         self.client = client
-        self.max_body_bytes = settings.max_body_bytes
         self.metrics = metrics
         self._proxy_seconds: dict[str, Histogram] = {}  # labels() per request is not free
         clients = Clients(
@@ -176,14 +175,12 @@ class Upstream:
 
     def check_request(self, request: web.Request) -> None:
         """What can be refused before a session is claimed for `request`: a declared body over
-        the cap (a streamed one is counted as it goes, by `HttpForwarder`) and a malformed
-        WebSocket upgrade.
+        the cap (`BodyCap`) and a malformed WebSocket upgrade.
 
         Raises:
             RequestTooLargeError, BadRequestError.
         """
-        if (request.content_length or 0) > self.max_body_bytes:
-            raise RequestTooLargeError(self.max_body_bytes)
+        self.http.cap.check_declared(request)
         if is_websocket(request):
             check_handshake(request)
 
@@ -248,6 +245,26 @@ def _upstream_failure(addr: str, exc: BaseException) -> SessionPoolError:
     return SessionUnreachableError("The session dropped the connection.")
 
 
+class BodyCap:
+    """The one limit on a proxied request body: its declared length is checked before a
+    session is claimed, a streamed body as it goes."""
+
+    __slots__ = ("max_bytes",)
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+
+    def check_declared(self, request: web.Request) -> None:
+        """Raises: RequestTooLargeError: the declared Content-Length is over the cap."""
+        if (request.content_length or 0) > self.max_bytes:
+            raise RequestTooLargeError(self.max_bytes)
+
+    def check_streamed(self, seen: int) -> None:
+        """Raises: RequestTooLargeError: `seen` bytes streamed so far are over the cap."""
+        if seen > self.max_bytes:
+            raise RequestTooLargeError(self.max_bytes)
+
+
 class HttpForwarder:
     """Plain HTTP to the sandboxes over `router.upstream`'s keep-alive connections, with the
     request body cap; `observe(pool, seconds)` is told how long each answer's head took."""
@@ -259,7 +276,7 @@ class HttpForwarder:
         observe: Callable[[str, float], None] | None = None,
     ) -> None:
         self.clients = clients
-        self.max_body_bytes = max_body_bytes
+        self.cap = BodyCap(max_body_bytes)
         self.observe = observe
 
     async def forward(self, request: web.Request, addr: str, target: Target) -> web.StreamResponse:
@@ -291,7 +308,7 @@ class HttpForwarder:
             answer = conn.start(head, request.method == "HEAD")
             if has_body:
                 sender = asyncio.create_task(
-                    _send_body(conn, request.content, self.max_body_bytes, framing[:1] == b"T")
+                    _send_body(conn, request.content, self.cap, framing[:1] == b"T")
                 )
                 sender.add_done_callback(partial(_body_failed, answer=answer))
             try:
@@ -350,17 +367,16 @@ async def _body_pieces(content: aiohttp.StreamReader) -> AsyncIterator[list[byte
 
 
 async def _send_body(
-    conn: Connection, content: aiohttp.StreamReader, cap: int, chunked: bool
+    conn: Connection, content: aiohttp.StreamReader, cap: BodyCap, chunked: bool
 ) -> None:
-    """Stream the caller's body to the sandbox, failing once it passes `cap` bytes."""
+    """Stream the caller's body to the sandbox, failing once it passes the cap."""
     seen = 0
     async for pieces in _body_pieces(content):
         size = sum(map(len, pieces))
         if not size:
             continue
         seen += size
-        if seen > cap:
-            raise RequestTooLargeError(cap)
+        cap.check_streamed(seen)
         if chunked:
             await conn.write([b"%x\r\n" % size, *pieces, b"\r\n"])
         else:

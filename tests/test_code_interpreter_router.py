@@ -106,13 +106,20 @@ async def legacy_exec(
     return props, guid
 
 
+async def submit(
+    http: aiohttp.ClientSession, url: str | URL, body: dict[str, Any], status: int = 200
+) -> tuple[dict[str, Any], str]:
+    """POST an execution (answered `status`): its body and its `Operation-Location`."""
+    async with http.post(url, json=body) as r:
+        assert r.status == status, await r.text()
+        return await r.json(), r.headers["Operation-Location"]
+
+
 async def new_exec(
     http: aiohttp.ClientSession, base: str, identifier: str, body: dict[str, Any]
 ) -> dict[str, Any]:
     url = f"{base}/executions?api-version={NEW_API}&identifier={identifier}"
-    async with http.post(url, json=body) as r:
-        assert r.status == 200, await r.text()
-        execution: dict[str, Any] = await r.json()
+    execution, _ = await submit(http, url, body)
     return execution
 
 
@@ -176,10 +183,7 @@ async def test_new_contract_sync_and_async_operation_location(
         "timeoutInSeconds": 100,
         "code": "print('sync')\n6 * 7",
     }
-    async with http.post(url, json=body) as r:
-        assert r.status == 200, await r.text()
-        sync = await r.json()
-        sync_location = r.headers["Operation-Location"]
+    sync, sync_location = await submit(http, url, body)
     assert sync["status"] == "Succeeded"
     assert sync["identifier"] == user
     assert sync["result"]["stdout"] == "sync\n"
@@ -193,10 +197,7 @@ async def test_new_contract_sync_and_async_operation_location(
         "timeoutInSeconds": 60,
         "code": "import time\ntime.sleep(0.5)\nprint('async done')\n'finished'",
     }
-    async with http.post(url, json=body) as r:
-        assert r.status == 202, await r.text()
-        accepted = await r.json()
-        location = r.headers["Operation-Location"]
+    accepted, location = await submit(http, url, body, status=202)
     assert accepted["status"] in ("NotStarted", "Running")
     assert "result" not in accepted
     # The link names the pool endpoint it was requested through, so it works as given.
