@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -154,8 +155,32 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def raw_server(answer: Callable[[Seen, asyncio.StreamWriter], Awaitable[bool]]) -> Raw:
+Answer = Callable[[Seen, asyncio.StreamWriter], Awaitable[bool]]
+
+
+async def raw_server(answer: Answer) -> Raw:
     return await Raw(answer).start()
+
+
+async def edge_to(
+    edge: Callable[..., Awaitable[Edge]], answer: Answer, **options: Any
+) -> tuple[Raw, Edge]:
+    """A raw server scripted by `answer` and an edge (made with `options`) in front of it."""
+    up = await raw_server(answer)
+    e = await edge(**options)
+    e.target.append(up.addr)
+    return up, e
+
+
+def answers_ok(body: bytes) -> Answer:
+    """Every request answered 200 with `body`, the connection kept open."""
+
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        w.write(ok(body))
+        await w.drain()
+        return True
+
+    return answer
 
 
 async def test_framings_are_relayed_and_only_clean_ends_are_reused(
@@ -183,9 +208,7 @@ async def test_framings_are_relayed_and_only_clean_ends_are_reused(
         await w.drain()
         return True
 
-    up = await raw_server(answer)
-    e = await edge()
-    e.target.append(up.addr)
+    up, e = await edge_to(edge, answer)
     expected = {
         "/length": (200, b"0123456789"),
         "/chunked": (200, b"hello world"),
@@ -223,9 +246,7 @@ async def test_header_hygiene_and_body_framing_on_the_wire(
         await w.drain()
         return False
 
-    up = await raw_server(answer)
-    e = await edge()
-    e.target.append(up.addr)
+    up, e = await edge_to(edge, answer)
     sent = {
         "Connection": "keep-alive, X-Secret",
         "X-Secret": "hop",
@@ -285,9 +306,7 @@ async def pooled_after_first(
             return True
         return await then(seen, w)
 
-    up = await raw_server(answer)
-    e = await edge()
-    e.target.append(up.addr)
+    up, e = await edge_to(edge, answer)
     async with http.get(e.base + "/first") as r:
         assert await r.read() == b"first"
     return up, e
@@ -346,9 +365,7 @@ async def test_client_disconnect_discards_the_half_read_connection(
         await w.drain()
         return True
 
-    up = await raw_server(answer)
-    e = await edge()
-    e.target.append(up.addr)
+    up, e = await edge_to(edge, answer)
     async with http.get(e.base + "/slow") as r:
         assert await r.content.readexactly(4) == b"half"
     # The caller left: the router closes the sandbox connection instead of pooling it.
@@ -369,9 +386,7 @@ async def test_timeouts_and_a_refused_connect(
         await asyncio.sleep(30)
         return False
 
-    up = await raw_server(answer)
-    e = await edge(idle_timeout_s=0.3)
-    e.target.append(up.addr)
+    up, e = await edge_to(edge, answer, idle_timeout_s=0.3)
     async with http.get(e.base + "/stall-head") as r:
         assert (r.status, await r.text()) == (504, "SessionTimeout")
     async with http.get(e.base + "/stall-body") as r:
@@ -385,14 +400,7 @@ async def test_timeouts_and_a_refused_connect(
 async def test_body_cap_on_a_streamed_upload(
     edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
 ) -> None:
-    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
-        w.write(ok(b"never"))
-        await w.drain()
-        return True
-
-    up = await raw_server(answer)
-    e = await edge(max_body_bytes=100_000)
-    e.target.append(up.addr)
+    up, e = await edge_to(edge, answers_ok(b"never"), max_body_bytes=100_000)
 
     async def chunks() -> AsyncIterator[bytes]:
         for _ in range(10):
@@ -421,9 +429,7 @@ async def test_a_slow_reader_pauses_the_sandbox(
             await w.drain()
         return True
 
-    up = await raw_server(answer)
-    e = await edge()
-    e.target.append(up.addr)
+    up, e = await edge_to(edge, answer)
     async with http.get(e.base + "/big", read_bufsize=1 << 16) as r:
         assert await r.content.readexactly(1 << 16) == b"b" * (1 << 16)
         # The caller stopped reading: the sandbox is held back (its socket fills up) by the
@@ -456,9 +462,7 @@ async def test_idle_connections_are_bounded_in_count_and_time(
         await w.drain()
         return True
 
-    up = await raw_server(answer)
-    e = await edge(max_idle=1, pool_idle_s=0.5)
-    e.target.append(up.addr)
+    up, e = await edge_to(edge, answer, max_idle=1, pool_idle_s=0.5)
 
     async def get() -> bytes:
         async with http.get(e.base + "/x") as r:
@@ -487,9 +491,7 @@ async def test_a_caller_who_leaves_before_the_answer_leaves_a_reusable_connectio
         await w.drain()
         return True
 
-    up = await raw_server(answer)
-    e = await edge()
-    e.target.append(up.addr)
+    up, e = await edge_to(edge, answer)
 
     async def slow() -> bytes:
         async with http.get(e.base + "/slow") as r:
@@ -529,14 +531,7 @@ async def test_connects_to_one_sandbox_are_bounded_and_waiters_take_released_con
 
     monkeypatch.setattr(Clients, "open", slow_open)
 
-    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
-        w.write(ok(b"fine"))
-        await w.drain()
-        return True
-
-    up = await raw_server(answer)
-    e = await edge(max_idle=64)
-    e.target.append(up.addr)
+    up, e = await edge_to(edge, answers_ok(b"fine"), max_idle=64)
 
     async def get() -> bytes:
         async with http.get(e.base + "/x") as r:
