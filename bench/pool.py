@@ -172,11 +172,11 @@ async def bare_docker_run(
             "docker",
             "inspect",
             "-f",
-            "{{.NetworkSettings.IPAddress}}",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
             cid,
             stdout=asyncio.subprocess.PIPE,
         )
-        ip = (await insp.communicate())[0].decode().strip()
+        ip = (await insp.communicate())[0].decode().split()[0]
         deadline = time.monotonic() + 60
         while True:
             try:

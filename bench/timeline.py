@@ -18,9 +18,10 @@ worker's log all read it):
 | router claims | the record's `allocatedAt` (the waiting router's second CLAIM) |
 | upstream answered | this client got the response |
 
-and, in the same run, a bare `docker run -d` of the same image: CLI started → `create` →
-`start` → port answers. Prints a table of medians (ms after the request was sent) and writes
-`timeline.json` and `timeline.md` to `--out`.
+and, in the same run, bare `docker run -d`s of the same image (like for like: the pool's limits,
+hardening, read-only root, tmpfs mounts and network; the pool's limits only; none): CLI started
+→ `create` → `start` → port answers. Prints a table of medians (ms after the request was
+sent) and writes `timeline.json` and `timeline.md` to `--out`.
 """
 
 from __future__ import annotations
@@ -96,6 +97,27 @@ def _worker_steps(log: Path) -> dict[str, dict[str, float]]:
 POOL_LIMITS = ("--cpus", "0.5", "--memory", "256m")
 
 
+def like_for_like(client: Any, scope: str) -> tuple[str, ...]:
+    """`docker run` options for a container like the pool's sandboxes (bench.cold.bare_kwargs
+    as command-line options): limits, hardening, read-only root and tmpfs mounts, network."""
+    from bench.cold import NETWORK, bare_kwargs
+
+    host = bare_kwargs(client, scope)["host_config"]
+    args = [
+        *("--cpus", str(host["NanoCpus"] / 1e9), "--memory", str(host["Memory"])),
+        *("--memory-swap", str(host["MemorySwap"]), "--pids-limit", str(host["PidsLimit"])),
+        *("--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--init"),
+        *("--network", NETWORK),
+    ]
+    if host.get("ReadonlyRootfs"):
+        args.append("--read-only")
+    for path, opts in (host.get("Tmpfs") or {}).items():
+        args += ["--tmpfs", f"{path}:{opts}"]
+    for key, value in (host.get("StorageOpt") or {}).items():
+        args += ["--storage-opt", f"{key}={value}"]
+    return tuple(args)
+
+
 async def _bare(
     http: aiohttp.ClientSession, scope: str, extra: tuple[str, ...] = ()
 ) -> dict[str, float]:
@@ -110,8 +132,10 @@ async def _measure(
     await store.put_pool(pool_def(POOL, ready=0, max_sessions=n + 5))
     k = store.pk(POOL)
     cold: list[dict[str, float]] = []
+    alike: list[dict[str, float]] = []
     bare: list[dict[str, float]] = []
     plain: list[dict[str, float]] = []
+    alike_args = await asyncio.to_thread(like_for_like, client, scope)
     timeout = aiohttp.ClientTimeout(total=120, sock_connect=1)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         async with http.get(f"{router_url}/healthz") as r:
@@ -148,6 +172,7 @@ async def _measure(
                     "_container": session.container,  # type: ignore[dict-item]
                 }
             )
+            alike.append(await _bare(http, scope, alike_args))
             bare.append(await _bare(http, scope, POOL_LIMITS))
             plain.append(await _bare(http, scope))
     until = time.time()
@@ -167,10 +192,10 @@ async def _measure(
         for cid, e in events.items()
         if "create" in e and cid not in cold_containers
     )
-    for row in bare + plain:
+    for row in alike + bare + plain:
         inside = [e for e in bare_ev if row["sent"] <= e[0] <= row["port answers"]]
         row["docker create"], row["docker start"] = inside[0] if inside else (float("nan"),) * 2
-    return {"cold": cold, "bare": bare, "plain": plain}
+    return {"cold": cold, "alike": alike, "bare": bare, "plain": plain}
 
 
 def _offsets(rows: list[dict[str, float]], steps: tuple[str, ...]) -> dict[str, float]:
@@ -184,23 +209,34 @@ def _offsets(rows: list[dict[str, float]], steps: tuple[str, ...]) -> dict[str, 
 
 def report(data: dict[str, Any]) -> str:
     cold = _offsets(data["cold"], STEPS)
+    alike = _offsets(data["alike"], BARE_STEPS)
     bare = _offsets(data["bare"], BARE_STEPS)
     plain = _offsets(data["plain"], BARE_STEPS)
     lines = [
         f"Cold request timeline (median of {len(data['cold'])}; ms after the request was sent)",
         "",
-        "| step | dry pool via router | Δ | `docker run` (pool's limits) | `docker run` (none) |",
-        "|---|---:|---:|---:|---:|",
+        "| step | dry pool via router | Δ | `docker run` (like for like) "
+        "| `docker run` (pool's limits only) | `docker run` (none) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     prev = 0.0
     for step in STEPS:
         at = cold[step]
         same = {"upstream answered": "port answers"}.get(step, step)
-        cells = [_ms(b.get(same, float("nan"))) for b in (bare, plain)]
-        lines.append(f"| {step} | {at:.0f} | {at - prev:+.0f} | {cells[0]} | {cells[1]} |")
+        cells = " | ".join(_ms(b.get(same, float("nan"))) for b in (alike, bare, plain))
+        lines.append(f"| {step} | {at:.0f} | {at - prev:+.0f} | {cells} |")
         prev = at if at == at else prev
     lines.append("")
-    for label, ref in (("with the pool's limits", bare), ("without limits", plain)):
+    lines.append(
+        "Like for like: the pool's limits, hardening, read-only root with its tmpfs mounts "
+        "and network, as `docker run` options."
+    )
+    lines.append("")
+    for label, ref in (
+        ("like for like", alike),
+        ("with the pool's limits only", bare),
+        ("without limits", plain),
+    ):
         ratio = cold["upstream answered"] / ref["port answers"]
         met = "met" if ratio <= 1.1 else "not met"
         lines.append(f"dry pool / bare docker run {label} = {ratio:.2f} (≤ 1.1: {met})")

@@ -244,15 +244,20 @@ class Replenisher:
         await self.fill(pool)
 
     async def watch(self, pool: str) -> None:
-        """Fill at once, then now and then as a safety net for a lost entry."""
+        """Fill at once, then now and then as a safety net for a lost entry. When the pool's
+        work stops (the pool was deleted), what was kept about it goes too."""
         ctx = self.ctx
-        while True:
-            try:
-                await self.fill(pool)
-            except REDIS_ERRORS as exc:
-                log.warning("pool %s: fill: %s", pool, exc)
-            if not await ctx.pause(min(ctx.settings.reconcile_interval_s, 2.0)):
-                return
+        try:
+            while True:
+                try:
+                    await self.fill(pool)
+                except REDIS_ERRORS as exc:
+                    log.warning("pool %s: fill: %s", pool, exc)
+                if not await ctx.pause(min(ctx.settings.reconcile_interval_s, 2.0)):
+                    return
+        finally:
+            for kept in (self._backoff, self._targets, self._refill_s, self._boot):
+                kept.pop(pool, None)
 
     async def drain(self) -> None:
         """Let sandboxes being created finish (or be cancelled) before exit."""
