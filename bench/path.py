@@ -1,6 +1,6 @@
 """The request path's own bench (issue #16): the router against its peers, side by side.
 
-    python -m bench.path              # about 2 minutes; writes bench/results/path.{md,json}
+    python -m bench.path              # about 3 minutes; writes bench/results/path.{md,json}
     python -m bench.path --quick      # seconds-long runs, results to --out
     python -m bench.path --only load --no-peers --profile 1000 --out /tmp/x   # a subset
 
@@ -9,9 +9,10 @@ sessionpool router, configurable-http-proxy (Node), the bare aiohttp proxy and n
 `proxy_pass`, each with one core's worth of parallelism. Per core = requests / the proxy
 process's own CPU seconds (utime + stime from /proc), so load generator and upstream sharing
 the cores do not count against the proxy. Then: c=256 and c=1000 on one warm session
-(router), 1 GiB streamed both ways (bench/streaming.py), 10,000 idle WebSockets held by one
-router process (bench/scale.py), and a py-spy profile of the router at c=32 (when py-spy is
-installed: `pip install py-spy`). Every process is stopped at the end; load goes to loopback only.
+(router, 6 s runs), 1 GiB streamed both ways three times each (bench/streaming.py), 10,000
+idle WebSockets held by one router process (bench/scale.py), and py-spy profiles of the
+router (`--profile C`, c=32 by default; when py-spy is installed: `pip install py-spy`).
+Every process is stopped at the end; load goes to loopback only.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import collections
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,7 +123,9 @@ def run(
                 p.stop()
         if "stream" in sections:
             size = 64 << 20 if quick else GiB
-            res["streaming"] = streaming.run(redis.url, f"{prefix}-s", size, logs).to_json()
+            res["streaming"] = streaming.run(
+                redis.url, f"{prefix}-s", size, logs, repeats=1 if quick else 3
+            ).to_json()
         if "ws" in sections:
             ws = scale.websockets(redis.url, f"{prefix}-w", 1000 if quick else 10_000, logs)
             res["websockets"] = ws.to_json()
@@ -171,8 +175,8 @@ def _load(
         for name, (url, proc) in paths.items():
             runs.setdefault(name, {})[c] = wrk(url, c, secs, proc, warm)
     res["profile"] = {str(c): profile(router, paths[ROUTER][0], secs, c) for c in profile_at}
-    for c in (256, 1000):
-        runs[ROUTER][c] = wrk(paths[ROUTER][0], c, secs, router, warm)
+    for c in (256, 1000):  # twice as long: each run opens its own c connections
+        runs[ROUTER][c] = wrk(paths[ROUTER][0], c, 2 * secs, router, warm)
     res["runs"] = {
         n: {str(c): {**vars(r), "per_core": r.rps_per_core} for c, r in by_c.items()}
         for n, by_c in runs.items()
@@ -275,16 +279,23 @@ def _report_load(res: dict[str, Any]) -> list[str]:
 def _report_streaming(st: dict[str, Any]) -> list[str]:
     lines = [
         "",
-        "Streaming (one transfer each way):",
+        "Streaming (median of the transfers each way, router and bare alternating; range in "
+        "brackets):",
         "",
-        "| proxy | direction | GB/s per core | RSS growth MiB |",
-        "|---|---|---|---|",
+        "| proxy | direction | transfers | GB/s per core | RSS growth MiB (max) |",
+        "|---|---|---|---|---|",
     ]
     for who in ("router", "bare"):
-        for t in st[who]:
+        for direction in ("upload", "download"):
+            ts = [t for t in st[who] if t["direction"] == direction]
+            if not ts:
+                continue
+            rates = sorted(t["gb_per_core_s"] for t in ts)
+            spread = f" ({rates[0]:.2f}-{rates[-1]:.2f})" if len(rates) > 1 else ""
             lines.append(
-                f"| {who} | {t['direction']} {t['bytes'] >> 20} MiB | {t['gb_per_core_s']:.2f} | "
-                f"{t['rss_growth_mib']:.1f} |"
+                f"| {who} | {direction} {ts[0]['bytes'] >> 20} MiB | {len(ts)} | "
+                f"**{statistics.median(rates):.2f}**{spread} | "
+                f"{max(t['rss_growth_mib'] for t in ts):.1f} |"
             )
     return lines
 

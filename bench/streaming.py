@@ -77,7 +77,11 @@ class StreamingResults:
         }
 
 
-def run(redis_url: str, prefix: str, size: int, log_dir: Path) -> StreamingResults:
+def run(
+    redis_url: str, prefix: str, size: int, log_dir: Path, repeats: int = 1
+) -> StreamingResults:
+    """Each direction `repeats` times, router and bare alternating (one transfer is noisy on
+    a shared machine: report the median)."""
     started: list[Proc] = []
     try:
         up, ports = proxies.python_upstream(1, log_dir, log=log_dir / "stream-upstream.log")
@@ -94,8 +98,9 @@ def run(redis_url: str, prefix: str, size: int, log_dir: Path) -> StreamingResul
         async def all_transfers() -> StreamingResults:
             res = StreamingResults([], [])
             for direction in ("upload", "download"):
-                res.router.append(await _transfer(router, r_url, direction, size))
-                res.bare.append(await _transfer(bare, b_url, direction, size))
+                for _ in range(repeats):
+                    res.router.append(await _transfer(router, r_url, direction, size))
+                    res.bare.append(await _transfer(bare, b_url, direction, size))
             return res
 
         return asyncio.run(all_transfers())
