@@ -39,6 +39,11 @@ STORE = web.AppKey("store", Store)
 ROUTING = web.AppKey("routing", Routing)
 UPSTREAM = web.AppKey("upstream", proxy.Upstream)
 READY_CACHE_S = 0.25
+# A request body is held by aiohttp up to twice this before the caller's socket is paused.
+# Measured on 1 GiB uploads (bench.path, 3 alternating runs each): 32 KiB 1.58 GB/s per core,
+# aiohttp's 64 KiB 1.24, 1 MiB 0.94; 16 KiB like 32 KiB. The kernel's socket buffer holds
+# the rest; a smaller hold also means less memory per uploading connection.
+BODY_READ_BUFSIZE = 32 * 1024
 METRICS = web.AppKey("metrics", RouterMetrics)
 TRACE_ID = web.RequestKey("trace_id", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -244,7 +249,10 @@ def create_app(settings: Settings) -> web.Application:
     middlewares: list[Callable[..., Awaitable[web.StreamResponse]]] = [errors_middleware]
     if settings.host_suffix:
         middlewares.append(host_suffix_middleware(settings.host_suffix))
-    app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 8190})
+    app = web.Application(
+        middlewares=middlewares,
+        handler_args={"max_field_size": 8190, "read_bufsize": BODY_READ_BUFSIZE},
+    )
     app[SETTINGS] = settings
     app[METRICS] = RouterMetrics()
     app.on_shutdown.append(_close_websockets)
