@@ -237,7 +237,13 @@ def test_compose_stack_survives_a_router_kill(stack: Stack) -> None:
         # Another key, the documented way: hashed into the stack's file, picked up live.
         made = stack.run("run", "--rm", "credentials", "new-key", "ci", "--pool", POOL)
         (ci_key,) = re.findall(r"\(shown once, give it to the client\): (sp_\S+)", made.stderr)
-        wait_for(lambda: get(url, key=ci_key)[0] == 200, 30, "the new key accepted")
+
+        # Each router re-reads the key file on its own clock and the LB alternates between
+        # them: the key is live once several requests in a row (both routers) accept it.
+        def accepted() -> bool:
+            return all(get(url, key=ci_key)[0] == 200 for _ in range(4))
+
+        wait_for(accepted, 30, "the new key accepted by both routers")
         assert get(f"{lb}/admin/pools", key=ci_key)[0] == 403  # executor, one pool
         assert first["path"] == "/hello"
         assert IDENTIFIER in first["query"]
