@@ -222,11 +222,16 @@ def client_timeout(connect_s: float, idle_s: float) -> aiohttp.ClientTimeout:
     )
 
 
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+
 def _framing(request: web.Request) -> bytes:
+    """The request body's framing line for the sandbox: its length when the caller declared
+    one, else chunked; `Content-Length: 0` for a bodiless POST/PUT/PATCH; else nothing."""
     if request.body_exists:
         length = request.content_length
         if length is None:
-            return b"Transfer-Encoding: chunked\r\n"
+            return CHUNKED
         return b"Content-Length: %d\r\n" % length
     if request.method in BODY_METHODS:
         return b"Content-Length: 0\r\n"
@@ -308,7 +313,7 @@ class HttpForwarder:
             answer = conn.start(head, request.method == "HEAD")
             if has_body:
                 sender = asyncio.create_task(
-                    _send_body(conn, request.content, self.cap, framing[:1] == b"T")
+                    _send_body(conn, request.content, self.cap, framing == CHUNKED)
                 )
                 sender.add_done_callback(partial(_body_failed, answer=answer))
             try:
