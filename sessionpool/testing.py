@@ -34,7 +34,6 @@ __all__ = [
     "RedisServer",
     "Workers",
     "add_ready",
-    "bound_socket",
     "builtin_pool_body",
     "counts_are",
     "echo_pool",
@@ -85,18 +84,6 @@ async def wait_until(
 # Sockets ------------------------------------------------------------------------------------
 
 
-def bound_socket(host: str = "127.0.0.1") -> socket.socket:
-    """A listening TCP socket on port 0 of `host`, to hand to a server (no port race: the
-    port is never closed between choosing and serving it)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
-
-
 def port_of(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
 
@@ -105,7 +92,7 @@ def unused_ports(n: int = 1, host: str = "127.0.0.1") -> list[int]:
     """`n` distinct ports of `host` that are free now, for child programs that must be told
     the port they bind (redis-server, a router restarted on the same address, a worker's
     metrics port, a compose stack). Another socket may take one before the child binds it:
-    a listener of this process binds port 0 instead (`bound_socket`, `serving_router`)."""
+    a listener of this process binds port 0 instead (as `serving_router` does)."""
     socks = [socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) for _ in range(n)]
     try:
         for sock in socks:
