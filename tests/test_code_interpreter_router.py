@@ -367,7 +367,10 @@ async def test_metadata_list_and_get_session(env: Env, http: aiohttp.ClientSessi
     assert listing["sessions"] == listing["value"]
     assert [s["identifier"] for s in listing["sessions"]] == [user]
     item = listing["sessions"][0]
-    assert item["expireAt"] == item["expiresAt"] == view["expiresAt"]
+    assert item["expireAt"] == item["expiresAt"]
+    # The execution's activity is written in batches, so the listing may see it extend the
+    # expiry the view showed; it never shortens it.
+    assert item["expiresAt"] >= view["expiresAt"]
     assert item["etag"] == record.sandbox
     assert guid in env.containers()
 
