@@ -84,6 +84,10 @@ class Cluster:
             "SESSIONPOOL_AUTH": "none",
             "SESSIONPOOL_RECONCILE_INTERVAL_S": "2",
             "SESSIONPOOL_ORPHAN_GRACE_S": "5",
+            # A sandbox whose worker was killed while it started stays `warming` until this
+            # much time has passed, then reconciliation retires it: the default (120 s) is
+            # longer than the quiescence check waits.
+            "SESSIONPOOL_WARM_TIMEOUT_S": "20",
             "SESSIONPOOL_CLAIM_IDLE_MS": "3000",
             "SESSIONPOOL_ALLOCATION_WAIT_S": "20",
             "SESSIONPOOL_LOG_JSON": "true",
