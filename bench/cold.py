@@ -14,7 +14,9 @@
    from N threads).
 4. A burst of 20 new identifiers in one second on a pool with readySessionInstances 2, twice:
    the first meets the pool at its floor, the second the pool grown by the first.
-5. Warm claim: first requests of new identifiers, 8 at a time, on a pool with enough ready
+5. The engine's own ceiling: like-for-like containers that run only `sleep`, started and then
+   all removed at once, on the pool's network and with none.
+6. Warm claim: first requests of new identifiers, 8 at a time, on a pool with enough ready
    sandboxes (bench/allocation.py: seeded ready sandboxes on a local upstream, so what is timed
    is the router's claim path and a new upstream connection, not a container).
 
@@ -128,6 +130,35 @@ async def bare_remove(client: Any, ids: list[str]) -> list[float]:
         t0 = time.perf_counter()
         removes = [loop.run_in_executor(pool, _timed_remove, client, cid, t0) for cid in ids]
         return list(await asyncio.gather(*removes))
+
+
+async def engine_ceiling(client: Any, scope: str, n: int) -> dict[str, Any]:
+    """What the engine alone can do here: n like-for-like containers that run nothing but
+    `sleep` (no server to boot, no port to wait for) created and started by CONCURRENCY
+    threads, then all force-removed at once; on the pool's network and with no network
+    (`network_mode: none`), which shows what the engine's per-container networking costs."""
+    kwargs = await asyncio.to_thread(bare_kwargs, client, scope)
+    kwargs = {**kwargs, "command": ["sleep", "600"]}
+    runs: dict[str, Any] = {}
+    for label, mode in (("network", NETWORK), ("no network", "none")):
+        host = {**kwargs["host_config"], "NetworkMode": mode}
+        made = await asyncio.to_thread(_started, client, {**kwargs, "host_config": host}, n)
+        rm_ms = await bare_remove(client, made["ids"])
+        runs[label] = {"per_s": made["per_s"], "rm_ms": rm_ms}
+    return runs
+
+
+def _started(client: Any, kwargs: dict[str, Any], n: int) -> dict[str, Any]:
+    def one(_: int) -> str:
+        cid = str(client.api.create_container(**kwargs)["Id"])
+        client.api.start(cid)
+        client.api.inspect_container(cid)
+        return cid
+
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        t0 = time.monotonic()
+        ids = list(pool.map(one, range(n)))
+        return {"ids": ids, "per_s": n / (time.monotonic() - t0)}
 
 
 def _timed_remove(client: Any, cid: str, t0: float) -> float:
@@ -298,6 +329,7 @@ def _workers(quick: bool, out: Path, n: int) -> dict[str, Any]:
                     store, d.client, d.router_url, d.prefix, n, d.worker_log
                 )
                 data["bare"]["rm_ms"] = await bare_remove(d.client, data["bare"].pop("ids"))
+                data["engine"] = await engine_ceiling(d.client, bare_scope, n)
                 data["burst"] = await burst(store, d.router_url, 8 if quick else 20)
             finally:
                 await r.aclose()
@@ -389,6 +421,8 @@ def report(data: dict[str, Any]) -> str:
         f"{b1['p50_ms']:.0f} / {b1['p99_ms']:.0f} ms; second {b2['p50_ms']:.0f} / "
         f"{b2['p99_ms']:.0f} ms (pool grown to {b2['ready_before']}) | — | — | — | |",
         "",
+        engine_report(data["engine"], len(bare["rm_ms"])),
+        "",
         "CPU during the refills, in cores (bench/cpu.py; `other` is everything else on the "
         "machine, e.g. other benches and tests). The engine is dockerd, containerd, and each "
         "container's shim with what it ran: runc, and the prestart hook runc ran (dockerd "
@@ -406,6 +440,24 @@ def report(data: dict[str, Any]) -> str:
         "",
         timeline.report(data["timeline"]),
     ]
+    return "\n".join(rows)
+
+
+def engine_report(engine: dict[str, Any], n: int) -> str:
+    """The engine's own ceiling on this host, the same run's figures."""
+    rows = [
+        f"The engine alone on this host: {n} like-for-like containers that run only `sleep` "
+        f"(nothing to boot, no port to wait for), started by {CONCURRENCY} threads, then all "
+        "force-removed at once. What no client of this engine can beat here:",
+        "",
+        "| containers running `sleep` | started /s | all `rm -f` at once, p50 / p99 |",
+        "|---|---:|---:|",
+    ]
+    for label, run in engine.items():
+        rows.append(
+            f"| {label} | {run['per_s']:.1f} /s | {percentile(run['rm_ms'], 50):.0f} / "
+            f"{percentile(run['rm_ms'], 99):.0f} ms |"
+        )
     return "\n".join(rows)
 
 
