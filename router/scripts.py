@@ -175,6 +175,18 @@ return ended
 """
 )
 
+NEXT_EXPIRY = (
+    _NOW
+    + """
+-- Milliseconds from now (this Redis' clock, the one expiresAt is written by) to the pool's
+-- earliest expiresAt; nil when it has no session. One script, so one node on Redis Cluster.
+-- KEYS[1] expiry zset
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #first == 0 then return false end
+return math.max(tonumber(first[2]) - now, 0)
+"""
+)
+
 RESERVE = (
     _NOW
     + """

@@ -182,6 +182,7 @@ class Store:
         self._touch = reg(scripts.TOUCH)
         self._stop = reg(scripts.STOP)
         self._expire = reg(scripts.EXPIRE)
+        self._next_expiry = reg(scripts.NEXT_EXPIRY)
         self._reserve = reg(scripts.RESERVE)
         self._set_container = reg(scripts.SET_CONTAINER)
         self._mark_ready = reg(scripts.MARK_READY)
@@ -346,13 +347,8 @@ class Store:
     @_store_call
     async def next_expiry_ms(self, pool: str) -> int | None:
         """Milliseconds until the pool's earliest expiresAt by Redis' clock; None: no session."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrange(self.pk(pool).expiry, 0, 0, withscores=True)
-            pipe.time()
-            first, (sec, usec) = await pipe.execute()
-        if not first:
-            return None
-        return max(int(first[0][1]) - (int(sec) * 1000 + int(usec) // 1000), 0)
+        due = await self._next_expiry(keys=[self.pk(pool).expiry])
+        return None if due is None else int(due)
 
     @_store_call
     async def get_session(self, pool: str, identifier: str) -> Session | None:
