@@ -4,7 +4,6 @@ WebSockets held by one router process (RSS per connection)."""
 from __future__ import annotations
 
 import asyncio
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from bench.common import Proc, status_kib
 from bench.proxying import seed_router_pool
 from bench.seed import pool_def, seed_ready
 from router.keys import Keys
+from router.server import raise_open_files
 from router.store import Store, open_redis
 
 
@@ -136,26 +136,23 @@ class WebSocketScale:
         return {**asdict(self), "kib_per_ws": self.kib_per_ws}
 
 
-def raise_fd_limit() -> int:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
 def websockets(redis_url: str, prefix: str, wanted: int, log_dir: Path) -> WebSocketScale:
     """Open `wanted` idle WebSockets through one router process to a local echo upstream.
 
-    Each proxied WebSocket holds two descriptors in the router (caller and sandbox side), so
-    the count is capped below half the hard RLIMIT_NOFILE (children inherit the raised limit).
+    Each proxied WebSocket holds two descriptors in the router (caller and sandbox side): this
+    process raises its RLIMIT_NOFILE as the router does (`raise_open_files`: the hard limit
+    too where it may, as root), so the upstream and router it starts inherit enough; where it
+    may not, the count is capped below half the limit.
     """
-    limit = raise_fd_limit()
+    need = 2 * wanted + 1024
+    limit, _ = raise_open_files(need)
     n = min(wanted, (limit - 200) // 2)
     note = (
         ""
         if n == wanted
         else (
-            f"capped at {n}: the hard RLIMIT_NOFILE here is {limit} and each proxied WebSocket "
-            "holds 2 descriptors in the router"
+            f"capped at {n}: RLIMIT_NOFILE is at most {limit} here (raising the hard limit to "
+            f"{need} was refused) and each proxied WebSocket holds 2 descriptors in the router"
         )
     )
     started: list[Proc] = []
@@ -163,7 +160,12 @@ def websockets(redis_url: str, prefix: str, wanted: int, log_dir: Path) -> WebSo
         up, ports = proxies.python_upstream(1, log_dir, log=log_dir / "ws-upstream.log")
         started.append(up)
         asyncio.run(seed_router_pool(redis_url, prefix, {"sockets": f"127.0.0.1:{ports[0]}"}))
-        router, url = proxies.router(redis_url, prefix, log=log_dir / "router-ws.log")
+        router, url = proxies.router(
+            redis_url,
+            prefix,
+            log=log_dir / "router-ws.log",
+            env={"SESSIONPOOL_MAX_OPEN_FILES": str(need)},
+        )
         started.append(router)
         ws_url = f"{url}/pools/bench/ws?identifier=sockets"
 

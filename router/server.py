@@ -1,4 +1,5 @@
-"""Serving the router: uvloop, the C parser checked, no access log, N processes on one port."""
+"""Serving the router: uvloop, the C parser checked, no access log, the open-files limit
+raised, N processes on one port."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import gc
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import aiohttp.http_parser
 from aiohttp import web
@@ -28,6 +31,36 @@ log = logging.getLogger("sessionpool.router")
 # c=1000. At 50,000 young collections are rare (one in a 6 s bench run at c=1000) and come
 # after those objects are gone; the garbage they may hold is bounded by the same number.
 GC_YOUNG_THRESHOLD = 50_000
+
+
+NR_OPEN = Path("/proc/sys/fs/nr_open")  # Linux: no process may have a higher RLIMIT_NOFILE
+
+
+def raise_open_files(target: int) -> tuple[int, int]:
+    """Raise this process's RLIMIT_NOFILE before serving; returns the (soft, hard) in force.
+
+    Every client connection is a descriptor, and a relayed one (a WebSocket, a request in
+    flight) a second, to the sandbox: distributions start processes with a soft limit of 1024
+    and a hard one the soft may always be raised to. The soft limit goes up to the hard one;
+    the hard one (and the soft with it) up to `target` where the process may raise it (root,
+    CAP_SYS_RESOURCE), never above the kernel's `nr_open`. Nothing is ever lowered.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(OSError, ValueError):
+        target = min(target, int(NR_OPEN.read_text()))
+    if hard == resource.RLIM_INFINITY:
+        new = max(soft, target)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        return new, hard
+    if target > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target, target
+        except (OSError, ValueError):  # not privileged: the hard limit is as far as we go
+            pass
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard, hard
 
 
 def c_parser_loaded() -> bool:
@@ -118,6 +151,15 @@ def _child(settings: Settings) -> None:
 def run_router(settings: Settings) -> None:
     """`sessionpool router`: one process, or N sharing the port through SO_REUSEPORT."""
     install_uvloop()
+    soft, _ = raise_open_files(settings.max_open_files)  # spawned children inherit it
+    if soft < settings.max_open_files:
+        log.warning(
+            "open files limited to %d (max_open_files %d): about %d relayed connections "
+            "per process",
+            soft,
+            settings.max_open_files,
+            soft // 2,
+        )
     if settings.processes == 1:
         asyncio.run(serve(settings))
         return

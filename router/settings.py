@@ -55,6 +55,10 @@ class Settings:
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 75.0
     max_connections: int = 16_384
+    # The router raises its RLIMIT_NOFILE to this at start (router/server.py): the soft limit
+    # to the hard one always, the hard one too where permitted (root), at most fs.nr_open.
+    # Each relayed connection holds two descriptors: 65,536 covers max_connections relayed.
+    max_open_files: int = 65_536
     # "required": every request but /healthz, /readyz, /metrics needs a credential; "none"
     # must be asked for explicitly (a router with no credential configured refuses to start).
     auth: str = "required"
@@ -168,6 +172,8 @@ class Settings:
             raise ValueError("upstream_pool_max_idle: must not be negative")
         if self.max_connections < 1:
             raise ValueError("max_connections: must be at least 1")
+        if self.max_open_files < 1:
+            raise ValueError("max_open_files: must be at least 1")
         if self.redis_max_connections < 4:
             raise ValueError("redis_max_connections: must be at least 4")
         if self.runtime == "kubernetes" and not re.fullmatch(

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--keepalive-timeout-s", type=float, help="idle keep-alive close")
     router.add_argument("--max-connections", type=int, help="connection cap per process")
     router.add_argument(
+        "--max-open-files", type=int, help="raise RLIMIT_NOFILE to this at start (where allowed)"
+    )
+    router.add_argument(
         "--upstream-pool-max-idle", type=int, help="idle connections kept per sandbox"
     )
     router.add_argument(
@@ -208,6 +211,9 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "header_timeout_s",
         "keepalive_timeout_s",
         "max_connections",
+        "max_open_files",
+        "upstream_pool_max_idle",
+        "upstream_pool_idle_s",
         "redis_pool_wait_s",
         "api_keys_file",
         "trusted_proxies",

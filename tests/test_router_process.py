@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import resource
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -27,11 +29,13 @@ Serving = Callable[..., Awaitable[RouterProc]]
 
 
 @pytest.fixture
-async def router_proc(settings: Settings) -> AsyncIterator[Callable[[], Awaitable[RouterProc]]]:
+async def router_proc(
+    settings: Settings,
+) -> AsyncIterator[Callable[..., Awaitable[RouterProc]]]:
     procs: list[asyncio.subprocess.Process] = []
 
-    async def start() -> RouterProc:
-        proc, base = await spawn_router(settings)
+    async def start(**changes: Any) -> RouterProc:
+        proc, base = await spawn_router(settings.replace(**changes))
         procs.append(proc)
         return proc, base
 
@@ -196,3 +200,36 @@ async def test_sigterm_closes_websockets_with_1001(sandbox: FakeSandbox, serving
             assert msg.type == aiohttp.WSMsgType.CLOSE
             assert msg.data == aiohttp.WSCloseCode.GOING_AWAY
     assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+def open_files_limit(pid: int) -> tuple[int, int]:
+    line = next(
+        x for x in Path(f"/proc/{pid}/limits").read_text().splitlines() if "open files" in x
+    )
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def may_raise_hard_limits() -> bool:
+    """CAP_SYS_RESOURCE (bit 24) in this process's effective set: root, as in CI."""
+    caps = next(x for x in Path("/proc/self/status").read_text().splitlines() if "CapEff" in x)
+    return bool(int(caps.split()[1], 16) >> 24 & 1)
+
+
+async def test_router_raises_its_open_files_limit(
+    router_proc: Callable[..., Awaitable[RouterProc]],
+) -> None:
+    """Started with a soft RLIMIT_NOFILE of 256, the router serves with its soft limit at the
+    hard one, and both at max_open_files where it is allowed to raise the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    target = min(hard + 1024, nr_open)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # what the child inherits
+    try:
+        proc, base = await router_proc(max_open_files=target)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    want = target if may_raise_hard_limits() else hard
+    assert open_files_limit(proc.pid) == (want, want)
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/healthz") as r:
+        assert r.status == 200
