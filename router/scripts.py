@@ -175,6 +175,23 @@ return ended
 """
 )
 
+LAUNCH_ENVIRONMENT = (
+    _NOW
+    + """
+-- Record a new MCP environment, unless the pool already has `cap` launched and not used yet.
+-- KEYS[1] unused environments zset (id -> until, ms)   KEYS[2] the environment's record
+-- ARGV[1] environment id   ARGV[2] how long an unused one lives (ms)   ARGV[3] cap
+-- Returns 1 recorded, 0 at the cap.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+local ttl = tonumber(ARGV[2])
+redis.call('SET', KEYS[2], 'new', 'PX', ttl)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl)  -- every entry is due by then: nothing is left behind
+return 1
+"""
+)
+
 NEXT_EXPIRY = (
     _NOW
     + """
