@@ -23,11 +23,10 @@ from redis.asyncio.cluster import RedisCluster
 
 from router.app import ROUTING, create_app
 from router.keys import Keys
-from router.settings import Settings
 from router.store import Store, open_redis
 from sessionpool.testing import unused_ports
 from tests.helpers import wait_until
-from tests.worker_rigs import process_pool
+from tests.worker_rigs import process_pool, process_settings
 from workers.main import run
 from workers.process import ProcessRuntime
 
@@ -149,14 +148,7 @@ async def test_pools_on_every_node_are_filled_routed_reaped_and_deleted(
     cluster: Cluster, key_prefix: str
 ) -> None:
     runtime = ProcessRuntime(use_bwrap=False)
-    settings = Settings(
-        redis_url=cluster.url,
-        key_prefix=key_prefix,
-        auth="none",
-        runtime="process",
-        allocation_wait_s=10,
-        reconcile_interval_s=1,
-    )
+    settings = process_settings(cluster.url, key_prefix)
     redis = open_redis(cluster.url)
     assert isinstance(redis, RedisCluster)
     await redis.initialize()  # learns the slot map (a first command would too)
