@@ -207,6 +207,22 @@ async def test_pools_on_every_node_are_filled_routed_reaped_and_deleted(
             again = await store.get_session(name, f"user-{name}")
             assert again is not None and again.sandbox != sandboxes[name]
 
+            # Session management on a pool's node: list, get, stop.
+            mgmt = f"http://127.0.0.1:{server.port}/pools/{name}/.management"
+            async with http.get(f"{mgmt}/listSessions") as r:
+                assert r.status == 200, await r.text()
+                assert f"user-{name}" in {s["identifier"] for s in (await r.json())["value"]}
+            ident = {"identifier": f"user-{name}"}
+            async with http.get(f"{mgmt}/getSession", params=ident) as r:
+                assert r.status == 200, await r.text()
+            async with http.post(f"{mgmt}/stopSession", params=ident) as r:
+                assert r.status in (200, 204), await r.text()
+            sandboxes[name] = again.sandbox
+            await wait_until(lambda: reaped(name), timeout=30)
+            for path in ("readyz", "metrics"):
+                async with http.get(f"http://127.0.0.1:{server.port}/{path}") as r:
+                    assert r.status == 200, (path, await r.text())
+
             # The admin API lists every pool (with its counts, read from each pool's node)
             # and deletes one.
             async with http.get(f"http://127.0.0.1:{server.port}/admin/pools") as r:
