@@ -19,6 +19,7 @@ after the tag, so a `{` inside an identifier never moves a key to another slot.
 | `P:log:{p}`                  | stream | session lifecycle events for operators              |
 | `P:mcpkey:{p}`               | string | the pool's MCP API key (plain: fetch returns it)    |
 | `P:mcpenv:{p}:id`            | string | an MCP environment: "new" until first use, "live"   |
+| `P:mcpnew:{p}`               | zset   | MCP environments not used yet -> until (ms)         |
 | `P:inval` (channel)          | pubsub | "pool\\0identifier": drop cached routes             |
 | `P:readych` (channel)        | pubsub | "pool": a sandbox became ready (wakes waiters)      |
 """
@@ -45,6 +46,7 @@ class PoolKeys:
     demand: str
     mcp_key: str
     mcp_env_prefix: str
+    mcp_unused: str
 
     def mcp_env(self, environment: str) -> str:
         """An MCP environment's record (the identifier after the tag: any is safe)."""
@@ -65,6 +67,7 @@ POOL_KINDS = {
     "demand": "demand",
     "mcp_key": "mcpkey",
     "mcp_env_prefix": "mcpenv",
+    "mcp_unused": "mcpnew",
 }
 
 

@@ -37,6 +37,10 @@ from router.routing import Routing
 # An unused environment lives one cooldown; a live one as long as its session, and its record
 # is refreshed on every call (a day covers the gap between two calls many times over).
 LIVE_ENV_TTL_S = 86_400
+# Environments launched and not used yet, per pool (or maxConcurrentSessions, if more): each is
+# a Redis record for one cooldown, so a caller looping on launchShell is refused past this
+# instead of filling Redis.
+MAX_UNUSED_ENVIRONMENTS = 1000
 EXECUTIONS_API_VERSION = "2025-02-02-preview"
 # Above the session's own execution cap (220 s), so the session reports a timeout itself.
 EXECUTION_TIMEOUT_S = 240.0
@@ -168,7 +172,15 @@ class Environments:
 
     async def _launch(self) -> CallToolResult:
         env = str(uuid.uuid4())
-        await self.routing.store.set_mcp_env(self.pool.name, env, "new", self.pool.cooldown_s)
+        pool = self.pool
+        cap = max(MAX_UNUSED_ENVIRONMENTS, pool.max_sessions)
+        if not await self.routing.store.launch_mcp_env(pool.name, env, pool.cooldown_s, cap):
+            raise ToolError(
+                SESSION_UNAVAILABLE,
+                f"Pool {pool.name!r} has {cap} environments launched and not used yet: run a "
+                f"command in one of them, or launch again once unused ones have expired "
+                f"({pool.cooldown_s} s after their launch).",
+            )
         return CallToolResult(
             content=[TextContent(text=orjson.dumps({"environmentId": env}).decode())],
             structured_content={"environmentId": env},
@@ -193,7 +205,7 @@ class Environments:
             )
         try:
             async with self.routing.lease(pool, env, self.principal) as lease:
-                await store.set_mcp_env(pool.name, env, "live", LIVE_ENV_TTL_S)
+                await store.set_mcp_env_live(pool.name, env, LIVE_ENV_TTL_S)
                 raw, status = await self._post(lease.session.addr, env, body)
         except (SessionLimitError, NoReadySessionError, SessionUnreachableError) as exc:
             raise ToolError(SESSION_UNAVAILABLE, exc.message) from None

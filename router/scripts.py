@@ -175,6 +175,35 @@ return ended
 """
 )
 
+LAUNCH_ENVIRONMENT = (
+    _NOW
+    + """
+-- Record a new MCP environment, unless the pool already has `cap` launched and not used yet.
+-- KEYS[1] unused environments zset (id -> until, ms)   KEYS[2] the environment's record
+-- ARGV[1] environment id   ARGV[2] how long an unused one lives (ms)   ARGV[3] cap
+-- Returns 1 recorded, 0 at the cap.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+local ttl = tonumber(ARGV[2])
+redis.call('SET', KEYS[2], 'new', 'PX', ttl)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl)  -- every entry is due by then: nothing is left behind
+return 1
+"""
+)
+
+NEXT_EXPIRY = (
+    _NOW
+    + """
+-- Milliseconds from now (this Redis' clock, the one expiresAt is written by) to the pool's
+-- earliest expiresAt; nil when it has no session. One script, so one node on Redis Cluster.
+-- KEYS[1] expiry zset
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #first == 0 then return false end
+return math.max(tonumber(first[2]) - now, 0)
+"""
+)
+
 RESERVE = (
     _NOW
     + """

@@ -182,6 +182,8 @@ class Store:
         self._touch = reg(scripts.TOUCH)
         self._stop = reg(scripts.STOP)
         self._expire = reg(scripts.EXPIRE)
+        self._next_expiry = reg(scripts.NEXT_EXPIRY)
+        self._launch_environment = reg(scripts.LAUNCH_ENVIRONMENT)
         self._reserve = reg(scripts.RESERVE)
         self._set_container = reg(scripts.SET_CONTAINER)
         self._mark_ready = reg(scripts.MARK_READY)
@@ -218,7 +220,7 @@ class Store:
         Workers destroy the containers (and remove any the records no longer name).
         """
         k = self.pk(name)
-        existed = bool(await self.redis.delete(k.definition, k.mcp_key))
+        existed = bool(await self.redis.delete(k.definition, k.mcp_key, k.mcp_unused))
         await self.redis.srem(self.keys.pools, name)
         await self.redis.publish(self.keys.invalidation_channel, f"{name}\x00")
         for ident in await self.redis.hkeys(k.sessions):
@@ -256,12 +258,31 @@ class Store:
         return None if raw is None else text(raw)
 
     @_store_call
-    async def set_mcp_env(self, pool: str, environment: str, state: str, ttl_s: int) -> None:
-        await self.redis.set(self.pk(pool).mcp_env(environment), state, ex=ttl_s)
+    async def launch_mcp_env(self, pool: str, environment: str, ttl_s: int, cap: int) -> bool:
+        """Record a new ("new") environment for `ttl_s`; False: the pool already has `cap`
+        environments launched and not used yet."""
+        k = self.pk(pool)
+        keys = [k.mcp_unused, k.mcp_env(environment)]
+        return bool(
+            await self._launch_environment(keys=keys, args=[environment, ttl_s * 1000, cap])
+        )
+
+    @_store_call
+    async def set_mcp_env_live(self, pool: str, environment: str, ttl_s: int) -> None:
+        """The environment is in use: its record lives `ttl_s` and it no longer counts as unused."""
+        k = self.pk(pool)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(k.mcp_env(environment), "live", ex=ttl_s)
+            pipe.zrem(k.mcp_unused, environment)
+            await pipe.execute()
 
     @_store_call
     async def delete_mcp_env(self, pool: str, environment: str) -> None:
-        await self.redis.delete(self.pk(pool).mcp_env(environment))
+        k = self.pk(pool)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(k.mcp_env(environment))
+            pipe.zrem(k.mcp_unused, environment)
+            await pipe.execute()
 
     # Sessions ------------------------------------------------------------------------------
 
@@ -346,13 +367,8 @@ class Store:
     @_store_call
     async def next_expiry_ms(self, pool: str) -> int | None:
         """Milliseconds until the pool's earliest expiresAt by Redis' clock; None: no session."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrange(self.pk(pool).expiry, 0, 0, withscores=True)
-            pipe.time()
-            first, (sec, usec) = await pipe.execute()
-        if not first:
-            return None
-        return max(int(first[0][1]) - (int(sec) * 1000 + int(usec) // 1000), 0)
+        due = await self._next_expiry(keys=[self.pk(pool).expiry])
+        return None if due is None else int(due)
 
     @_store_call
     async def get_session(self, pool: str, identifier: str) -> Session | None:

@@ -18,6 +18,7 @@ POOL_KEYS = {
     "demand": "sp:demand:{my-pool}",
     "mcp_key": "sp:mcpkey:{my-pool}",
     "mcp_env_prefix": "sp:mcpenv:{my-pool}",
+    "mcp_unused": "sp:mcpnew:{my-pool}",
 }
 
 

@@ -15,10 +15,11 @@ from aiohttp.test_utils import TestServer
 
 from router.app import create_app
 from router.identifiers import session_key
+from router.mcp_tools import MAX_UNUSED_ENVIRONMENTS
 from router.pools import parse_pool
 from router.settings import Settings
 from router.store import Store
-from tests.helpers import FakeSandbox, add_ready, make_pool
+from tests.helpers import FakeSandbox, add_ready, make_pool, wait_until
 
 RUN_SH = "runShellCommandInRemoteEnvironment"
 
@@ -274,3 +275,48 @@ async def test_a_hostile_session_answer_is_a_json_rpc_error_or_a_plain_result(
         assert "error" in body, (command, body)
     odd = await mcp.call(RUN_SH, {"environmentId": env, "shellCommand": "odd-result"})
     assert odd["result"]["structuredContent"] == {"stdout": "", "stderr": "", "exitCode": None}
+
+
+async def test_launches_past_the_unused_cap_are_refused_until_one_is_used_or_expires(
+    http: aiohttp.ClientSession, router: str, store: Store, shells: list[ShellSandbox]
+) -> None:
+    """A caller looping on launchShell (each launch is a Redis record for one cooldown) is
+    refused past MAX_UNUSED_ENVIRONMENTS, while using an environment and waiting out the
+    cooldown each make room again."""
+    life = {"lifecycleConfiguration": {"lifecycleType": "Timed", "cooldownPeriodInSeconds": 2}}
+    pool = shell_pool("mcpflood", max_sessions=1, dynamicPoolConfiguration=life)
+    mcp = await open_mcp(http, router, store, pool)
+    await ready_shell(store, pool, shells)
+    launch = {
+        "jsonrpc": "2.0",
+        "method": "tools/call",
+        "params": {"name": "launchShell", "arguments": {}},
+    }
+    envs: list[str] = []
+    while len(envs) < MAX_UNUSED_ENVIRONMENTS:  # in batches: 32 calls a request
+        n = min(32, MAX_UNUSED_ENVIRONMENTS - len(envs))
+        status, answers = await mcp.post([{**launch, "id": i} for i in range(n)])
+        assert status == 200
+        envs += [a["result"]["structuredContent"]["environmentId"] for a in answers]
+    assert len(set(envs)) == MAX_UNUSED_ENVIRONMENTS
+
+    refused = await mcp.call("launchShell", {})
+    assert refused["error"]["code"] == -32002
+    assert (
+        f"{MAX_UNUSED_ENVIRONMENTS} environments launched and not used"
+        in (refused["error"]["message"])
+    )
+    assert await store.redis.zcard(store.pk(pool.name).mcp_unused) == MAX_UNUSED_ENVIRONMENTS
+
+    # Using one makes room for one more; the next is refused again.
+    ran = await mcp.call(RUN_SH, {"environmentId": envs[0], "shellCommand": "true"})
+    assert ran["result"]["structuredContent"]["exitCode"] == 0
+    assert "result" in await mcp.call("launchShell", {})
+    assert "error" in await mcp.call("launchShell", {})
+
+    # Unused ones expire with the cooldown, and take their room along.
+    async def room() -> bool:
+        return "result" in await mcp.call("launchShell", {})
+
+    await wait_until(room, timeout=10, interval=0.2)
+    assert await store.mcp_env(pool.name, envs[1]) is None  # expired, not just uncounted

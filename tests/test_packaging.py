@@ -10,10 +10,12 @@ this checkout's editable install is not activated there and `sessionpool` resolv
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import aiohttp
@@ -31,11 +33,25 @@ def _run(*argv: str | Path, cwd: Path) -> str:
     return done.stdout
 
 
+def _source_copy(dest: Path) -> Path:
+    """This checkout's files (tracked, and new ones git does not ignore) copied to `dest`: a
+    wheel built in place could carry a deleted module along from setuptools' `build/`."""
+    listed = _run("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=ROOT)
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():  # a deleted file is still listed until committed
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with the wheel built from this checkout installed in it; its bin/."""
     tmp = tmp_path_factory.mktemp("wheel")
-    _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp / "dist", ROOT, cwd=tmp)
+    source = _source_copy(tmp / "source")
+    _run(
+        sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp / "dist", source, cwd=tmp
+    )
     (wheel,) = (tmp / "dist").glob("sessionpool-*.whl")
     venv = tmp / "venv"
     _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp)
@@ -67,6 +83,11 @@ def test_the_wheel_carries_the_demo_app_and_not_this_checkout(installed: Path) -
     venv = installed.parent
     assert all(Path(p).is_relative_to(venv) for p in where), where
     assert Path(where[1]).is_file()
+    # Every module in the wheel is one of this checkout's (none from an old build).
+    (wheel,) = (venv.parent / "dist").glob("sessionpool-*.whl")
+    modules = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")]
+    assert "router/app.py" in modules
+    assert [m for m in modules if not (ROOT / m).is_file()] == []
 
 
 async def test_up_from_the_wheel_serves_the_demo_pool(installed: Path, tmp_path: Path) -> None:

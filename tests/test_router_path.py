@@ -211,3 +211,21 @@ async def test_a_herd_reads_a_pool_definition_once_when_cold_and_once_when_expir
         await wait_until(lambda: reads() == 2)
         await monitor.sync(e.store)
         assert reads() == 2
+
+    # Expired while the renewing read is slow: callers are still answered from the cache at
+    # once (stale-while-revalidate), not queued behind the read (single flight alone).
+    gate, renewed = asyncio.Event(), asyncio.Event()
+    read = e.router_store.get_pool
+
+    async def held_read(name: str) -> Any:
+        await gate.wait()
+        pool = await read(name)
+        renewed.set()
+        return pool
+
+    monkeypatch.setattr(e.router_store, "get_pool", held_read)
+    herd = asyncio.gather(*(e.routing.get_pool("herd") for _ in range(30)))
+    pools = await asyncio.wait_for(herd, 5)
+    assert {p.name for p in pools} == {"herd"}
+    gate.set()
+    await asyncio.wait_for(renewed.wait(), 5)  # the one renewal was running meanwhile

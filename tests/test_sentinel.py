@@ -17,11 +17,10 @@ from aiohttp.test_utils import TestServer
 from router.app import create_app
 from router.errors import StoreUnavailableError
 from router.keys import Keys
-from router.settings import Settings
 from router.store import Store, open_redis, wait_redis
 from sessionpool.testing import unused_ports
 from tests.helpers import wait_until
-from tests.worker_rigs import process_pool
+from tests.worker_rigs import process_pool, process_settings
 from workers.main import run
 from workers.process import ProcessRuntime
 
@@ -168,14 +167,7 @@ async def test_failover_under_load(topology: Topology, key_prefix: str) -> None:
     await wait_until(replica_synced, timeout=20)
     await wait_until(lambda: primary_port(t), timeout=20)
     await wait_until(lambda: sentinels_agree(t), timeout=60)
-    settings = Settings(
-        redis_url=t.url,
-        key_prefix=key_prefix,
-        auth="none",
-        runtime="process",
-        allocation_wait_s=10,
-        reconcile_interval_s=1,
-    )
+    settings = process_settings(t.url, key_prefix)
     redis = open_redis(t.url)
     store = Store(redis, Keys(key_prefix))
     await store.put_pool(process_pool(ready=2, cooldown_s=300))

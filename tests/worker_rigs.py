@@ -156,6 +156,19 @@ def process_container() -> Json:
     return {"command": [sys.executable], "args": [APP], "env": [loopback]}
 
 
+def process_settings(redis_url: str, key_prefix: str) -> Settings:
+    """A router and a worker of the process runtime on `redis_url` (Sentinel, Cluster, ...),
+    for tests that run them themselves: no auth, quick reconciliation."""
+    return Settings(
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        auth="none",
+        runtime="process",
+        allocation_wait_s=10,
+        reconcile_interval_s=1,
+    )
+
+
 def process_pool(name: str = "proc", **body: Any) -> Pool:
     """A pool of the echo app as a process, for tests that run the process runtime themselves;
     `body` is the rest of `make_pool`'s (ready, max_sessions, cooldown_s, …)."""
