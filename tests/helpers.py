@@ -202,14 +202,16 @@ def multipart(filename: str, content: bytes) -> tuple[bytes, dict[str, str]]:
 
 
 async def remove_networks(prefix: str) -> None:
-    """Remove the sandbox networks a docker runtime with `prefix` made (a suite's teardown)."""
+    """Remove the sandbox networks docker runtimes with `prefix` made, in either attach mode
+    (a suite's teardown)."""
     from workers.docker import DockerRuntime
 
-    runtime = DockerRuntime(network_prefix=prefix)
-    try:
-        await runtime.remove_networks()
-    finally:
-        await runtime.close()
+    for attach in ("engine", "direct"):
+        runtime = DockerRuntime(network_prefix=prefix, network_attach=attach)
+        try:
+            await runtime.remove_networks()
+        finally:
+            await runtime.close()
 
 
 @contextlib.asynccontextmanager
