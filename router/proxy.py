@@ -165,6 +165,7 @@ class Upstream:
             settings.upstream_idle_timeout_s,
             settings.upstream_pool_max_idle,
             settings.upstream_pool_idle_s,
+            settings.upstream_max_connections,
         )
         self.http = HttpForwarder(clients, settings.max_body_bytes, self._observe)
         self.ws = WebSocketForwarder(settings.ws_max_msg_bytes, settings.upstream_connect_timeout_s)

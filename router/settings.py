@@ -44,6 +44,11 @@ class Settings:
     # Idle keep-alive connections kept per sandbox address, and for how long.
     upstream_pool_max_idle: int = 1024
     upstream_pool_idle_s: float = 4.0
+    # Connections open to one sandbox at once; past it a request waits (FIFO, up to
+    # upstream_connect_timeout_s) for one to come free. A thousand callers of one session
+    # then share 64 kept-alive connections instead of opening a thousand (bench.path: the
+    # router did 20-25 % more per CPU second at c=1000; WebSockets are not counted).
+    upstream_max_connections: int = 64
     max_body_bytes: int = 2 * GiB
     ws_max_msg_bytes: int = 16 * MiB
     route_cache_ttl_s: float = 2.0  # how long a router trusts a cached route
@@ -175,6 +180,8 @@ class Settings:
             raise ValueError("jwt_leeway_s: must not be negative")
         if self.upstream_pool_max_idle < 0:
             raise ValueError("upstream_pool_max_idle: must not be negative")
+        if self.upstream_max_connections < 1:
+            raise ValueError("upstream_max_connections: must be at least 1")
         if self.max_connections < 1:
             raise ValueError("max_connections: must be at least 1")
         if self.docker_network_attach not in ("engine", "direct"):

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument(
         "--upstream-pool-idle-s", type=float, help="idle sandbox connections close after this"
     )
+    router.add_argument(
+        "--upstream-max-connections", type=int, help="connections open to one sandbox, at most"
+    )
     router.add_argument("--redis-max-connections", type=int, help="Redis client pool size")
     router.add_argument(
         "--redis-pool-wait-s", type=float, help="wait for a free Redis connection this long"
@@ -220,6 +223,7 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "max_open_files",
         "upstream_pool_max_idle",
         "upstream_pool_idle_s",
+        "upstream_max_connections",
         "redis_pool_wait_s",
         "api_keys_file",
         "trusted_proxies",

@@ -121,8 +121,10 @@ async def edge() -> AsyncIterator[Callable[..., Awaitable[Edge]]]:
         idle_timeout_s: float = 30.0,
         max_idle: int = 8,
         pool_idle_s: float = 30.0,
+        max_open: int = 64,
+        connect_timeout_s: float = 2.0,
     ) -> Edge:
-        clients = Clients(2.0, idle_timeout_s, max_idle, pool_idle_s)
+        clients = Clients(connect_timeout_s, idle_timeout_s, max_idle, pool_idle_s, max_open)
         made.append(clients)
         target: list[str] = []
 
@@ -540,4 +542,79 @@ async def test_connects_to_one_sandbox_are_bounded_and_waiters_take_released_con
     assert await asyncio.gather(*(get() for _ in range(20))) == [b"fine"] * 20
     assert most == 2  # never more than MAX_CONNECTING connects at once
     assert up.connections < 20  # later callers took connections the first ones released
+    await up.close()
+
+
+def held_until(release: asyncio.Event) -> Answer:
+    """Every request answered 200 `fine` once `release` is set, the connection kept open."""
+
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        await release.wait()
+        w.write(ok(b"fine"))
+        await w.drain()
+        return True
+
+    return answer
+
+
+async def test_connections_to_one_sandbox_are_capped_and_callers_wait_in_line(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    release = asyncio.Event()
+    up, e = await edge_to(edge, held_until(release), max_open=2)
+
+    async def get() -> bytes:
+        async with http.get(e.base + "/x") as r:
+            return await r.read()
+
+    calls = [asyncio.create_task(get()) for _ in range(6)]
+    await wait_until(lambda: len(up.seen) == 2, timeout=5)
+    pool = e.clients.pools[up.addr]
+    await wait_until(lambda: len(pool.waiters) == 4, timeout=5)  # the rest wait, unsent
+    assert up.connections == 2 and len(up.seen) == 2
+    release.set()
+    assert await asyncio.gather(*calls) == [b"fine"] * 6
+    assert up.connections == 2  # the four waiters took the two released connections
+    assert not pool.waiters
+    await up.close()
+
+
+async def test_a_caller_waiting_for_a_connection_past_the_connect_timeout_gets_504(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    release = asyncio.Event()
+    up, e = await edge_to(edge, held_until(release), max_open=1, connect_timeout_s=0.3)
+    first = asyncio.create_task(http.get(e.base + "/first"))
+    await wait_until(lambda: len(up.seen) == 1, timeout=5)
+    async with http.get(e.base + "/second") as r:
+        assert (r.status, await r.text()) == (504, "SessionTimeout")
+    release.set()
+    async with await first as r:
+        assert (r.status, await r.read()) == (200, b"fine")
+    assert up.connections == 1 and len(up.seen) == 1
+    assert not e.clients.pools[up.addr].waiters
+    await up.close()
+
+
+async def test_a_waiter_who_leaves_passes_its_turn_on(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    release = asyncio.Event()
+    up, e = await edge_to(edge, held_until(release), max_open=1)
+
+    async def get(path: str) -> bytes:
+        async with http.get(e.base + path) as r:
+            return await r.read()
+
+    first = asyncio.create_task(get("/first"))
+    await wait_until(lambda: len(up.seen) == 1, timeout=5)
+    pool = e.clients.pools[up.addr]
+    with pytest.raises(TimeoutError):  # the caller leaves while in line
+        await asyncio.wait_for(get("/leaves"), 0.3)
+    third = asyncio.create_task(get("/third"))
+    await wait_until(lambda: sum(not w.done() for _, w in pool.waiters) == 1, timeout=5)
+    release.set()
+    assert await asyncio.gather(first, third) == [b"fine", b"fine"]
+    assert [s.head.split(b" ")[1] for s in up.seen] == [b"/first", b"/third"]
+    assert up.connections == 1
     await up.close()
