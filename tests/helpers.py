@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
@@ -199,6 +200,21 @@ def multipart(filename: str, content: bytes) -> tuple[bytes, dict[str, str]]:
     ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     return head + content + tail, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+async def wait_healthy(http: aiohttp.ClientSession, addr: str, timeout: float = 30.0) -> None:
+    """Poll a sandbox's `GET /health` at `addr` (host:port) until it answers 200."""
+
+    async def healthy() -> bool:
+        try:
+            async with http.get(
+                f"http://{addr}/health", timeout=aiohttp.ClientTimeout(total=1)
+            ) as resp:
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+
+    await wait_until(healthy, timeout=timeout)
 
 
 async def remove_networks(prefix: str) -> None:

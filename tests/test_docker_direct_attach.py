@@ -18,7 +18,14 @@ import pytest
 
 from router.errors import SandboxRuntimeError
 from router.pools import Pool
-from tests.helpers import docker_runtime_fixtures, ensure_image, make_pool, sh, wait_until
+from tests.helpers import (
+    docker_runtime_fixtures,
+    ensure_image,
+    make_pool,
+    sh,
+    wait_healthy,
+    wait_until,
+)
 from workers.docker import DockerRuntime
 from workers.docker_attach import Subnet
 from workers.runtime import Handle, SandboxSpec
@@ -77,16 +84,6 @@ async def connects(http: aiohttp.ClientSession, frm: Handle, to: str) -> Any:
         return await r.json()
 
 
-async def serving(http: aiohttp.ClientSession, handle: Handle) -> bool:
-    try:
-        async with http.get(
-            f"http://{handle.addr}/health", timeout=aiohttp.ClientTimeout(total=1)
-        ) as r:
-            return r.status == 200
-    except (TimeoutError, aiohttp.ClientError):
-        return False
-
-
 async def test_direct_sandboxes_are_addressed_reachable_isolated_and_leave_nothing(
     runtime: DockerRuntime,
 ) -> None:
@@ -98,7 +95,7 @@ async def test_direct_sandboxes_are_addressed_reachable_isolated_and_leave_nothi
 
     async with aiohttp.ClientSession() as http:
         for handle in handles:  # the host (the router) reaches every one
-            await wait_until(lambda handle=handle: serving(http, handle), timeout=30)
+            await wait_healthy(http, handle.addr)
 
         bridges = {}
         for egress, handle in ((False, handles[0]), (True, handles[-1])):
