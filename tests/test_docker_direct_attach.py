@@ -159,3 +159,27 @@ async def test_without_its_tools_direct_mode_refuses_to_start_anything(
         await rt.close()
     out = sh("docker", "ps", "-aq", "--filter", "name=direct-notools").stdout
     assert out.split() == []
+
+
+async def test_an_address_held_elsewhere_is_skipped_and_left_alone(
+    monkeypatch: pytest.MonkeyPatch, runtime: DockerRuntime
+) -> None:
+    """The host end's name is the claim: a taken one (another worker's sandbox) makes the
+    attach try another address, and the holder's link is not touched."""
+    pool = echo_pool("direct-taken", egress=False)
+    name = runtime.network_name(False)
+    await runtime.ensure_network(False)
+    net = json.loads(sh("docker", "network", "inspect", name).stdout)[0]
+    subnet = Subnet.of(net["Options"]["com.docker.network.bridge.name"], net)
+    taken, free = subnet.network.network_address + 7, subnet.network.network_address + 9
+    holder = subnet.link_name(taken)
+    sh("ip", "link", "add", holder, "type", "veth", "peer", "name", f"{holder[:12]}p")
+    picks = iter([taken, free])
+    monkeypatch.setattr(Subnet, "pick", lambda self: next(picks))
+    try:
+        handle = await runtime.create(spec(pool))
+        assert handle.addr == f"{free}:8080"
+        assert sh("ip", "link", "show", holder, check=False).returncode == 0  # untouched
+        await runtime.destroy(handle.container)
+    finally:
+        sh("ip", "link", "del", holder, check=False)

@@ -41,6 +41,7 @@ TOOLS = ("ip", "nsenter")
 CLAIM_TRIES = 32  # random addresses tried before giving up (a taken one fails at once)
 COMMAND_TIMEOUT_S = 10.0
 TAKEN = "File exists"
+FIRST_FAILED = "Command failed -:1\n"  # `ip -batch`: its first command (the claim) failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,46 +98,37 @@ def attach(subnet: Subnet, pid: int, egress: bool) -> str:
         SandboxRuntimeError: no free address after CLAIM_TRIES, or a command failed (the
             sandbox's end of the pair, if made, goes with its namespace).
     """
-    netns = f"/proc/{pid}/ns/net"
-    # Before eth0 exists, so that it never has an IPv6 address: none of the sandbox's traffic
-    # bypasses the IPv4 firewall rules.
-    _run(
-        ["nsenter", f"--net={netns}", "sh", "-c", _IPV6_OFF],
-        "turn IPv6 off in the sandbox's namespace",
-    )
     for _ in range(CLAIM_TRIES):
         address = subnet.pick()
         host_end = subnet.link_name(address)
+        # The pair is made with eth0 down: it has no IPv6 address before IPv6 is off below.
         done = _ip_batch(
             [],
             f"link add {host_end} type veth peer name eth0 netns {pid}",
+            f"link set {host_end} master {subnet.bridge}",
+            f"link set dev {host_end} type bridge_slave isolated on",
+            f"link set {host_end} up",
         )
-        if done.returncode != 0 and TAKEN in done.stderr:
-            continue  # another sandbox holds this address
-        _check(done, f"create the veth pair {host_end}")
+        if done.returncode != 0 and TAKEN in done.stderr and FIRST_FAILED in done.stderr:
+            continue  # another sandbox holds this address (its link is not ours to touch)
         break
     else:
         raise SandboxRuntimeError(
             f"bridge {subnet.bridge}: no free address in {subnet.network} after {CLAIM_TRIES} tries"
         )
+    inside = [
+        f"address add {address}/{subnet.network.prefixlen} dev eth0",
+        "link set lo up",
+        "link set eth0 up",
+    ]
+    if egress:
+        inside.append(f"route add default via {subnet.gateway}")
     try:
-        _check(
-            _ip_batch(
-                [],
-                f"link set {host_end} master {subnet.bridge}",
-                f"link set dev {host_end} type bridge_slave isolated on",
-                f"link set {host_end} up",
-            ),
-            f"put {host_end} on {subnet.bridge}",
-        )
-        inside = [
-            f"address add {address}/{subnet.network.prefixlen} dev eth0",
-            "link set lo up",
-            "link set eth0 up",
-        ]
-        if egress:
-            inside.append(f"route add default via {subnet.gateway}")
-        _check(_ip_batch(["nsenter", f"--net={netns}"], *inside), "configure eth0")
+        _check(done, f"put {host_end} on {subnet.bridge}")
+        # IPv6 off before eth0 is up, so none of the sandbox's traffic bypasses the IPv4
+        # firewall rules; then its address, routes and links in one `ip -batch`.
+        configure = ["nsenter", f"--net=/proc/{pid}/ns/net", "sh", "-c", _IPV6_OFF_THEN_IP]
+        _check(_exec(configure, "configure eth0", "\n".join(inside)), "configure eth0")
     except BaseException:
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(
@@ -156,20 +148,15 @@ def address_of(pid: int) -> str | None:
     return fields[fields.index("inet") + 1].split("/")[0]
 
 
-_IPV6_OFF = (
-    "for f in /proc/sys/net/ipv6/conf/all/disable_ipv6 "
-    "/proc/sys/net/ipv6/conf/default/disable_ipv6; "
-    'do if [ -e "$f" ]; then echo 1 > "$f" || exit 1; fi; done'
+_IPV6_OFF_THEN_IP = (
+    "for c in all default eth0; do f=/proc/sys/net/ipv6/conf/$c/disable_ipv6; "
+    'if [ -e "$f" ]; then echo 1 > "$f" || exit 1; fi; done; exec ip -batch -'
 )
 
 
 def _ip_batch(prefix: list[str], *commands: str) -> subprocess.CompletedProcess[str]:
     """One `ip -batch` for several commands; it stops at the first that fails."""
     return _exec([*prefix, "ip", "-batch", "-"], " / ".join(commands), "\n".join(commands))
-
-
-def _run(argv: list[str], what: str) -> None:
-    _check(_exec(argv, what), what)
 
 
 def _exec(argv: list[str], what: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
