@@ -140,9 +140,15 @@ async def engine_ceiling(client: Any, scope: str, n: int) -> dict[str, Any]:
     kwargs = await asyncio.to_thread(bare_kwargs, client, scope)
     kwargs = {**kwargs, "command": ["sleep", "600"]}
     runs: dict[str, Any] = {}
-    for label, mode in (("network", NETWORK), ("no network", "none")):
+    for label, mode, disabled in (
+        ("network", NETWORK, False),
+        ("no network", "none", False),
+        ("network disabled (direct attach's containers)", "none", True),
+    ):
         host = {**kwargs["host_config"], "NetworkMode": mode}
-        made = await asyncio.to_thread(_started, client, {**kwargs, "host_config": host}, n)
+        made = await asyncio.to_thread(
+            _started, client, {**kwargs, "host_config": host, "network_disabled": disabled}, n
+        )
         rm_ms = await bare_remove(client, made["ids"])
         runs[label] = {"per_s": made["per_s"], "rm_ms": rm_ms}
     return runs
@@ -299,11 +305,12 @@ async def burst(store: Store, router_url: str, n: int) -> dict[str, Any]:
     return out
 
 
-def run(quick: bool, out: Path) -> dict[str, Any]:
+def run(quick: bool, out: Path, attach: str = "engine") -> dict[str, Any]:
     n = 6 if quick else 12
     data: dict[str, Any] = {"load_before": Path("/proc/loadavg").read_text().split()[:3]}
-    data["timeline"] = timeline.run(3 if quick else 5, out)
-    data.update(_workers(quick, out, n))
+    data["attach"] = attach
+    data["timeline"] = timeline.run(3 if quick else 5, out, attach)
+    data.update(_workers(quick, out, n, attach))
     data["load_after"] = Path("/proc/loadavg").read_text().split()[:3]
     text = report(data)
     (out / "cold.json").write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
@@ -312,10 +319,10 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
     return data
 
 
-def _workers(quick: bool, out: Path, n: int) -> dict[str, Any]:
+def _workers(quick: bool, out: Path, n: int, attach: str) -> dict[str, Any]:
     """Refill, teardown and burst against one worker and router of this run's own."""
     data: dict[str, Any] = {}
-    with docker_bench.deployment("cold", out) as d:
+    with docker_bench.deployment("cold", out, SESSIONPOOL_DOCKER_NETWORK_ATTACH=attach) as d:
         bare_scope = f"{d.prefix}-bare"
 
         async def go() -> None:
@@ -390,6 +397,9 @@ def report(data: dict[str, Any]) -> str:
         return "met" if ok else "not met"
 
     rows = [
+        f"sessionpool's docker_network_attach: **{data.get('attach', 'engine')}**; the bare "
+        "Docker baselines use Docker's own network attach.",
+        "",
         "| target | sessionpool | bare Docker (same run) | ratio | target | |",
         "|---|---:|---:|---:|---|---|",
         f"| dry pool: first request, p50 | {cold:.0f} ms "
@@ -465,8 +475,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer of each (a smoke run)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--attach",
+        choices=("engine", "direct"),
+        default="engine",
+        help="the worker's docker_network_attach",
+    )
     args = p.parse_args()
-    run(args.quick, args.out)
+    run(args.quick, args.out, args.attach)
 
 
 if __name__ == "__main__":

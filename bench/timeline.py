@@ -247,9 +247,15 @@ def _ms(value: float) -> str:
     return "" if value != value else f"{value:.0f}"
 
 
-def run(n: int, out: Path) -> dict[str, Any]:
+def run(n: int, out: Path, attach: str = "engine") -> dict[str, Any]:
+    """`attach`: the worker's docker_network_attach."""
     # A dry pool stays dry: no demand-following warm sandboxes between cold requests.
-    with docker_bench.deployment("timeline", out, SESSIONPOOL_DEMAND_WINDOW_S="0.001") as d:
+    with docker_bench.deployment(
+        "timeline",
+        out,
+        SESSIONPOOL_DEMAND_WINDOW_S="0.001",
+        SESSIONPOOL_DOCKER_NETWORK_ATTACH=attach,
+    ) as d:
         docker_bench.ensure_image(d.client)
 
         async def go() -> dict[str, Any]:

@@ -113,6 +113,11 @@ class Settings:
     # Start sandboxes even where the host firewall rules cannot be installed: sandboxes can
     # then reach this host's services and metadata addresses. Warned about at every start.
     insecure_skip_host_firewall: bool = False
+    # How the docker runtime puts a sandbox on its network: "engine" (Docker's libnetwork
+    # endpoint) or "direct" (the container's network is disabled and the worker attaches a
+    # veth to the same bridge itself: no per-container libnetwork work, see
+    # workers/docker_attach.py). Direct needs root with `ip` and `nsenter` on the Docker host.
+    docker_network_attach: str = "engine"
     # Kubernetes runtime (workers/kubernetes.py). No kubeconfig: in-cluster config when the
     # worker runs in a pod, else the default kubeconfig ($KUBECONFIG or ~/.kube/config).
     k8s_namespace: str = "sessionpool-sandboxes"  # where sandbox pods, Secrets, policies live
@@ -179,6 +184,8 @@ class Settings:
             raise ValueError("upstream_max_connections: must be at least 1")
         if self.max_connections < 1:
             raise ValueError("max_connections: must be at least 1")
+        if self.docker_network_attach not in ("engine", "direct"):
+            raise ValueError("docker_network_attach: must be engine or direct")
         if self.max_open_files < 1:
             raise ValueError("max_open_files: must be at least 1")
         if self.redis_max_connections < 4:

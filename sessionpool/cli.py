@@ -42,7 +42,7 @@ LIMIT_FLAGS = (
 )
 SANDBOX_FIELDS = {
     f"sandbox_{kind}_{name}" for kind in ("default", "max") for name, _, _ in LIMIT_FLAGS
-} | {"firewall_check_s", "insecure_skip_host_firewall"}
+} | {"firewall_check_s", "insecure_skip_host_firewall", "docker_network_attach"}
 
 
 def _limits(p: argparse.ArgumentParser) -> None:
@@ -69,6 +69,12 @@ def _firewall(p: argparse.ArgumentParser) -> None:
         const=True,
         help="start sandboxes without host firewall rules: they can reach this host "
         "(SESSIONPOOL_INSECURE_SKIP_HOST_FIREWALL)",
+    )
+    p.add_argument(
+        "--docker-network-attach",
+        choices=("engine", "direct"),
+        help="engine: Docker attaches each sandbox; direct: the worker does, with no "
+        "per-container libnetwork work (SESSIONPOOL_DOCKER_NETWORK_ATTACH)",
     )
 
 

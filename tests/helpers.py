@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
@@ -201,15 +202,32 @@ def multipart(filename: str, content: bytes) -> tuple[bytes, dict[str, str]]:
     return head + content + tail, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
+async def wait_healthy(http: aiohttp.ClientSession, addr: str, timeout: float = 30.0) -> None:
+    """Poll a sandbox's `GET /health` at `addr` (host:port) until it answers 200."""
+
+    async def healthy() -> bool:
+        try:
+            async with http.get(
+                f"http://{addr}/health", timeout=aiohttp.ClientTimeout(total=1)
+            ) as resp:
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+
+    await wait_until(healthy, timeout=timeout)
+
+
 async def remove_networks(prefix: str) -> None:
-    """Remove the sandbox networks a docker runtime with `prefix` made (a suite's teardown)."""
+    """Remove the sandbox networks docker runtimes with `prefix` made, in either attach mode
+    (a suite's teardown)."""
     from workers.docker import DockerRuntime
 
-    runtime = DockerRuntime(network_prefix=prefix)
-    try:
-        await runtime.remove_networks()
-    finally:
-        await runtime.close()
+    for attach in ("engine", "direct"):
+        runtime = DockerRuntime(network_prefix=prefix, network_attach=attach)
+        try:
+            await runtime.remove_networks()
+        finally:
+            await runtime.close()
 
 
 @contextlib.asynccontextmanager

@@ -29,6 +29,7 @@ from tests.helpers import (
     remove_networks,
     sh,
     tcp_connects,
+    wait_healthy,
     wait_until,
 )
 from workers import runtime as labels
@@ -87,16 +88,7 @@ async def get_json(http: aiohttp.ClientSession, handle: Handle, path: str) -> An
 
 
 async def wait_ready(http: aiohttp.ClientSession, handle: Handle) -> None:
-    async def healthy() -> bool:
-        try:
-            async with http.get(
-                f"http://{handle.addr}/health", timeout=aiohttp.ClientTimeout(total=1)
-            ) as resp:
-                return resp.status == 200
-        except (TimeoutError, aiohttp.ClientError):
-            return False
-
-    await wait_until(healthy, timeout=READY_S)
+    await wait_healthy(http, handle.addr, READY_S)
 
 
 async def test_create_is_hardened_listed_and_destroyed(

@@ -31,8 +31,13 @@ from router.pools import Pool, parse_pool
 from router.settings import Settings
 from router.store import Store, open_redis
 from sessionpool.testing import spawn_worker, stop_process, unused_port
-from tests.helpers import open_engine, recording_server, tcp_connects, wait_until
-from workers.docker import DockerRuntime
+from tests.helpers import (
+    open_engine,
+    recording_server,
+    remove_networks,
+    tcp_connects,
+    wait_until,
+)
 from workers.runtime import LABEL_SCOPE
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(240)]
@@ -51,11 +56,7 @@ def engine() -> Iterator[Any]:
 
 
 async def _remove_networks() -> None:
-    runtime = DockerRuntime(network_prefix=NETWORK_PREFIX)
-    try:
-        await runtime.remove_networks()
-    finally:
-        await runtime.close()
+    await remove_networks(NETWORK_PREFIX)
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +179,16 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(engine: Any, tcp_redis: int, settings: Settings) -> AsyncIterator[Cluster]:
+async def cluster(
+    request: pytest.FixtureRequest, engine: Any, tcp_redis: int, settings: Settings
+) -> AsyncIterator[Cluster]:
+    """A router and a worker; `indirect` parametrization picks the docker network attach."""
     redis_url = f"redis://127.0.0.1:{tcp_redis}/0"
     worker = await spawn_worker(
         settings.replace(
             redis_url=redis_url,
             network_prefix=NETWORK_PREFIX,
+            docker_network_attach=getattr(request, "param", "engine"),
             reconcile_interval_s=1,
             orphan_grace_s=2,
             warm_timeout_s=30,
@@ -234,14 +239,20 @@ def host_addresses() -> list[str]:
 # Network -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cluster", ["engine", "direct"], indirect=True)
 @pytest.mark.parametrize("egress", [False, True], ids=["EgressDisabled", "EgressEnabled"])
-async def test_a_session_reaches_nothing_it_must_not(cluster: Cluster, egress: bool) -> None:
+async def test_a_session_reaches_nothing_it_must_not(
+    request: pytest.FixtureRequest, cluster: Cluster, egress: bool
+) -> None:
     c = cluster
     # "The outside" under EgressDisabled, and any other host service: a server on every
     # host address that records who connected.
     async with recording_server() as (outside_port, seen):
         await warm(c, hostile_pool(ready=3, egress=egress))
         await c.get("hostile", "/health", "attacker")
+        attacker = await c.container_of("hostile", "attacker")
+        mode = c.engine.api.inspect_container(attacker)["HostConfig"]["NetworkMode"]
+        assert (mode == "none") is (request.node.callspec.params["cluster"] == "direct"), mode
         peer = (await c.addr_of("hostile", "bystander")).split(":")[0]
         addrs = host_addresses()
         ports = {"redis": c.redis_port, "router": c.router_port, "outside": outside_port}

@@ -2,7 +2,8 @@
 
 The runtime is split by noun: this module creates, lists and removes containers;
 `docker_firewall` owns the sandbox networks and the host firewall rules that keep sandboxes
-away from the host (its docstring says why they are needed); `docker_events` follows the
+away from the host (its docstring says why they are needed); `docker_attach` puts a sandbox
+on its network itself when `docker_network_attach` is `direct`; `docker_events` follows the
 engine's event stream for exits; `docker_engine` holds the client and its errors. Only these
 modules import `docker`, and every blocking SDK call runs in a thread.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +24,9 @@ from router.errors import SandboxRuntimeError
 from router.limits import LimitPolicy, Limits
 from router.pools import Pool
 from router.settings import Settings
-from workers.docker_engine import ENGINE_ERRORS, connect, explain
+from workers import docker_attach
+from workers.docker_attach import Subnet
+from workers.docker_engine import ENGINE_ERRORS, connect, explain, is_local
 from workers.docker_events import ExitFollower
 from workers.docker_firewall import SandboxNetworks
 from workers.docker_storage import Storage
@@ -52,14 +56,19 @@ class DockerRuntime:
         firewall_check_s: float = 10.0,
         insecure_skip_host_firewall: bool = False,
         iptables: str = "iptables",
+        network_attach: str = "engine",
     ) -> None:
         self.network_prefix = network_prefix
         self.limits = limits or LimitPolicy()
         self._client: Any = client
         self._base_url = base_url
         self._client_lock = asyncio.Lock()
+        # Direct mode has networks of its own: the engine attaches nothing to them, so every
+        # address of their subnets is the attach's to hand out (workers/docker_attach.py).
+        self._direct = network_attach == "direct"
+        self._subnets: dict[bool, Subnet] = {}
         self._networks = SandboxNetworks(
-            network_prefix,
+            network_prefix + ("-direct" if self._direct else ""),
             check_s=firewall_check_s,
             skip_firewall=insecure_skip_host_firewall,
             iptables=iptables,
@@ -76,6 +85,7 @@ class DockerRuntime:
             limits=LimitPolicy.from_settings(settings),
             firewall_check_s=settings.firewall_check_s,
             insecure_skip_host_firewall=settings.insecure_skip_host_firewall,
+            network_attach=settings.docker_network_attach,
         )
 
     def network_name(self, egress: bool) -> str:
@@ -103,6 +113,7 @@ class DockerRuntime:
         limits = self.limits.resolve(pool)
         network = await self.ensure_network(pool.egress_enabled)
         client = await self._docker()
+        subnet = await self._subnet(client, network, pool.egress_enabled) if self._direct else None
         env = {e.name: e.value for e in pool.env if e.value is not None}
         env.update(spec.env)
         kwargs: dict[str, Any] = {
@@ -113,7 +124,6 @@ class DockerRuntime:
             # Docker drops the image's CMD when the entrypoint is overridden, as Kubernetes does.
             "entrypoint": list(pool.command) or None,
             "command": list(pool.args) or None,
-            "network": network,
             "detach": True,
             # Hardening (SPEC §6). No capability is added back: images run as non-root, and
             # Docker already lets unprivileged users bind ports below 1024 in the container.
@@ -127,10 +137,14 @@ class DockerRuntime:
             "memswap_limit": limits.memory_bytes,  # no swap on top
             "pids_limit": limits.pids,
         }
+        if subnet is None:
+            kwargs["network"] = network
+        else:  # its own empty namespace; attached after start
+            kwargs |= {"network_mode": "none", "network_disabled": True}
         if pool.oci_runtime is not None:
             kwargs["runtime"] = pool.oci_runtime
         creating = asyncio.ensure_future(
-            asyncio.to_thread(self._create_sync, client, kwargs, network, spec, limits)
+            asyncio.to_thread(self._create_sync, client, kwargs, network, spec, limits, subnet)
         )
         try:
             ip = await asyncio.shield(creating)
@@ -143,8 +157,35 @@ class DockerRuntime:
         except ENGINE_ERRORS as exc:
             if isinstance(exc, NotFound) and not isinstance(exc, ImageNotFound):
                 self._networks.forget(pool.egress_enabled)  # removed behind our back?
+                self._subnets.pop(pool.egress_enabled, None)
             raise _refused(pool, exc) from exc
         return Handle(ip[0], f"{ip[1]}:{pool.target_port}")
+
+    async def _subnet(self, client: Any, network: str, egress: bool) -> Subnet:
+        """The direct-mode network's addressing (read once), after checking the attach can
+        run here at all.
+
+        Raises:
+            SandboxRuntimeError: not root next to a local engine, `ip`/`nsenter` missing, or
+                the network has no IPv4 subnet.
+        """
+        if egress in self._subnets:
+            return self._subnets[egress]
+        missing = docker_attach.missing_tools()
+        if os.geteuid() != 0 or not is_local(client) or missing:
+            why = f"missing {', '.join(missing)}" if missing else "not root next to a local engine"
+            raise SandboxRuntimeError(
+                f"docker_network_attach=direct: the worker attaches sandboxes itself and "
+                f"cannot here ({why}); run it as root on the Docker host with iproute2 and "
+                f"util-linux, or use docker_network_attach=engine"
+            )
+        try:
+            info = await asyncio.to_thread(client.api.inspect_network, network)
+        except ENGINE_ERRORS as exc:
+            raise SandboxRuntimeError(f"network {network}: {explain(exc)}") from exc
+        bridge = info.get("Options", {}).get("com.docker.network.bridge.name", "")
+        self._subnets[egress] = subnet = Subnet.of(bridge, info)
+        return subnet
 
     def _remove_abandoned(self, done: asyncio.Future[tuple[str, str]]) -> None:
         if done.cancelled() or done.exception() is not None:
@@ -160,6 +201,7 @@ class DockerRuntime:
         network: str,
         spec: SandboxSpec,
         limits: Limits,
+        subnet: Subnet | None,
     ) -> tuple[str, str]:
         """create, inspect, start, inspect (create never pulls: an absent image is an error
         here). The SDK's `containers.create` would add a call (it inspects the new container
@@ -178,7 +220,7 @@ class DockerRuntime:
         except APIError as exc:
             if exc.status_code != 409:
                 raise
-            return self._adopt(client, kwargs["name"], network, spec, exc)
+            return self._adopt(client, kwargs["name"], network, spec, exc, subnet)
         cid = str(created["Id"])
         try:
             missing = limits_not_in_force(client.api.inspect_container(cid), kwargs)
@@ -189,7 +231,10 @@ class DockerRuntime:
                 )
             client.api.start(cid)
             info = client.api.inspect_container(cid)
-            ip = info["NetworkSettings"]["Networks"][network]["IPAddress"]
+            if subnet is not None:
+                ip = docker_attach.attach(subnet, info["State"]["Pid"], spec.pool.egress_enabled)
+            else:
+                ip = info["NetworkSettings"]["Networks"][network]["IPAddress"]
             if not ip:
                 raise SandboxRuntimeError(
                     f"pool {spec.pool.name}: container {cid[:12]} has no address on {network}"
@@ -201,7 +246,13 @@ class DockerRuntime:
         return cid, ip
 
     def _adopt(
-        self, client: Any, name: str, network: str, spec: SandboxSpec, exc: APIError
+        self,
+        client: Any,
+        name: str,
+        network: str,
+        spec: SandboxSpec,
+        exc: APIError,
+        subnet: Subnet | None,
     ) -> tuple[str, str]:
         """A retried create of the same sandbox finds its running container: return it."""
         try:
@@ -209,13 +260,17 @@ class DockerRuntime:
         except NotFound:
             raise exc from None
         labels = info["Config"]["Labels"] or {}
-        net = info["NetworkSettings"]["Networks"].get(network) or {}
-        if not spec.owns(labels) or not info["State"]["Running"] or not net.get("IPAddress"):
+        running = info["State"]["Running"]
+        if subnet is not None:
+            ip = docker_attach.address_of(info["State"]["Pid"]) if running else None
+        else:
+            ip = (info["NetworkSettings"]["Networks"].get(network) or {}).get("IPAddress")
+        if not spec.owns(labels) or not running or not ip:
             raise SandboxRuntimeError(
                 f"pool {spec.pool.name}: container name {name} is taken by "
                 f"another or a stopped container"
             ) from exc
-        return str(info["Id"]), str(net["IPAddress"])
+        return str(info["Id"]), str(ip)
 
     async def destroy(self, container: str) -> None:
         """Kill and remove a sandbox at once (no stop grace: the session is over)."""
