@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,7 +28,7 @@ from tests.helpers import (
     wait_until,
 )
 from workers.docker import DockerRuntime
-from workers.docker_attach import Subnet
+from workers.docker_attach import Subnet, open_netns
 from workers.runtime import Handle, SandboxSpec
 
 pytestmark = pytest.mark.docker
@@ -183,3 +184,11 @@ async def test_an_address_held_elsewhere_is_skipped_and_left_alone(
         await runtime.destroy(handle.container)
     finally:
         sh("ip", "link", "del", holder, check=False)
+
+
+def test_the_hosts_own_namespace_is_never_configured() -> None:
+    """A pid that is not in a sandbox (a recycled one, say) must not point the attach at the
+    host: IPv6 off, a new eth0 and a default route would be the host's."""
+    with pytest.raises(SandboxRuntimeError, match="this host's network namespace"):
+        with open_netns(os.getpid()):
+            pass
