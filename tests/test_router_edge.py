@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -12,12 +13,13 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import WSMsgType
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestServer, make_mocked_request
 
-from router.app import create_app
+from router.app import Dispatch, create_app, pool_endpoint
 from router.pools import Pool
 from router.settings import Settings
 from router.store import Store
+from router.target import Target
 from tests.helpers import FakeSandbox, add_ready, make_pool, wait_until
 
 Router = Callable[..., Awaitable[str]]
@@ -496,3 +498,59 @@ def test_trusted_proxies_setting_is_checked() -> None:
     assert Settings.from_env({"SESSIONPOOL_TRUSTED_PROXIES": "10.0.0.0/8,::1"}).trusted_proxies
     with pytest.raises(ValueError, match="trusted_proxies: 'nope'"):
         Settings(trusted_proxies="10.0.0.0/8, nope")
+
+
+def dispatch_cases() -> list[str]:
+    """Raw paths for the direct way: plain ones, and every shape the route table might read
+    differently (escapes, dot segments, fragments, the MCP endpoint, odd pool names)."""
+    plain = ["/pools/demo", "/pools/demo/", "/pools/demo/x?identifier=a", "/pools/demo/a/b/c"]
+    tricky = [
+        "/pools/demo/../admin/pools",
+        "/pools/../admin/pools",
+        "/pools/demo/%2e%2e/admin",
+        "/pools/de%6do/x",
+        "/pools/demo/mcp",
+        "/pools/demo/mcp/",
+        "/pools/demo/mcp?identifier=a",
+        "/pools/demo/x/mcp",
+        "/pools/demo/.management/sessions",
+        "/pools//demo/x",
+        "/pools/DEMO/x",
+        "/pools/a{b}/x",
+        "/pools/demo#frag/x",
+        "/pools/demo/x#frag",
+        "/poolsdemo/x",
+        "/pools/demo?x=/../admin",
+    ]
+    parts = ["/", "demo", "mcp", ".", "..", "%2f", "%2e", "x", "?", "#", "a-b", "DEMO", "-"]
+    rng = random.Random(16)
+    fuzz = ["/pools/" + "".join(rng.choices(parts, k=rng.randint(1, 6))) for _ in range(400)]
+    return plain + tricky + fuzz
+
+
+async def test_the_direct_way_is_taken_only_where_the_route_table_agrees() -> None:
+    """`Dispatch` skips URL dispatch for pool endpoint requests: wherever it does, the
+    table resolves the same request to the pool endpoint with the same pool."""
+    app = create_app(Settings(auth="none", host_suffix="sessions.test"))
+    dispatch = app._handle
+    assert isinstance(dispatch, Dispatch)
+    direct = 0
+    for raw in dispatch_cases():
+        for host in ("router.test", "demo.sessions.test"):
+            request = make_mocked_request("GET", raw, headers={"Host": host}, app=app)
+            target = dispatch.target(request)
+            if target is None:
+                continue
+            direct += 1
+            assert host == "router.test", raw  # a host-suffix host takes the middleware
+            match = await app.router.resolve(request)
+            assert match.handler is pool_endpoint, raw
+            assert (match["pool"], target.rest) == (
+                target.pool,
+                Target.split(match["pool"], raw, 2).rest,
+            ), raw
+    assert direct >= 4  # the plain ones at least
+    expect = make_mocked_request(
+        "POST", "/pools/demo/x", headers={"Expect": "100-continue"}, app=app
+    )
+    assert dispatch.target(expect) is None  # aiohttp's expect handler answers it
