@@ -28,7 +28,7 @@ from tests.helpers import (
     wait_until,
 )
 from workers.docker import DockerRuntime
-from workers.docker_attach import Subnet, open_netns
+from workers.docker_attach import Subnet, open_netns, ports_on
 from workers.runtime import Handle, SandboxSpec
 
 pytestmark = pytest.mark.docker
@@ -74,8 +74,7 @@ def inside(container: str, *argv: str) -> str:
 
 def host_ends(bridge: str) -> set[str]:
     """The links enslaved to `bridge` on the host."""
-    out = sh("ip", "-o", "link", "show", "master", bridge, check=False).stdout
-    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+    return set(ports_on(bridge))
 
 
 async def connects(http: aiohttp.ClientSession, frm: Handle, to: str) -> Any:
@@ -124,6 +123,9 @@ async def test_direct_sandboxes_are_addressed_reachable_isolated_and_leave_nothi
         assert len(ends) >= len(handles)
         for end in ends:
             assert "isolated on" in sh("ip", "-d", "link", "show", end).stdout, end
+
+        with pytest.raises(SandboxRuntimeError, match="sandboxes are attached"):
+            await runtime.remove_networks()  # not from under running sandboxes
 
         # No sandbox reaches another, on either network; each reaches its own port.
         a, b, e1, e2 = handles[0], handles[1], handles[-2], handles[-1]

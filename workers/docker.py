@@ -28,7 +28,7 @@ from workers import docker_attach
 from workers.docker_attach import Subnet
 from workers.docker_engine import ENGINE_ERRORS, connect, explain, is_local
 from workers.docker_events import ExitFollower
-from workers.docker_firewall import SandboxNetworks
+from workers.docker_firewall import SandboxNetworks, bridge_name
 from workers.docker_storage import Storage
 from workers.runtime import (
     LABEL_SCOPE,
@@ -344,6 +344,13 @@ class DockerRuntime:
         Raises:
             SandboxRuntimeError: a network still has containers attached.
         """
+        if self._direct:  # the engine does not know of the sandboxes attached directly
+            for egress in (False, True):
+                bridge = bridge_name(self._networks.network_prefix, egress)
+                if await asyncio.to_thread(docker_attach.ports_on, bridge):
+                    raise SandboxRuntimeError(
+                        f"remove network {self.network_name(egress)}: sandboxes are attached"
+                    )
         await self._networks.remove(await self._docker())
 
     async def engine_id(self) -> str:

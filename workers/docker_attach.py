@@ -180,6 +180,14 @@ _IPV6_OFF_THEN_IP = (
 )
 
 
+def ports_on(bridge: str) -> list[str]:
+    """The links attached to `bridge` (none when it does not exist)."""
+    done = _exec(["ip", "-o", "link", "show", "master", bridge], f"list the ports of {bridge}")
+    if done.returncode != 0:
+        return []
+    return [line.split(":")[1].strip().split("@")[0] for line in done.stdout.splitlines()]
+
+
 def _path(netns: int) -> str:
     """The namespace descriptor as a path a child process can open (it inherits it)."""
     return f"/proc/self/fd/{netns}"
