@@ -135,8 +135,10 @@ def attach(subnet: Subnet, netns: int, egress: bool) -> str:
             f"link set dev {host_end} type bridge_slave isolated on",
             f"link set {host_end} up",
         )
-        if done.returncode != 0 and TAKEN in done.stderr and FIRST_FAILED in done.stderr:
-            continue  # another sandbox holds this address (its link is not ours to touch)
+        if done.returncode != 0 and FIRST_FAILED in done.stderr:  # the claim itself failed
+            if TAKEN in done.stderr:
+                continue  # another sandbox holds this address (its link is not ours to touch)
+            _check(done, f"create the veth pair {host_end}")  # nothing made, nothing to undo
         break
     else:
         raise SandboxRuntimeError(
