@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,7 +28,7 @@ from tests.helpers import (
     wait_until,
 )
 from workers.docker import DockerRuntime
-from workers.docker_attach import Subnet
+from workers.docker_attach import Subnet, open_netns, ports_on
 from workers.runtime import Handle, SandboxSpec
 
 pytestmark = pytest.mark.docker
@@ -73,8 +74,7 @@ def inside(container: str, *argv: str) -> str:
 
 def host_ends(bridge: str) -> set[str]:
     """The links enslaved to `bridge` on the host."""
-    out = sh("ip", "-o", "link", "show", "master", bridge, check=False).stdout
-    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+    return set(ports_on(bridge))
 
 
 async def connects(http: aiohttp.ClientSession, frm: Handle, to: str) -> Any:
@@ -123,6 +123,9 @@ async def test_direct_sandboxes_are_addressed_reachable_isolated_and_leave_nothi
         assert len(ends) >= len(handles)
         for end in ends:
             assert "isolated on" in sh("ip", "-d", "link", "show", end).stdout, end
+
+        with pytest.raises(SandboxRuntimeError, match="sandboxes are attached"):
+            await runtime.remove_networks()  # not from under running sandboxes
 
         # No sandbox reaches another, on either network; each reaches its own port.
         a, b, e1, e2 = handles[0], handles[1], handles[-2], handles[-1]
@@ -183,3 +186,11 @@ async def test_an_address_held_elsewhere_is_skipped_and_left_alone(
         await runtime.destroy(handle.container)
     finally:
         sh("ip", "link", "del", holder, check=False)
+
+
+def test_the_hosts_own_namespace_is_never_configured() -> None:
+    """A pid that is not in a sandbox (a recycled one, say) must not point the attach at the
+    host: IPv6 off, a new eth0 and a default route would be the host's."""
+    with pytest.raises(SandboxRuntimeError, match="this host's network namespace"):
+        with open_netns(os.getpid()):
+            pass

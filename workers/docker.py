@@ -28,7 +28,7 @@ from workers import docker_attach
 from workers.docker_attach import Subnet
 from workers.docker_engine import ENGINE_ERRORS, connect, explain, is_local
 from workers.docker_events import ExitFollower
-from workers.docker_firewall import SandboxNetworks
+from workers.docker_firewall import SandboxNetworks, bridge_name
 from workers.docker_storage import Storage
 from workers.runtime import (
     LABEL_SCOPE,
@@ -232,7 +232,7 @@ class DockerRuntime:
             client.api.start(cid)
             info = client.api.inspect_container(cid)
             if subnet is not None:
-                ip = docker_attach.attach(subnet, info["State"]["Pid"], spec.pool.egress_enabled)
+                ip = self._attach(client, cid, info["State"]["Pid"], subnet, spec)
             else:
                 ip = info["NetworkSettings"]["Networks"][network]["IPAddress"]
             if not ip:
@@ -244,6 +244,18 @@ class DockerRuntime:
                 client.api.remove_container(cid, force=True)
             raise
         return cid, ip
+
+    def _attach(self, client: Any, cid: str, pid: int, subnet: Subnet, spec: SandboxSpec) -> str:
+        """Attach the started sandbox (direct mode); its address."""
+        with docker_attach.open_netns(pid) as netns:
+            # The pid was read before its namespace was opened: still the sandbox's? (After
+            # this the namespace is held by descriptor, whatever happens to the pid.)
+            state = client.api.inspect_container(cid)["State"]
+            if not state["Running"] or state["Pid"] != pid:
+                raise SandboxRuntimeError(
+                    f"pool {spec.pool.name}: container {cid[:12]} exited while it was attached"
+                )
+            return docker_attach.attach(subnet, netns, spec.pool.egress_enabled)
 
     def _adopt(
         self,
@@ -259,17 +271,19 @@ class DockerRuntime:
             info = client.api.inspect_container(name)
         except NotFound:
             raise exc from None
-        labels = info["Config"]["Labels"] or {}
-        running = info["State"]["Running"]
-        if subnet is not None:
-            ip = docker_attach.address_of(info["State"]["Pid"]) if running else None
-        else:
+        taken = SandboxRuntimeError(
+            f"pool {spec.pool.name}: container name {name} is taken by another or a stopped "
+            f"container"
+        )
+        if not spec.owns(info["Config"]["Labels"] or {}) or not info["State"]["Running"]:
+            raise taken from exc
+        if subnet is None:
             ip = (info["NetworkSettings"]["Networks"].get(network) or {}).get("IPAddress")
-        if not spec.owns(labels) or not running or not ip:
-            raise SandboxRuntimeError(
-                f"pool {spec.pool.name}: container name {name} is taken by "
-                f"another or a stopped container"
-            ) from exc
+        else:
+            with docker_attach.open_netns(info["State"]["Pid"]) as netns:
+                ip = docker_attach.address_of(netns)
+        if not ip:
+            raise taken from exc
         return str(info["Id"]), str(ip)
 
     async def destroy(self, container: str) -> None:
@@ -330,6 +344,13 @@ class DockerRuntime:
         Raises:
             SandboxRuntimeError: a network still has containers attached.
         """
+        if self._direct:  # the engine does not know of the sandboxes attached directly
+            for egress in (False, True):
+                bridge = bridge_name(self._networks.network_prefix, egress)
+                if await asyncio.to_thread(docker_attach.ports_on, bridge):
+                    raise SandboxRuntimeError(
+                        f"remove network {self.network_name(egress)}: sandboxes are attached"
+                    )
         await self._networks.remove(await self._docker())
 
     async def engine_id(self) -> str:

@@ -29,9 +29,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import os
 import random
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,28 +91,54 @@ def missing_tools() -> list[str]:
     return [t for t in TOOLS if shutil.which(t) is None]
 
 
-def attach(subnet: Subnet, pid: int, egress: bool) -> str:
-    """Give the sandbox whose init is `pid` an `eth0` on the subnet's bridge; its address.
+@contextlib.contextmanager
+def open_netns(pid: int) -> Iterator[int]:
+    """A descriptor of process `pid`'s network namespace, refused if it is this host's own.
+
+    Every command below names the namespace by this descriptor, never by the pid again, so
+    the caller can check once (after opening) that the pid is still the sandbox's.
+
+    Raises:
+        SandboxRuntimeError: no such process, or it shares this host's network namespace.
+    """
+    try:
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SandboxRuntimeError(f"sandbox process {pid}: {exc.strerror}") from exc
+    try:
+        mine, theirs = os.stat("/proc/self/ns/net"), os.fstat(fd)
+        if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+            raise SandboxRuntimeError(f"process {pid} is in this host's network namespace")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def attach(subnet: Subnet, netns: int, egress: bool) -> str:
+    """Give the sandbox whose network namespace is open as `netns` (`open_netns`) an `eth0`
+    on the subnet's bridge; its address.
 
     Blocking (runs `ip` and `nsenter`): call it in a thread.
 
     Raises:
-        SandboxRuntimeError: no free address after CLAIM_TRIES, or a command failed (the
-            sandbox's end of the pair, if made, goes with its namespace).
+        SandboxRuntimeError: no free address after CLAIM_TRIES, or a command failed (the host
+            end, if made, is deleted; the sandbox's end goes with its namespace).
     """
     for _ in range(CLAIM_TRIES):
         address = subnet.pick()
         host_end = subnet.link_name(address)
         # The pair is made with eth0 down: it has no IPv6 address before IPv6 is off below.
         done = _ip_batch(
-            [],
-            f"link add {host_end} type veth peer name eth0 netns {pid}",
+            netns,
+            f"link add {host_end} type veth peer name eth0 netns {_path(netns)}",
             f"link set {host_end} master {subnet.bridge}",
             f"link set dev {host_end} type bridge_slave isolated on",
             f"link set {host_end} up",
         )
-        if done.returncode != 0 and TAKEN in done.stderr and FIRST_FAILED in done.stderr:
-            continue  # another sandbox holds this address (its link is not ours to touch)
+        if done.returncode != 0 and FIRST_FAILED in done.stderr:  # the claim itself failed
+            if TAKEN in done.stderr:
+                continue  # another sandbox holds this address (its link is not ours to touch)
+            _check(done, f"create the veth pair {host_end}")  # nothing made, nothing to undo
         break
     else:
         raise SandboxRuntimeError(
@@ -127,8 +155,8 @@ def attach(subnet: Subnet, pid: int, egress: bool) -> str:
         _check(done, f"put {host_end} on {subnet.bridge}")
         # IPv6 off before eth0 is up, so none of the sandbox's traffic bypasses the IPv4
         # firewall rules; then its address, routes and links in one `ip -batch`.
-        configure = ["nsenter", f"--net=/proc/{pid}/ns/net", "sh", "-c", _IPV6_OFF_THEN_IP]
-        _check(_exec(configure, "configure eth0", "\n".join(inside)), "configure eth0")
+        configure = ["nsenter", f"--net={_path(netns)}", "sh", "-c", _IPV6_OFF_THEN_IP]
+        _check(_exec(configure, "configure eth0", "\n".join(inside), netns), "configure eth0")
     except BaseException:
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(
@@ -138,10 +166,10 @@ def attach(subnet: Subnet, pid: int, egress: bool) -> str:
     return str(address)
 
 
-def address_of(pid: int) -> str | None:
+def address_of(netns: int) -> str | None:
     """The IPv4 address of the sandbox's eth0 (a retried create adopting its container)."""
-    argv = ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-4", "-o", "address", "show", "eth0"]
-    done = _exec(argv, "read the sandbox's address")
+    argv = ["nsenter", f"--net={_path(netns)}", "ip", "-4", "-o", "address", "show", "eth0"]
+    done = _exec(argv, "read the sandbox's address", fd=netns)
     fields = done.stdout.split()
     if done.returncode != 0 or "inet" not in fields:
         return None
@@ -154,12 +182,28 @@ _IPV6_OFF_THEN_IP = (
 )
 
 
-def _ip_batch(prefix: list[str], *commands: str) -> subprocess.CompletedProcess[str]:
-    """One `ip -batch` for several commands; it stops at the first that fails."""
-    return _exec([*prefix, "ip", "-batch", "-"], " / ".join(commands), "\n".join(commands))
+def ports_on(bridge: str) -> list[str]:
+    """The links attached to `bridge` (none when it does not exist)."""
+    done = _exec(["ip", "-o", "link", "show", "master", bridge], f"list the ports of {bridge}")
+    if done.returncode != 0:
+        return []
+    return [line.split(":")[1].strip().split("@")[0] for line in done.stdout.splitlines()]
 
 
-def _exec(argv: list[str], what: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def _path(netns: int) -> str:
+    """The namespace descriptor as a path a child process can open (it inherits it)."""
+    return f"/proc/self/fd/{netns}"
+
+
+def _ip_batch(netns: int, *commands: str) -> subprocess.CompletedProcess[str]:
+    """One `ip -batch` (in this host's namespace) for several commands; it stops at the
+    first that fails."""
+    return _exec(["ip", "-batch", "-"], " / ".join(commands), "\n".join(commands), netns)
+
+
+def _exec(
+    argv: list[str], what: str, stdin: str = "", fd: int | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command to its end (its failure is the caller's to read).
 
     Raises:
@@ -173,6 +217,7 @@ def _exec(argv: list[str], what: str, stdin: str = "") -> subprocess.CompletedPr
             text=True,
             timeout=COMMAND_TIMEOUT_S,
             check=False,
+            pass_fds=() if fd is None else (fd,),
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SandboxRuntimeError(f"{what}: {exc}") from exc
