@@ -236,17 +236,16 @@ async def counts_are(store: Store, pool: str, **want: int) -> bool:
 
 @contextlib.asynccontextmanager
 async def serving_router(settings: Settings) -> AsyncIterator[str]:
-    """A router app on a loopback port of this process (aiohttp binds port 0); its base URL."""
-    from aiohttp.test_utils import TestServer
+    """A router served in this process as `sessionpool router` serves it (`start_site`: its
+    connection bounds and per-connection loop) on a loopback port bound as port 0; its base
+    URL."""
+    from router.server import start_site
 
-    from router.app import create_app
-
-    server = TestServer(create_app(settings), host="127.0.0.1", handler_cancellation=True)
-    await server.start_server()
+    runner, port = await start_site(settings.replace(host="127.0.0.1", port=0))
     try:
-        yield f"http://127.0.0.1:{server.port}"
+        yield f"http://127.0.0.1:{port}"
     finally:
-        await server.close()
+        await runner.cleanup()
 
 
 # The worker knobs the worker suites turn down so that recovery shows within a test's time.
