@@ -14,9 +14,8 @@
   the kernel's accept queue (and overflowed it).
 
 aiohttp has no hook for these, so `BoundedRunner` serves with a `RequestHandler` subclass
-that reads a few of its private fields (`_loop`, `_waiter`, `_request_count`), and whose
-per-connection loop runs each request's handler in the connection's task (`start`: no task
-per request); the tests in tests/test_connections.py pin the behaviour from a client's side.
+that reads a few of its private fields (`_loop`, `_waiter`, `_request_count`); the tests in
+tests/test_connections.py pin the behaviour from a client's side.
 """
 
 from __future__ import annotations
@@ -31,10 +30,8 @@ from typing import Any, cast
 
 import orjson
 from aiohttp import web
-from aiohttp.helpers import ceil_timeout
-from aiohttp.http import StreamWriter
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import _PAYLOAD_ACCESS_ERROR, ERROR, RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler
 
 from router.metrics import RouterMetrics
 
@@ -151,102 +148,6 @@ class BoundedHandler(RequestHandler):
                 self._head_handle = None
         elif between_requests and self._head_handle is None:
             self._arm_head()  # the next request on a kept-alive connection began, unfinished
-
-    async def start(self) -> None:
-        """aiohttp's per-connection loop (web_protocol.RequestHandler.start, aiohttp 3.14),
-        with one change: each request's handler runs in this connection's task instead of a
-        new task per request. On Python 3.11 a new task costs two extra event-loop
-        iterations per request (its first step, and waking this loop when it ends), one of
-        them between the request's arrival and its forwarding. A cancel of this task (the
-        caller left, `handler_cancellation`) reaches the handler as before; handlers see
-        this task's context (the router sets its per-request context variables afresh)."""
-        loop = self._loop
-        manager = self._manager
-        assert manager is not None
-        keepalive_timeout = self._keepalive_timeout
-        resp = None
-        assert self._request_factory is not None
-        assert self._request_handler is not None
-        while not self._force_close:
-            if not self._messages:
-                try:
-                    self._waiter = loop.create_future()
-                    await self._waiter
-                finally:
-                    self._waiter = None
-            message, payload = self._messages.popleft()
-            if self._parser is not None:
-                self._parser.message_consumed()
-            if self._buffer_paused and len(self._messages) <= self._msg_queue_resume_size:
-                self._resume_reading_if_drained()
-            start = loop.time() if self._logging_enabled else None
-            manager.requests_count += 1
-            writer = StreamWriter(self, loop)
-            if isinstance(message, _ErrInfo):
-                request_handler = self._make_error_handler(message)
-                message = ERROR
-            else:
-                request_handler = self._request_handler
-            task = self._task_handler or asyncio.current_task(loop)
-            assert task is not None
-            request = self._request_factory(message, payload, self, writer, task)
-            try:
-                try:
-                    resp, reset = await self._handle_request(request, start, request_handler)
-                except ConnectionError:
-                    self.log_debug("Ignored premature client disconnection")
-                    break
-                if reset:
-                    self.log_debug("Ignored premature client disconnection 2")
-                    break
-                self._keepalive = bool(resp.keep_alive)
-                if not payload.is_eof():
-                    await self._linger(payload)
-                payload.set_exception(_PAYLOAD_ACCESS_ERROR)
-            except asyncio.CancelledError:
-                self.log_debug("Ignored premature client disconnection")
-                self.force_close()
-                raise
-            except Exception as exc:
-                self.log_exception("Unhandled exception", exc_info=exc)
-                self.force_close()
-            except BaseException:
-                self.force_close()
-                raise
-            finally:
-                request._task = None  # type: ignore[assignment]
-                if self.transport is None and resp is not None:
-                    self.log_debug("Ignored premature client disconnection.")
-            if self._keepalive and not self._close and not self._force_close:
-                close_time = loop.time() + keepalive_timeout
-                self._next_keepalive_close_time = close_time
-                if self._keepalive_handle is None:
-                    self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
-            else:
-                break
-        if not self._force_close:
-            self._task_handler = None
-            if self.transport is not None:
-                self.transport.close()
-
-    async def _linger(self, payload: Any) -> None:
-        """An unread request body: read and drop it for the lingering time, else close."""
-        lingering_time = self._lingering_time
-        if not self._force_close and lingering_time:
-            now = self._loop.time()
-            end_t = now + lingering_time
-            try:
-                while not payload.is_eof() and now < end_t:
-                    async with ceil_timeout(end_t - now):
-                        await payload.readany()
-                    now = self._loop.time()
-            except (asyncio.CancelledError, TimeoutError):
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-        if not payload.is_eof() and not self._force_close:
-            self.log_debug("Uncompleted request.")
-            self.close()
 
     def _arm_head(self) -> None:
         self._head_handle = self._loop.call_later(self._bounds.header_timeout_s, self._head_late)

@@ -11,9 +11,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from router.app import METRICS
 from router.connections import BoundedRunner
-from router.metrics import RouterMetrics
 from router.server import start_site
 from router.settings import Settings
 from tests.helpers import wait_until
@@ -160,56 +158,3 @@ async def test_malformed_requests_are_counted_and_logged_once_per_interval(
     assert ours[0].exc_info is None  # one line, no traceback
     noisy = [r for r in caplog.records if r.name == "aiohttp.server" and r.levelno >= logging.INFO]
     assert not noisy, [r.getMessage() for r in noisy]
-
-
-async def test_handlers_on_a_kept_alive_connection_are_cancelled_when_the_caller_leaves(
-    settings: Settings,
-) -> None:
-    """`BoundedHandler.start` runs each request's handler in the connection's own task: an
-    unread body is drained and the next request on the connection answered, and a caller
-    who goes away mid-request still cancels its handler."""
-    cancelled = asyncio.Event()
-
-    async def slow(request: web.Request) -> web.Response:
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        raise AssertionError("unreachable")
-
-    async def unread(request: web.Request) -> web.Response:
-        return web.Response(text="not read")  # the body stays unread
-
-    async def hello(request: web.Request) -> web.Response:
-        return web.Response(text=f"hello {request.query['n']}")
-
-    app = web.Application()
-    app[METRICS] = RouterMetrics()
-    app.router.add_get("/slow", slow)
-    app.router.add_post("/unread", unread)
-    app.router.add_get("/hello", hello)
-    runner, port = await start_site(settings.replace(port=0), app=app)
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        body = b"x" * 20_000
-        writer.write(
-            b"POST /unread HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
-        for n in (1, 2):
-            writer.write(b"GET /hello?n=%d HTTP/1.1\r\nHost: r\r\n\r\n" % n)
-        seen = b""
-        while seen.count(b"HTTP/1.1 200") < 3:
-            chunk = await asyncio.wait_for(reader.read(65536), 10)
-            assert chunk, seen
-            seen += chunk
-        assert seen.index(b"not read") < seen.index(b"hello 1") < seen.index(b"hello 2")
-        writer.write(b"GET /slow HTTP/1.1\r\nHost: r\r\n\r\n")
-        await writer.drain()
-        await wait_until(lambda: runner.bounds.open == 1)
-        await asyncio.sleep(0)  # let the request reach its handler before the caller leaves
-        writer.close()
-        await asyncio.wait_for(cancelled.wait(), 10)
-        await wait_until(lambda: runner.bounds.open == 0)
-    finally:
-        await runner.cleanup()
