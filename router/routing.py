@@ -14,9 +14,10 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any, TypeVar
 
 from router.errors import (
     NoReadySessionError,
@@ -34,6 +35,7 @@ from router.store import Session, Store
 
 # Redis unreachable: through the store (mapped at its boundary) or the pub/sub client.
 UNAVAILABLE = (StoreUnavailableError, *REDIS_UNAVAILABLE)
+T = TypeVar("T")
 log = logging.getLogger("sessionpool.router")
 POOL_CACHE_TTL_S = 5.0
 
@@ -64,6 +66,8 @@ class Routing:
         self._ready_events: dict[str, asyncio.Event] = {}
         # One CLAIM in flight per (pool, identifier): misses and refreshes share it.
         self._claims: dict[tuple[str, str], asyncio.Task[Session]] = {}
+        # Every read and claim running off a request's own task, until it ends (`close`).
+        self._background: set[asyncio.Task[Any]] = set()
         self.misses = 0  # requests that waited for a CLAIM (theirs or a shared one)
         # Called with (pool, seconds) whenever a claim allocated a sandbox (metrics).
         self.on_allocated: Callable[[str, float], None] | None = None
@@ -87,8 +91,21 @@ class Routing:
         load = self._pool_loads.get(name) or self._load_pool(name)
         return await asyncio.shield(load)
 
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def close(self) -> None:
+        """Cancel the pool reads and claims still running (at shutdown, before the store's
+        client closes: one finishing after it would open a connection nobody closes)."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
     def _load_pool(self, name: str) -> asyncio.Task[Pool]:
-        task = asyncio.create_task(self._read_pool(name))
+        task = self._spawn(self._read_pool(name))
         self._pool_loads[name] = task
         task.add_done_callback(lambda t: self._pool_loaded(name, t))
         return task
@@ -143,7 +160,7 @@ class Routing:
     def _start_claim(
         self, key: tuple[str, str], pool: Pool, principal: str
     ) -> asyncio.Task[Session]:
-        task = asyncio.create_task(self._claim_route(key, pool, principal))
+        task = self._spawn(self._claim_route(key, pool, principal))
         self._claims[key] = task
         task.add_done_callback(lambda t: self._claim_done(key, t))
         return task

@@ -83,14 +83,14 @@ class Supervisor:
             if not self._per_pool_readers:
                 for i in range(len(self.roles)):
                     self._reader(i, "")
-            tg.create_task(self._follow())
-            tg.create_task(self._resync_loop())
+            discovery = [tg.create_task(self._follow()), tg.create_task(self._resync_loop())]
             await self.ctx.stop.wait()
-            # Handlers between entries and readers blocked in a read: nothing to finish.
+            # Handlers between entries, readers blocked in a read, and the discovery loops
+            # (a subscription or a resync in a slow Redis call): nothing to finish.
             for work in self._work.values():
                 for task in work.tasks:
                     task.cancel()
-            for task in self._reader_tasks.values():
+            for task in [*self._reader_tasks.values(), *discovery]:
                 task.cancel()
 
     # Readers ---------------------------------------------------------------------------------
