@@ -218,6 +218,7 @@ def _exec(
             timeout=COMMAND_TIMEOUT_S,
             check=False,
             pass_fds=() if fd is None else (fd,),
+            env={**os.environ, "LC_ALL": "C"},  # TAKEN and FIRST_FAILED are read in English
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SandboxRuntimeError(f"{what}: {exc}") from exc
