@@ -15,6 +15,7 @@ case "$cmd" in up|test|setup) ;; *) echo "usage: $0 up|test|setup [args...]" >&2
 
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-cli >/dev/null || need+=(redis-tools)  # test_redis_cluster makes a cluster
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v iptables >/dev/null || need+=(iptables)

@@ -229,3 +229,28 @@ async def test_a_herd_reads_a_pool_definition_once_when_cold_and_once_when_expir
     assert {p.name for p in pools} == {"herd"}
     gate.set()
     await asyncio.wait_for(renewed.wait(), 5)  # the one renewal was running meanwhile
+
+
+async def test_close_cancels_the_reads_still_running_off_requests(
+    monkeypatch: pytest.MonkeyPatch, env: tuple[Env, FakeSandbox]
+) -> None:
+    """At shutdown a pool read in flight (a miss's, or a renewal's) is cancelled and awaited
+    before the store's client closes, never left to open a connection after it."""
+    e, _ = env
+    entered, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def held_read(name: str) -> Any:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    monkeypatch.setattr(e.router_store, "get_pool", held_read)
+    caller = asyncio.create_task(e.routing.get_pool("not-cached"))
+    await asyncio.wait_for(entered.wait(), 5)
+    await e.routing.close()
+    assert cancelled.is_set()  # already, when close() returned
+    with pytest.raises(asyncio.CancelledError):
+        await caller

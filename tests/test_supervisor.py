@@ -151,3 +151,29 @@ async def test_entries_read_but_never_handled_are_taken_back(
         stop.set()
         await asyncio.wait_for(task, 10)
         await streams.aclose()
+
+
+async def test_stop_does_not_wait_for_a_resync_stuck_in_redis(
+    settings: Settings, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker told to stop while its discovery waits on Redis (a slow or hung call) stops:
+    there is nothing in a resync to finish."""
+    entered = asyncio.Event()
+
+    async def stuck() -> list[str]:
+        entered.set()
+        await asyncio.Event().wait()
+        return []
+
+    monkeypatch.setattr(store, "pool_names", stuck)
+    streams = open_redis(settings.redis_url, timeout_s=10.0)
+    stop = asyncio.Event()
+    ctx = Context(settings, store, streams, None, None, stop)  # type: ignore[arg-type]
+    task = asyncio.create_task(Supervisor(ctx, [Recorder("replenisher")]).run())
+    try:
+        await asyncio.wait_for(entered.wait(), 10)  # the first resync is in its Redis call
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    finally:
+        task.cancel()
+        await streams.aclose()

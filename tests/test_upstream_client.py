@@ -174,10 +174,13 @@ async def edge_to(
     return up, e
 
 
-def answers_ok(body: bytes) -> Answer:
-    """Every request answered 200 with `body`, the connection kept open."""
+def answers_ok(body: bytes, held: asyncio.Event | None = None) -> Answer:
+    """Every request answered 200 with `body` (once `held` is set, if given), the connection
+    kept open."""
 
     async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        if held is not None:
+            await held.wait()
         w.write(ok(body))
         await w.drain()
         return True
@@ -545,23 +548,11 @@ async def test_connects_to_one_sandbox_are_bounded_and_waiters_take_released_con
     await up.close()
 
 
-def held_until(release: asyncio.Event) -> Answer:
-    """Every request answered 200 `fine` once `release` is set, the connection kept open."""
-
-    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
-        await release.wait()
-        w.write(ok(b"fine"))
-        await w.drain()
-        return True
-
-    return answer
-
-
 async def test_connections_to_one_sandbox_are_capped_and_callers_wait_in_line(
     edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
 ) -> None:
     release = asyncio.Event()
-    up, e = await edge_to(edge, held_until(release), max_open=2)
+    up, e = await edge_to(edge, answers_ok(b"fine", release), max_open=2)
 
     async def get() -> bytes:
         async with http.get(e.base + "/x") as r:
@@ -583,7 +574,7 @@ async def test_a_caller_waiting_for_a_connection_past_the_connect_timeout_gets_5
     edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
 ) -> None:
     release = asyncio.Event()
-    up, e = await edge_to(edge, held_until(release), max_open=1, connect_timeout_s=0.3)
+    up, e = await edge_to(edge, answers_ok(b"fine", release), max_open=1, connect_timeout_s=0.3)
     first = asyncio.create_task(http.get(e.base + "/first"))
     await wait_until(lambda: len(up.seen) == 1, timeout=5)
     async with http.get(e.base + "/second") as r:
@@ -600,7 +591,7 @@ async def test_a_waiter_who_leaves_passes_its_turn_on(
     edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
 ) -> None:
     release = asyncio.Event()
-    up, e = await edge_to(edge, held_until(release), max_open=1)
+    up, e = await edge_to(edge, answers_ok(b"fine", release), max_open=1)
 
     async def get(path: str) -> bytes:
         async with http.get(e.base + path) as r:

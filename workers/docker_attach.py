@@ -158,10 +158,8 @@ def attach(subnet: Subnet, netns: int, egress: bool) -> str:
         configure = ["nsenter", f"--net={_path(netns)}", "sh", "-c", _IPV6_OFF_THEN_IP]
         _check(_exec(configure, "configure eth0", "\n".join(inside), netns), "configure eth0")
     except BaseException:
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            subprocess.run(
-                ["ip", "link", "del", host_end], capture_output=True, timeout=5, check=False
-            )
+        with contextlib.suppress(SandboxRuntimeError):
+            _exec(["ip", "link", "del", host_end], f"delete {host_end}")
         raise
     return str(address)
 
