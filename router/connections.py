@@ -8,6 +8,8 @@
 - Malformed requests are counted and logged at most once per `MALFORMED_LOG_INTERVAL_S`,
   one line each, never a traceback per request.
 
+- A request's handler runs in its connection's task (`run_requests_inline`), not in a new
+  task per request.
 - Every pending connection is accepted each time the listening socket is readable
   (`AcceptingSite`): uvloop's own server accepts one per loop iteration, so under load, when
   one iteration serves hundreds of requests, a burst of new connections waited seconds in
@@ -25,7 +27,10 @@ import errno
 import logging
 import socket
 import ssl
+import sys
 import time
+from collections.abc import Coroutine
+from contextvars import Context
 from typing import Any, cast
 
 import orjson
@@ -172,6 +177,57 @@ class BoundedHandler(RequestHandler):
         if isinstance(kw.get("exc_info"), HttpProcessingError):
             return  # counted and rate-limited in handle_error
         super().log_exception(*args, **kw)
+
+
+# The coroutine aiohttp's connection loop (`RequestHandler.start`) wraps in a task per request.
+_HANDLE_REQUEST = RequestHandler._handle_request.__code__
+TaskFactory = Any  # (loop, coro, *, context=None) -> awaitable; asyncio types it loosely too
+
+
+def run_requests_inline(loop: asyncio.AbstractEventLoop) -> None:
+    """Serve each request in its connection's task instead of a task of its own.
+
+    On Python < 3.12 aiohttp's connection loop hands every request's handler to
+    `loop.create_task` and awaits the task: one more task per request, two more trips through
+    the loop (its first step and the wake-up of the loop that awaits it), its registration in
+    asyncio's set of live tasks and a weak-reference callback in Python when it dies. With a
+    thousand requests in flight that was 8-9 % of the router's CPU per request (bench.path
+    A/B on one machine, alternating: c=1000 10.4-10.5k -> 11.3-11.4k req/s per core; c=1
+    8-13 us less added latency; c=32 the same).
+
+    This installs a task factory (a documented hook of the event loop) that returns that one
+    coroutine unwrapped, so the connection's loop awaits it directly; every other coroutine
+    gets a task as before (or from the factory already installed). What a handler sees is
+    unchanged: `request.task` and `asyncio.current_task()` were and are the connection's
+    task, a disconnect still cancels the handler, and aiohttp's own per-request bookkeeping
+    (`_handle_request`) still runs. What changes: the handler no longer runs in a copy of
+    the context, so a context variable a handler sets stays set for the next request on the
+    same connection; the router sets its own (the trace id) at the start of every request.
+
+    From Python 3.12 aiohttp starts that task eagerly (its first step runs at once, without
+    the loop) and does not ask the factory: nothing is installed there. Idempotent.
+    """
+    if sys.version_info >= (3, 12):
+        return
+    previous: TaskFactory | None = loop.get_task_factory()
+    if getattr(previous, "runs_requests_inline", False):
+        return
+
+    def factory(
+        loop: asyncio.AbstractEventLoop,
+        coro: Coroutine[Any, Any, Any],
+        context: Context | None = None,
+    ) -> Any:
+        if getattr(coro, "cr_code", None) is _HANDLE_REQUEST:
+            return coro  # awaited by its connection's task (aiohttp only awaits it)
+        if previous is None:
+            return asyncio.Task(coro, loop=loop, context=context)
+        if context is None:  # as the loop calls a factory
+            return previous(loop, coro)
+        return previous(loop, coro, context=context)
+
+    factory.runs_requests_inline = True  # type: ignore[attr-defined]
+    loop.set_task_factory(cast(Any, factory))
 
 
 class _BoundedServer(web.Server):

@@ -19,7 +19,12 @@ import aiohttp.http_parser
 from aiohttp import web
 
 from router.app import METRICS, create_app
-from router.connections import AcceptingSite, BoundedRunner, ConnectionBounds
+from router.connections import (
+    AcceptingSite,
+    BoundedRunner,
+    ConnectionBounds,
+    run_requests_inline,
+)
 from router.settings import Settings
 from router.tls import ReloadingTLS
 
@@ -78,10 +83,13 @@ def install_uvloop() -> None:
 async def start_site(
     settings: Settings, app: web.Application | None = None, reuse_port: bool = False
 ) -> tuple[web.AppRunner, int]:
-    """Start serving; returns the runner and the bound port (useful with port 0)."""
+    """Start serving; returns the runner and the bound port (useful with port 0). Requests
+    are served in their connections' tasks (`run_requests_inline`: it sets the running
+    loop's task factory)."""
     if not c_parser_loaded():
         log.warning("aiohttp's C HTTP parser is not loaded: slower, and less strict")
     app = app or create_app(settings)
+    run_requests_inline(asyncio.get_running_loop())
     bounds = ConnectionBounds(
         app[METRICS],
         header_timeout_s=settings.header_timeout_s,

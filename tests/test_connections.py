@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
+from router.app import create_app
 from router.connections import BoundedRunner
 from router.server import start_site
 from router.settings import Settings
@@ -158,3 +160,67 @@ async def test_malformed_requests_are_counted_and_logged_once_per_interval(
     assert ours[0].exc_info is None  # one line, no traceback
     noisy = [r for r in caplog.records if r.name == "aiohttp.server" and r.levelno >= logging.INFO]
     assert not noisy, [r.getMessage() for r in noisy]
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_requests_run_in_their_connections_task(settings: Settings, run: Any) -> None:
+    """`run_requests_inline`: on Python < 3.12 a handler runs in its connection's task (no task
+    per request), and still gets what a handler in a task of its own got: errors answered,
+    a disconnect cancelling it, other tasks made as before."""
+    inline = sys.version_info < (3, 12)
+    seen: list[tuple[asyncio.Task[Any] | None, asyncio.Task[Any] | None]] = []
+    cancelled = asyncio.Event()
+    waiting = asyncio.Event()
+
+    async def whoami(request: web.Request) -> web.Response:
+        seen.append((asyncio.current_task(), request.task))
+        # A task the handler makes is a real task, not run inline.
+        child = asyncio.create_task(asyncio.sleep(0, "ok"))
+        assert isinstance(child, asyncio.Task)
+        return web.Response(text=await child)
+
+    async def boom(request: web.Request) -> web.Response:
+        raise RuntimeError("handler failed")
+
+    async def hang(request: web.Request) -> web.Response:
+        waiting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        raise AssertionError("not reached")
+
+    async def scenario() -> None:
+        cancelled.clear()
+        waiting.clear()
+        app = create_app(settings)
+        app.router.add_get("/t/whoami", whoami)
+        app.router.add_get("/t/boom", boom)
+        app.router.add_get("/t/hang", hang)
+        runner, port = await start_site(settings.replace(port=0), app)
+        try:
+            factory = asyncio.get_running_loop().get_task_factory()
+            assert (factory is not None) == inline
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /t/whoami HTTP/1.1\r\nHost: r\r\n\r\n" * 2)
+            writer.write(b"GET /t/boom HTTP/1.1\r\nHost: r\r\n\r\n")
+            answers = await asyncio.wait_for(reader.read(), 10)  # boom closes the connection
+            writer.close()
+            assert answers.count(b"HTTP/1.1 200 OK") == 2, answers
+            assert answers.count(b"HTTP/1.1 500") == 1, answers
+            (first, conn), (second, conn2) = seen[-2:]
+            assert conn is conn2 and first is not None
+            # Inline: the handler runs in the connection's own task, both times.
+            assert (first is conn and second is conn) == inline
+            assert (first is not second) == (not inline)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /t/hang HTTP/1.1\r\nHost: r\r\n\r\n")
+            await asyncio.wait_for(waiting.wait(), 10)
+            writer.transport.abort()  # the caller leaves: the handler is cancelled
+            await asyncio.wait_for(cancelled.wait(), 10)
+            assert await served(port)
+        finally:
+            await runner.cleanup()
+
+    run(scenario())
