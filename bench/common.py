@@ -91,6 +91,32 @@ def children(pid: int) -> list[int]:
     return out
 
 
+@contextlib.contextmanager
+def one_core(pids: Iterable[int], cpu: int = 0) -> Iterator[None]:
+    """Run `pids` (every thread of each) and this process (so the load generator it starts)
+    on one CPU, then give them back every CPU this process had.
+
+    At c=1 only one process of the chain has work at any moment, so one core is enough for
+    all of them; spread over a virtual machine's CPUs, each hop from one process to the next
+    may wake another virtual CPU, whose wake-up (an inter-processor interrupt through the
+    hypervisor) costs tens of microseconds on this kind of host: that measures the host, not
+    the proxy. The bench prints c=1 both ways."""
+    ours = os.sched_getaffinity(0)
+    tids = [os.getpid()]
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError):
+            tids += [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(tid, {cpu})
+    try:
+        yield
+    finally:
+        for tid in tids:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(tid, ours)
+
+
 @dataclass
 class Proc:
     """A process the suite started; `pids` are those whose CPU counts as the proxy's."""

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import proxies, scale, streaming
-from bench.common import Proc, RedisServer, which
+from bench.common import Proc, RedisServer, one_core, which
 from bench.load import LoadResult, wrk
 from bench.proxying import seed_router_pool
 
@@ -182,6 +182,14 @@ def _load(
     for name, results in c1.items():
         runs.setdefault(name, {})[1] = sorted(results, key=lambda r: r.p50_ms)[len(results) // 2]
     res["c1_p50_ms"] = {name: [r.p50_ms for r in results] for name, results in c1.items()}
+    # The same, with the load generator, the upstream and the proxy on one CPU (`one_core`).
+    c1 = {}
+    for rep in range(1 if secs < 3 else C1_RUNS):
+        for name, (url, proc) in paths.items():
+            if rep == 0 or name in ("direct", ROUTER):
+                with one_core(up.pids() + (proc.pids() if proc else [])):
+                    c1.setdefault(name, []).append(wrk(url, 1, secs, proc, warm))
+    res["c1_one_core_p50_ms"] = {name: [r.p50_ms for r in rs] for name, rs in c1.items()}
     for name, (url, proc) in paths.items():
         runs[name][32] = wrk(url, 32, secs, proc, warm)
     res["profile"] = {str(c): profile(router, paths[ROUTER][0], secs, c) for c in profile_at}
@@ -239,17 +247,20 @@ def _report_load(res: dict[str, Any]) -> list[str]:
     r32 = runs[ROUTER]["32"]
     lines = [
         "",
-        "| path | c=1 p50 / p99 ms | c=32 req/s | c=32 p99 ms | req/s per proxy core (c=32) |",
-        "|---|---|---|---|---|",
+        "| path | c=1 p50 / p99 ms | c=1 p50 ms, one core | c=32 req/s | c=32 p99 ms "
+        "| req/s per proxy core (c=32) |",
+        "|---|---|---|---|---|---|",
     ]
+    pinned = res.get("c1_one_core_p50_ms", {})
     for name, by_c in runs.items():
         one, c32 = by_c["1"], by_c["32"]
+        p1 = f"{statistics.median(pinned[name]):.3f}" if pinned.get(name) else "-"
         lines.append(
-            f"| {name} | {one['p50_ms']:.3f} / {one['p99_ms']:.2f} | {c32['rps']:,.0f} | "
+            f"| {name} | {one['p50_ms']:.3f} / {one['p99_ms']:.2f} | {p1} | {c32['rps']:,.0f} | "
             f"{c32['p99_ms']:.1f} | {_f(c32['per_core'])} |"
         )
     for name, why in res.get("not_run", {}).items():
-        lines.append(f"| {name} | not run: {why} | | | |")
+        lines.append(f"| {name} | not run: {why} | | | | |")
     lines += ["", "Ratios (per core, c=32):", ""]
     for peer in (CHP, BARE, NGINX):
         if peer in runs and runs[peer]["32"]["per_core"]:
@@ -268,6 +279,17 @@ def _report_load(res: dict[str, Any]) -> list[str]:
     lines += [
         f"- added latency at c=1 (router - direct): p50 **{r1['p50_ms'] - d1['p50_ms']:.3f} ms**, "
         f"p99 {r1['p99_ms'] - d1['p99_ms']:.2f} ms{spread}",
+    ]
+    if pinned.get(ROUTER) and pinned.get("direct"):
+        added = sorted(r - d for r, d in zip(pinned[ROUTER], pinned["direct"], strict=False))
+        lines.append(
+            "- the same with wrk, the upstream and the router on one CPU (`bench.common."
+            f"one_core`): p50 **{statistics.median(added):.3f} ms** (each run: "
+            + ", ".join(f"{a:.3f}" for a in added)
+            + "); unpinned, every hop between the three processes may wake the other "
+            "virtual CPU"
+        )
+    lines += [
         "",
         "One warm session under many connections (router):",
         "",
