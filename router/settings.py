@@ -47,7 +47,8 @@ class Settings:
     # Connections open to one sandbox at once; past it a request waits (FIFO, up to
     # upstream_connect_timeout_s) for one to come free. A thousand callers of one session
     # then share 64 kept-alive connections instead of opening a thousand (bench.path: the
-    # router did 20-25 % more per CPU second at c=1000; WebSockets are not counted).
+    # router did 20-25 % more per CPU second at c=1000). Not counted: WebSockets, and an
+    # exchange once it has lasted a second (streams, long polls), so nobody waits behind those.
     upstream_max_connections: int = 64
     max_body_bytes: int = 2 * GiB
     ws_max_msg_bytes: int = 16 * MiB

@@ -23,6 +23,11 @@ MAX_HEAD_BYTES = 64 * 1024  # a response's status line and headers
 MAX_CONNECTING = 32  # connects in progress to one sandbox at once
 DRAIN_BYTES = 64 * 1024  # what is read of an answer its caller left, before giving up on it
 DRAIN_S = 1.0
+# An exchange that has gone on this long (a stream, a long poll, a slow answer) no longer
+# counts against `Clients.max_open`, so callers of a session never wait behind its long
+# requests; the line is looked at this often while anyone waits in it.
+LONG_EXCHANGE_S = 1.0
+LINE_CHECK_S = 0.25
 _FRAMING_NAMES = frozenset({b"transfer-encoding", b"content-length", b"connection"})
 
 
@@ -93,6 +98,8 @@ class Connection(asyncio.Protocol):
         self._paused_reading = False
         self._tick_handle: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
+        self._started = 0.0  # when the exchange began
+        self.long = False  # its exchange is past `Clients.long_exchange_s` (`Pool.long`)
         # Kept across exchanges: llhttp starts the next message where the last one ended.
         self._parser = httptools.HttpResponseParser(self)
         self._drain_handle: asyncio.TimerHandle | None = None
@@ -291,7 +298,7 @@ class Connection(asyncio.Protocol):
         """Send the request head; the returned future is the response's head."""
         self._reset(head_request)
         self._active = True
-        self._last_read = self.loop.time()
+        self._last_read = self._started = self.loop.time()
         self._response = self.loop.create_future()
         assert self.transport is not None
         self.transport.write(head)
@@ -365,6 +372,8 @@ class Connection(asyncio.Protocol):
             and self._keep_alive
         )
         self._active = False
+        if self.long:
+            self.pool.counted(self)
         if ok:
             self.pool.release(self)
         else:
@@ -418,7 +427,13 @@ class Pool:
     connections instead of opening a thousand), and at most `MAX_CONNECTING` connects in
     progress (a burst of callers does not overflow the sandbox's listen backlog, whose
     dropped SYNs would stall for seconds). A caller finding neither an idle connection nor
-    room for a new one waits in line: a released connection goes straight to the first."""
+    room for a new one waits in line: a released connection goes straight to the first.
+
+    A connection whose exchange has lasted `Clients.long_exchange_s` (a stream, a long
+    poll) leaves the count until the exchange ends (`long`): the cap shares connections
+    among short requests and never makes anyone wait behind long ones. The line is looked
+    at every `LINE_CHECK_S` while anyone waits: exchanges that became long make room, and
+    callers past their deadline fail."""
 
     def __init__(self, clients: Clients, host: str, port: int, key: str) -> None:
         self.clients = clients
@@ -428,10 +443,11 @@ class Pool:
         self.idle: deque[Connection] = deque()
         self.live: set[Connection] = set()  # open (idle or in use), not yet lost
         self.connecting = 0
+        self.long = 0  # live connections whose exchange became long (not counted)
         # Callers in line, with their deadlines: each gets a released connection, or None
         # (room for a new one: try again), or IdleTimeout once its deadline passed.
         self.waiters: deque[tuple[float, asyncio.Future[Connection | None]]] = deque()
-        self._expiry: asyncio.TimerHandle | None = None
+        self._check_handle: asyncio.TimerHandle | None = None
 
     def acquire(self) -> Connection | None:
         idle = self.idle
@@ -471,6 +487,8 @@ class Pool:
         if conn not in self.live:
             return
         self.live.discard(conn)
+        if conn.long:
+            self.counted(conn)
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
         self._wake_one()
@@ -488,11 +506,18 @@ class Pool:
                 waiter.set_result(None)
                 return
 
+    def _room(self) -> int:
+        """How many more connects may start now."""
+        counted = len(self.live) - self.long + self.connecting
+        return min(MAX_CONNECTING - self.connecting, self.clients.max_open - counted)
+
     def _full(self) -> bool:
-        return (
-            self.connecting >= MAX_CONNECTING
-            or len(self.live) + self.connecting >= self.clients.max_open
-        )
+        return self._room() <= 0
+
+    def counted(self, conn: Connection) -> None:
+        """`conn`'s long exchange ended: it counts against the cap again."""
+        conn.long = False
+        self.long -= 1
 
     async def get(self) -> Connection:
         """An idle connection, else a new one, else (at `Clients.max_open` open, or
@@ -516,8 +541,8 @@ class Pool:
                 else:  # woken, but someone else took the room: still first in line
                     self.waiters.appendleft((deadline, waiter))
                 first = False
-                if self._expiry is None:
-                    self._expiry = loop.call_at(self.waiters[0][0], self._expire)
+                if self._check_handle is None:
+                    self._arm_check(loop)
                 try:
                     conn = await waiter
                 except BaseException:
@@ -530,18 +555,34 @@ class Pool:
                     return conn
         return await self.fresh()
 
-    def _expire(self) -> None:
-        """Fail the waiters whose deadline passed: one timer for the whole line, which is in
-        deadline order (a per-wait timeout cost a tenth of a request at c=1000)."""
-        self._expiry = None
+    def _arm_check(self, loop: asyncio.AbstractEventLoop) -> None:
+        at = min(self.waiters[0][0], loop.time() + LINE_CHECK_S)
+        self._check_handle = loop.call_at(at, self._check)
+
+    def _check(self) -> None:
+        """One timer for the whole line (a timeout per waiting caller cost a tenth of a
+        request at c=1000): exchanges that became long leave the count and their room goes
+        to the first in line; callers whose deadline passed fail (the line is in deadline
+        order)."""
+        self._check_handle = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        began = now - self.clients.long_exchange_s
+        for conn in self.live:
+            if conn._active and not conn.long and conn._started <= began:
+                conn.long = True
+                self.long += 1
+        for _ in range(self._room()):
+            if not self.waiters:
+                break
+            self._wake_one()
         waiters = self.waiters
-        now = asyncio.get_running_loop().time()
         while waiters and waiters[0][0] <= now:
             _, waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(IdleTimeout("no connection to the session came free", True))
         if waiters:
-            self._expiry = asyncio.get_running_loop().call_at(waiters[0][0], self._expire)
+            self._arm_check(loop)
         else:
             self._drop_if_unused()
 
@@ -584,11 +625,13 @@ class Clients:
         max_idle: int,
         idle_s: float,
         max_open: int = 64,
+        long_exchange_s: float = LONG_EXCHANGE_S,
     ) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_idle = max_idle
         self.max_open = max_open
+        self.long_exchange_s = long_exchange_s
         self.idle_s = idle_s
         # How often a connection's one timer looks at it, at most.
         self.granule_s = max(min(idle_timeout_s, idle_s), 0.01)

@@ -123,8 +123,11 @@ async def edge() -> AsyncIterator[Callable[..., Awaitable[Edge]]]:
         pool_idle_s: float = 30.0,
         max_open: int = 64,
         connect_timeout_s: float = 2.0,
+        long_exchange_s: float = upstream.LONG_EXCHANGE_S,
     ) -> Edge:
-        clients = Clients(connect_timeout_s, idle_timeout_s, max_idle, pool_idle_s, max_open)
+        clients = Clients(
+            connect_timeout_s, idle_timeout_s, max_idle, pool_idle_s, max_open, long_exchange_s
+        )
         made.append(clients)
         target: list[str] = []
 
@@ -567,6 +570,41 @@ async def test_connections_to_one_sandbox_are_capped_and_callers_wait_in_line(
     assert await asyncio.gather(*calls) == [b"fine"] * 6
     assert up.connections == 2  # the four waiters took the two released connections
     assert not pool.waiters
+    await up.close()
+
+
+async def test_nobody_waits_behind_long_requests_and_the_cap_holds_for_short_ones(
+    edge: Callable[..., Awaitable[Edge]], http: aiohttp.ClientSession
+) -> None:
+    release = asyncio.Event()
+
+    async def answer(seen: Seen, w: asyncio.StreamWriter) -> bool:
+        if seen.head.startswith(b"GET /long "):
+            await release.wait()  # a long poll: answered when the test says
+        w.write(ok(b"fine"))
+        await w.drain()
+        return True
+
+    up, e = await edge_to(edge, answer, max_open=2, long_exchange_s=0.3, connect_timeout_s=30)
+
+    async def get(path: str) -> tuple[int, bytes]:
+        async with http.get(e.base + path) as r:
+            return r.status, await r.read()
+
+    longs = [asyncio.create_task(get("/long")) for _ in range(2)]
+    await wait_until(lambda: len(up.seen) == 2, timeout=5)
+    pool = e.clients.pools[up.addr]
+    # Both connections the cap allows are held by long polls: a short request still gets
+    # through (before the long ones end, and long before the 30 s wait would run out).
+    assert await get("/short") == (200, b"fine")
+    assert pool.long == 2 and not any(t.done() for t in longs)
+    # The cap still holds for short requests: at most 2 more connections carry them.
+    assert await asyncio.gather(*(get("/short") for _ in range(8))) == [(200, b"fine")] * 8
+    assert up.connections <= 4
+    release.set()
+    assert await asyncio.gather(*longs) == [(200, b"fine")] * 2
+    assert pool.long == 0  # ended exchanges count again
+    assert len(pool.live) == up.connections - up.closed
     await up.close()
 
 
