@@ -327,7 +327,7 @@ def _report_streaming(st: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for who in ("router", "bare"):
-        for direction in ("upload", "download"):
+        for direction in streaming.DIRECTIONS:
             ts = [t for t in st[who] if t["direction"] == direction]
             if not ts:
                 continue

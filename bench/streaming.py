@@ -20,6 +20,9 @@ from bench.common import Proc, reset_peak, status_kib
 from bench.proxying import seed_router_pool
 
 CHUNK = b"\xa5" * (256 * 1024)
+# "upload": the body's length said up front (Content-Length), as file uploads send it;
+# "upload chunked": a body streamed without a length (Transfer-Encoding: chunked).
+DIRECTIONS = ("upload", "upload chunked", "download")
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,14 @@ async def _transfer(proc: Proc, url: str, direction: str, size: int) -> Transfer
         before = status_kib(proc.pid, "VmRSS")
         reset_peak(proc.pid)
         cpu0, t0 = proc.cpu(), time.perf_counter()
-        if direction == "upload":
+        if direction.startswith("upload"):
 
             async def body() -> AsyncIterator[bytes]:
                 for _ in range(size // len(CHUNK)):
                     yield CHUNK
 
-            async with http.post(url.format(path="up", q=""), data=body()) as r:
+            length = {} if direction.endswith("chunked") else {"Content-Length": str(size)}
+            async with http.post(url.format(path="up", q=""), data=body(), headers=length) as r:
                 seen = (await r.json())["body_bytes"]
         else:
             seen = 0
@@ -97,7 +101,7 @@ def run(
 
         async def all_transfers() -> StreamingResults:
             res = StreamingResults([], [])
-            for direction in ("upload", "download"):
+            for direction in DIRECTIONS:
                 for _ in range(repeats):
                     res.router.append(await _transfer(router, r_url, direction, size))
                     res.bare.append(await _transfer(bare, b_url, direction, size))

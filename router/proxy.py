@@ -69,6 +69,9 @@ SKIP_AUTO_BODY = ("Content-Type",)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 FRAMING = frozenset({"content-length"})  # the client writes the body's framing itself
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # an empty body is said, not implied
+# A declared body of at least this many bytes goes up straight from the caller's socket
+# (`RawBody`), and the caller's connection closes after the answer.
+RAW_BODY_MIN = 1 << 20
 
 
 def _connection_tokens(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> set[str]:
@@ -302,9 +305,10 @@ class HttpForwarder:
         framing = _framing(request)
         head = http_request_head(request, target.rest, addr, target.prefix, framing)
         has_body = request.body_exists
+        raw = has_body and (request.content_length or 0) >= RAW_BODY_MIN
         retry = request.method in IDEMPOTENT and not has_body
         pool = self.clients.pool(addr)
-        sender: asyncio.Task[None] | None = None
+        sender: asyncio.Future[None] | None = None
         retried = False
         while True:
             try:
@@ -313,9 +317,12 @@ class HttpForwarder:
                 raise _upstream_failure(addr, exc) from exc
             answer = conn.start(head, request.method == "HEAD")
             if has_body:
-                sender = asyncio.create_task(
-                    _send_body(conn, request.content, self.cap, framing == CHUNKED)
-                )
+                if raw:
+                    sender = RawBody(request, conn).start()
+                else:
+                    sender = asyncio.create_task(
+                        _send_body(conn, request.content, self.cap, framing == CHUNKED)
+                    )
                 sender.add_done_callback(partial(_body_failed, answer=answer))
             try:
                 up = await answer
@@ -349,7 +356,7 @@ class HttpForwarder:
             break
         if self.observe is not None:
             self.observe(target.pool, time.monotonic() - started)
-        return await _relay_response(request, conn, up, sender)
+        return await _relay_response(request, conn, up, sender, close=raw)
 
 
 async def _body_pieces(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
@@ -391,14 +398,95 @@ async def _send_body(
         await conn.write([b"0\r\n\r\n"])
 
 
-def _sent(sender: asyncio.Task[None] | None) -> bool:
+class RawBody:
+    """A caller's body of declared length relayed from its socket to the sandbox's as it
+    arrives, instead of through aiohttp's HTTP parser (which copies every piece once more),
+    the request's stream and a task reading it (1 GiB uploads in an alternating A/B,
+    bench.streaming: 1.43-1.88 -> 2.11-2.39 GB/s per core). It takes over the caller connection's bytes as its payload parser (aiohttp's
+    `set_parser`, as the WebSocket tunnel does), so that connection serves no further
+    request: the answer says `Connection: close`. The caller's socket is paused while the
+    sandbox's is.
+
+    `start()` returns the future of the whole body gone up. Cancelled (the answer came
+    first, the caller left) or failed (the sandbox closed), the rest of the body is still
+    read and dropped, so that closing the caller's connection does not reset it before the
+    answer is read; aiohttp waits for that (its lingering time) before closing."""
+
+    __slots__ = ("conn", "done", "left", "request")
+
+    def __init__(self, request: web.Request, conn: Connection) -> None:
+        self.request = request
+        self.conn = conn
+        self.left = request.content_length or 0
+        self.done: asyncio.Future[None] = conn.loop.create_future()
+
+    def start(self) -> asyncio.Future[None]:
+        content = self.request.content
+        # What aiohttp's parser took in with the head goes first (its own per-piece read).
+        buffered = [content._read_nowait_chunk(-1) for _ in range(len(content._buffer))]
+        self.done.add_done_callback(self._resume)
+        self.request.protocol.set_parser(self)  # type: ignore[arg-type]
+        if buffered:
+            self._send(buffered)
+        return self.done
+
+    # aiohttp's payload parser interface, fed the caller's bytes
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self.done.done():
+            self._count(len(data))  # dropped
+        else:
+            self._send([data])
+        return False, b""
+
+    def feed_eof(self) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionResetError("the caller left before its body ended"))
+
+    def _send(self, pieces: list[bytes]) -> None:
+        size = sum(map(len, pieces))
+        if size > self.left:  # bytes past the body (a pipelined request) are not served
+            data = b"".join(pieces)[: self.left]
+            pieces, size = [data], len(data)
+        try:
+            writable = self.conn.send(pieces)
+        except ConnectionResetError as exc:
+            self.done.set_exception(exc)
+            self._count(size)
+            return
+        self._count(size)
+        if not self.left:
+            self.done.set_result(None)
+        elif writable is not None:
+            transport = self.request.transport
+            if transport is not None:
+                transport.pause_reading()
+                writable.add_done_callback(self._resume)
+
+    def _count(self, size: int) -> None:
+        if not self.left:
+            return
+        self.left -= min(size, self.left)
+        if not self.left:
+            # The whole body is in. aiohttp's stream for it never saw it: it is told the body
+            # ended, so it does not wait for it after the answer; and no request follows.
+            self.request.content.feed_eof()
+            self.request.protocol.close()
+
+    def _resume(self, _: object) -> None:
+        transport = self.request.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+
+def _sent(sender: asyncio.Future[None] | None) -> bool:
     """The whole request body went up (or there was none)."""
     return sender is None or (
         sender.done() and not sender.cancelled() and sender.exception() is None
     )
 
 
-def _body_failed(task: asyncio.Task[None], *, answer: asyncio.Future[Response]) -> None:
+def _body_failed(task: asyncio.Future[None], *, answer: asyncio.Future[Response]) -> None:
     if task.cancelled():
         return
     exc = task.exception()
@@ -414,9 +502,15 @@ class _Relayed(web.StreamResponse):
 
 
 async def _relay_response(
-    request: web.Request, conn: Connection, up: Response, sender: asyncio.Task[None] | None
+    request: web.Request,
+    conn: Connection,
+    up: Response,
+    sender: asyncio.Future[None] | None,
+    close: bool = False,
 ) -> web.StreamResponse:
     resp = _Relayed(status=up.status, reason=up.reason or None)
+    if close:
+        resp.force_close()
     resp.headers.extend(response_headers(up))
     done = caller_left = False
     try:

@@ -304,15 +304,25 @@ class Connection(asyncio.Protocol):
         self.transport.write(head)
         return self._response
 
-    async def write(self, pieces: list[bytes]) -> None:
-        """Send request body bytes (in one vectored write), waiting while the sandbox does
-        not read them."""
+    def send(self, pieces: list[bytes]) -> asyncio.Future[None] | None:
+        """Send request body bytes (in one vectored write); while the sandbox does not read
+        them, returns the future of when it does again (None: go on).
+
+        Raises:
+            ConnectionResetError: the connection is closed.
+        """
         if self.closed or self.transport is None:
             raise ConnectionResetError("the session closed")
         self.transport.writelines(pieces)
         self._last_read = self.loop.time()  # a long upload is not an idle session
-        if self._writable is not None and not self._writable.done():
-            await self._writable
+        writable = self._writable
+        return writable if writable is not None and not writable.done() else None
+
+    async def write(self, pieces: list[bytes]) -> None:
+        """`send`, waiting while the sandbox does not read."""
+        writable = self.send(pieces)
+        if writable is not None:
+            await writable
             if self.closed:
                 raise ConnectionResetError("the session closed")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -647,3 +648,146 @@ async def test_a_waiter_who_leaves_passes_its_turn_on(
     assert [s.head.split(b" ")[1] for s in up.seen] == [b"/first", b"/third"]
     assert up.connections == 1
     await up.close()
+
+
+def digest_answer(seen: Seen, w: asyncio.StreamWriter) -> Awaitable[bool]:
+    """200 with the sha256 of the body the sandbox received; the connection kept open."""
+
+    async def answer() -> bool:
+        w.write(ok(hashlib.sha256(seen.body).hexdigest().encode()))
+        await w.drain()
+        return True
+
+    return answer()
+
+
+async def test_a_large_declared_body_goes_up_whole_and_the_callers_connection_closes_after(
+    edge: Callable[..., Awaitable[Edge]],
+) -> None:
+    """A body of at least RAW_BODY_MIN goes from the caller's socket to the sandbox's
+    (`proxy.RawBody`): every byte arrives, bytes after it (a pipelined request) are not
+    served, the caller's connection closes after the answer, the sandbox's is reused."""
+    up, e = await edge_to(edge, digest_answer)
+    body = bytes(range(256)) * (3 * proxy.RAW_BODY_MIN // 256 + 7)
+    port = int(e.base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: e\r\nContent-Length: %d\r\n\r\n" % len(body))
+    for i in range(0, len(body), 100_000):  # in pieces, as a network would deliver them
+        writer.write(body[i : i + 100_000])
+        await writer.drain()
+    writer.write(b"GET /pipelined HTTP/1.1\r\nHost: e\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)  # until the router closes
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+    assert answer.endswith(hashlib.sha256(body).hexdigest().encode())
+    assert answer.count(b"HTTP/1.1") == 1  # the pipelined request was not served
+    assert [s.head.split(b" ")[1] for s in up.seen] == [b"/up"]
+    # The exchange ended cleanly: the sandbox's connection serves the next caller.
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(e.base + "/again", data=io.BytesIO(body)) as r,
+    ):
+        assert r.headers["Connection"] == "close"
+        assert await r.read() == hashlib.sha256(body).hexdigest().encode()
+    assert up.connections == 1
+    await up.close()
+
+
+async def test_a_large_upload_answered_early_or_abandoned_ends_cleanly(
+    edge: Callable[..., Awaitable[Edge]],
+) -> None:
+    """The sandbox answers before reading a large body: the caller gets the answer at once
+    (aiohttp does not wait for the body it never saw) and the sandbox's connection, with
+    the body half sent, is not reused. A caller who leaves mid-body: the sandbox's
+    connection closes and the router serves on."""
+    heads: list[bytes] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        writers.append(w)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                heads.append(head)
+                if head.startswith(b"POST /early "):
+                    w.write(ok(b"too big for me", "Connection: close\r\n"))
+                    await w.drain()
+                while await reader.read(1 << 16):  # never answers /slow; reads to the end
+                    pass
+                return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    e = await edge()
+    e.target.append(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    port = int(e.base.rsplit(":", 1)[1])
+    size = 8 * proxy.RAW_BODY_MIN
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /early HTTP/1.1\r\nHost: e\r\nContent-Length: %d\r\n\r\n" % size)
+    writer.write(b"x" * (size // 4))
+    answer = b""
+    while not answer.endswith(b"too big for me"):  # the answer, without the rest of the body
+        answer += await asyncio.wait_for(reader.read(1 << 16), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nConnection: close\r\n" in answer
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /slow HTTP/1.1\r\nHost: e\r\nContent-Length: %d\r\n\r\n" % size)
+    writer.write(b"y" * (size // 4))
+    await writer.drain()
+    await wait_until(lambda: len(heads) == 2, timeout=10)
+    writer.transport.abort()  # the caller leaves, three quarters of its body unsent
+    await wait_until(lambda: all(w.transport.is_closing() for w in writers), timeout=10)
+    pool = e.clients.pools.get(e.target[0])
+    assert pool is None or not pool.idle  # neither half-used connection went back
+    server.close()
+
+
+async def test_a_large_upload_to_a_sandbox_that_does_not_read_holds_the_caller_back(
+    edge: Callable[..., Awaitable[Edge]],
+) -> None:
+    size = 64 << 20
+    sent = 0
+    release = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await release.wait()  # reads nothing of the body until told to
+        body = await _read_body(reader, head)
+        w.write(ok(hashlib.sha256(body).hexdigest().encode()))
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    e = await edge()
+    e.target.append(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    block = b"q" * (1 << 20)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal sent
+        while sent < size:
+            sent += len(block)
+            yield block
+
+    async with aiohttp.ClientSession() as http:
+        call = asyncio.create_task(http.post(e.base + "/up", data=chunks()))
+        await wait_until(lambda: sent >= 4 << 20 and e.target[0] in e.clients.pools, timeout=10)
+        pool = e.clients.pools[e.target[0]]
+        await wait_until(lambda: len(pool.live) == 1, timeout=10)
+        (conn,) = pool.live
+        # The sandbox reads nothing: the router pauses the caller rather than buffer the body.
+        assert conn.transport is not None
+        await wait_until(lambda: conn.transport.get_write_buffer_size() > 0, timeout=10)
+        assert sent < size // 2
+        assert conn.transport.get_write_buffer_size() < 8 << 20
+        release.set()
+        async with await call as r:
+            assert (
+                await r.read() == hashlib.sha256(block * (size // len(block))).hexdigest().encode()
+            )
+    server.close()
