@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
+import io
 import ipaddress
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -146,6 +149,14 @@ async def test_https_and_wss_through_the_router(tls_router: tuple[str, Path]) ->
             seen = await r.json()
         headers = {k.lower(): v for k, v in seen["headers"]}
         assert headers["x-forwarded-proto"] == "https"  # the session knows it was TLS
+        # A large body of declared length goes up from the TLS socket as it is decrypted.
+        body = os.urandom(3 << 20)
+        up = f"{base}/pools/demo/up?identifier=tls-user"
+        async with http.put(up, data=io.BytesIO(body)) as r:
+            echoed = await r.json()
+            assert r.headers["Connection"] == "close"
+        assert echoed["body_bytes"] == len(body)
+        assert echoed["body_sha256"] == hashlib.sha256(body).hexdigest()
         async with http.ws_connect(f"{WSS(base)}/pools/demo/ws?identifier=tls-user") as ws:
             await ws.send_str("over wss")
             assert (await ws.receive_str()) == f"{seen['sandbox']}:over wss"

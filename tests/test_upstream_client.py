@@ -791,3 +791,27 @@ async def test_a_large_upload_to_a_sandbox_that_does_not_read_holds_the_caller_b
                 await r.read() == hashlib.sha256(block * (size // len(block))).hexdigest().encode()
             )
     server.close()
+
+
+async def test_a_large_body_after_100_continue_goes_up_whole(
+    edge: Callable[..., Awaitable[Edge]],
+) -> None:
+    """curl sends `Expect: 100-continue` before a large body and waits for the 100."""
+    up, e = await edge_to(edge, digest_answer)
+    body = b"c" * (2 * proxy.RAW_BODY_MIN + 3)
+    port = int(e.base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"PUT /file HTTP/1.1\r\nHost: e\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+        % len(body)
+    )
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    writer.write(body)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.endswith(hashlib.sha256(body).hexdigest().encode())
+    assert b"Connection: close\r\n" in answer
+    await up.close()
