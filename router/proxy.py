@@ -402,10 +402,10 @@ class RawBody:
     """A caller's body of declared length relayed from its socket to the sandbox's as it
     arrives, instead of through aiohttp's HTTP parser (which copies every piece once more),
     the request's stream and a task reading it (1 GiB uploads in an alternating A/B,
-    bench.streaming: 1.43-1.88 -> 2.11-2.39 GB/s per core). It takes over the caller connection's bytes as its payload parser (aiohttp's
-    `set_parser`, as the WebSocket tunnel does), so that connection serves no further
-    request: the answer says `Connection: close`. The caller's socket is paused while the
-    sandbox's is.
+    bench.streaming: 1.43-1.88 -> 2.11-2.39 GB/s per core). It takes over the caller
+    connection's bytes as its payload parser (aiohttp's `set_parser`, as the WebSocket
+    tunnel does), so that connection serves no further request: the answer says
+    `Connection: close`. The caller's socket is paused while the sandbox's is.
 
     `start()` returns the future of the whole body gone up. Cancelled (the answer came
     first, the caller left) or failed (the sandbox closed), the rest of the body is still
