@@ -12,7 +12,8 @@ the cores do not count against the proxy. Then: c=256 and c=1000 on one warm ses
 (router, 6 s runs, three rounds each against its own c=32 run), 1 GiB streamed both ways
 three times each (bench/streaming.py), 10,000 idle WebSockets held by one router process
 (bench/scale.py), and py-spy profiles of the router (`--profile C`, c=32 by default; when
-py-spy is installed: `pip install py-spy`). Every process is stopped at the end; load goes to loopback only.
+py-spy is installed: `pip install py-spy`). Every process is stopped at the end; load goes
+to loopback only.
 """
 
 from __future__ import annotations
