@@ -33,6 +33,7 @@ from collections.abc import Coroutine
 from contextvars import Context
 from typing import Any, cast
 
+import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -179,8 +180,17 @@ class BoundedHandler(RequestHandler):
         super().log_exception(*args, **kw)
 
 
-# The coroutine aiohttp's connection loop (`RequestHandler.start`) wraps in a task per request.
+# The coroutine aiohttp's connection loop (`RequestHandler.start`) wraps in a task per request,
+# and the aiohttp releases whose loop was read for `run_requests_inline` (it only awaits it).
 _HANDLE_REQUEST = RequestHandler._handle_request.__code__
+INLINE_AIOHTTP = ("3.14.",)
+
+
+def requests_inline_supported() -> bool:
+    """Python < 3.12 (below) and an aiohttp release whose connection loop was checked."""
+    return sys.version_info < (3, 12) and aiohttp.__version__.startswith(INLINE_AIOHTTP)
+
+
 TaskFactory = Any  # (loop, coro, *, context=None) -> awaitable; asyncio types it loosely too
 
 
@@ -205,9 +215,11 @@ def run_requests_inline(loop: asyncio.AbstractEventLoop) -> None:
     same connection; the router sets its own (the trace id) at the start of every request.
 
     From Python 3.12 aiohttp starts that task eagerly (its first step runs at once, without
-    the loop) and does not ask the factory: nothing is installed there. Idempotent.
+    the loop) and does not ask the factory: nothing is installed there; nor with an aiohttp
+    release not in `INLINE_AIOHTTP`, whose connection loop might use the task otherwise
+    than by awaiting it. Idempotent.
     """
-    if sys.version_info >= (3, 12):
+    if not requests_inline_supported():
         return
     previous: TaskFactory | None = loop.get_task_factory()
     if getattr(previous, "runs_requests_inline", False):

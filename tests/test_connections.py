@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,7 +12,7 @@ import uvloop
 from aiohttp import web
 
 from router.app import create_app
-from router.connections import BoundedRunner
+from router.connections import BoundedRunner, requests_inline_supported
 from router.server import start_site
 from router.settings import Settings
 from tests.helpers import wait_until
@@ -167,7 +166,7 @@ def test_requests_run_in_their_connections_task(settings: Settings, run: Any) ->
     """`run_requests_inline`: on Python < 3.12 a handler runs in its connection's task (no task
     per request), and still gets what a handler in a task of its own got: errors answered,
     a disconnect cancelling it, other tasks made as before."""
-    inline = sys.version_info < (3, 12)
+    inline = requests_inline_supported()
     seen: list[tuple[asyncio.Task[Any] | None, asyncio.Task[Any] | None]] = []
     cancelled = asyncio.Event()
     waiting = asyncio.Event()
