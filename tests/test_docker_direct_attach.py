@@ -90,6 +90,7 @@ async def test_direct_sandboxes_are_addressed_reachable_isolated_and_leave_nothi
     disabled, enabled = echo_pool("direct-i", egress=False), echo_pool("direct-e", egress=True)
     specs = [spec(disabled) for _ in range(6)] + [spec(enabled) for _ in range(2)]
     handles = await asyncio.gather(*(runtime.create(s) for s in specs))
+    handle_pool = {h.container: s.pool for h, s in zip(handles, specs, strict=True)}
     ips = [h.addr.split(":")[0] for h in handles]
     assert len(set(ips)) == len(ips), ips  # one address each, however many start at once
 
@@ -110,6 +111,17 @@ async def test_direct_sandboxes_are_addressed_reachable_isolated_and_leave_nothi
             info = inspect(handle.container)
             assert info["HostConfig"]["NetworkMode"] == "none"
             assert info["Config"]["NetworkDisabled"] is True
+            # Only the network differs from engine attach: the same hardening and limits.
+            host = info["HostConfig"]
+            limits = runtime.limits.resolve(handle_pool[handle.container])
+            assert host["CapDrop"] == ["ALL"] and host["CapAdd"] in (None, [])
+            assert "no-new-privileges" in host["SecurityOpt"]
+            assert (host["PidsLimit"], host["Memory"], host["MemorySwap"]) == (
+                limits.pids,
+                limits.memory_bytes,
+                limits.memory_bytes,
+            )
+            assert host["NanoCpus"] == int(limits.cpu * 1e9)
             # IPv6 off, so nothing bypasses the IPv4 rules; a default route only with egress.
             assert inside(handle.container, "cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6") == (
                 "1\n"
