@@ -255,6 +255,15 @@ class Cached(Generic[T]):
         finally:
             self._task = None
 
+    async def close(self) -> None:
+        """Stop a computation in flight: its callers may have left (the shield kept it
+        running), and it must not reach its client once the client is closed."""
+        task = self._task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     body = await request.app[PROBES].metrics.get()
@@ -277,6 +286,10 @@ class Probes:
         self.store = store
         self.ready = Cached(store.ping, READY_CACHE_S)
         self.metrics = Cached(lambda: metrics.render(store), 0.0)  # gauges stay exact
+
+    async def close(self) -> None:
+        await self.ready.close()
+        await self.metrics.close()
 
 
 PROBES = web.AppKey("probes", Probes)
@@ -356,6 +369,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     allocation = app[METRICS].allocation
     routing.on_allocated = lambda pool, seconds: allocation.labels(pool).observe(seconds)
     yield
+    await app[PROBES].close()
     await redis.aclose()
     await probe_redis.aclose()
 

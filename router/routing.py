@@ -32,6 +32,7 @@ from router.pools import Pool
 from router.settings import Settings
 from router.store import UNAVAILABLE as REDIS_UNAVAILABLE
 from router.store import Session, Store
+from router.waiting import wait_set
 
 # Redis unreachable: through the store (mapped at its boundary) or the pub/sub client.
 UNAVAILABLE = (StoreUnavailableError, *REDIS_UNAVAILABLE)
@@ -223,8 +224,7 @@ class Routing:
                     f"{self.settings.allocation_wait_s:g} s."
                 )
             # Woken by the ready channel; the 1 s cap only covers a lost message.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(left, 1.0))
+            await wait_set(event, min(left, 1.0))
 
     def forget(self, pool: str, identifier: str) -> None:
         self._routes.pop((pool, identifier), None)
@@ -278,8 +278,7 @@ class Routing:
 
     async def run_flusher(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.activity_flush_s)
+            await wait_set(stop, self.settings.activity_flush_s)
             try:
                 await self.flush()
             except UNAVAILABLE as exc:
@@ -326,8 +325,7 @@ class Routing:
                 self._claims.clear()
                 self._pools.clear()
                 self._pool_loads.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.2)
+            await wait_set(stop, 0.2)
 
 
 class Lease:

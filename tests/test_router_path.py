@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from router import routing as routing_module
 from router import scripts
-from router.app import ROUTING, STORE, create_app
+from router.app import ROUTING, STORE, Cached, create_app
 from router.routing import Routing
 from router.settings import Settings
 from router.store import Store
@@ -254,3 +254,29 @@ async def test_close_cancels_the_reads_still_running_off_requests(
     assert cancelled.is_set()  # already, when close() returned
     with pytest.raises(asyncio.CancelledError):
         await caller
+
+
+async def test_a_probe_answer_still_computing_at_shutdown_is_stopped() -> None:
+    """/readyz and /metrics share one computation (`Cached`), shielded from callers who
+    leave; at shutdown it is cancelled, so it never reaches a Redis client closed under it
+    (it would open a new connection nobody closes)."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def compute() -> bool:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # a slow Redis
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return True
+
+    cached = Cached(compute, 1.0)
+    caller = asyncio.create_task(cached.get())
+    await started.wait()
+    caller.cancel()  # the caller leaves; the shielded computation goes on
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert not cancelled.is_set()
+    await cached.close()
+    assert cancelled.is_set()

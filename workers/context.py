@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -15,6 +14,7 @@ from router import events
 from router.errors import StoreUnavailableError
 from router.settings import Settings
 from router.store import Redis, Store
+from router.waiting import wait_set
 from workers.runtime import Runtime
 
 log = logging.getLogger("sessionpool.worker")
@@ -40,6 +40,4 @@ class Context:
 
     async def pause(self, seconds: float) -> bool:
         """Wait `seconds` or until stop; True when the worker should go on."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop.wait(), seconds)
-        return not self.stop.is_set()
+        return not await wait_set(self.stop, seconds)

@@ -27,6 +27,7 @@ from datetime import datetime
 from router.errors import SandboxRuntimeError
 from router.limits import LimitPolicy
 from router.settings import Settings
+from router.waiting import wait_set
 from workers import podspec
 from workers.kubernetes_api import KubeApi, KubeError
 from workers.podspec import Json, SpecError
@@ -310,8 +311,7 @@ class KubernetesRuntime:
                 raise
 
     async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._closed.wait(), seconds)
+        await wait_set(self._closed, seconds)
 
 
 def _version_of(obj: Json) -> Json:

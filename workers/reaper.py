@@ -66,8 +66,9 @@ class Reaper:
                     due_s = 0.5
                 delay = MAX_SLEEP_S if due_s is None else min(due_s + 0.001, MAX_SLEEP_S)
                 if delay > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(_either(ctx.stop, wake), delay)
+                    with contextlib.suppress(TimeoutError):  # not wait_for: router.waiting
+                        async with asyncio.timeout(delay):
+                            await _either(ctx.stop, wake)
         finally:
             if self._wakes.get(pool) is wake:
                 del self._wakes[pool]
