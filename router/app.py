@@ -261,8 +261,7 @@ class Cached(Generic[T]):
         task = self._task
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await asyncio.gather(task, return_exceptions=True)  # as Routing.close
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

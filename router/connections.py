@@ -191,9 +191,6 @@ def requests_inline_supported() -> bool:
     return sys.version_info < (3, 12) and aiohttp.__version__.startswith(INLINE_AIOHTTP)
 
 
-TaskFactory = Any  # (loop, coro, *, context=None) -> awaitable; asyncio types it loosely too
-
-
 def run_requests_inline(loop: asyncio.AbstractEventLoop) -> None:
     """Serve each request in its connection's task instead of a task of its own.
 
@@ -221,7 +218,7 @@ def run_requests_inline(loop: asyncio.AbstractEventLoop) -> None:
     """
     if not requests_inline_supported():
         return
-    previous: TaskFactory | None = loop.get_task_factory()
+    previous: Any = loop.get_task_factory()
     if getattr(previous, "runs_requests_inline", False):
         return
 

@@ -521,12 +521,8 @@ class Pool:
         counted = len(self.live) - self.long + self.connecting
         return min(MAX_CONNECTING - self.connecting, self.clients.max_open - counted)
 
-    def _full(self) -> bool:  # `_room() <= 0`, without its min (twice a request at c=1000)
-        connecting = self.connecting
-        return (
-            connecting >= MAX_CONNECTING
-            or len(self.live) - self.long + connecting >= self.clients.max_open
-        )
+    def _full(self) -> bool:
+        return self._room() <= 0
 
     def counted(self, conn: Connection) -> None:
         """`conn`'s long exchange ended: it counts against the cap again."""

@@ -321,3 +321,15 @@ def assert_png(image: dict[str, Any]) -> None:
     """`image` is an image result carrying a PNG."""
     assert image["type"] == "image", image
     assert base64.b64decode(image["base64_data"]).startswith(PNG_MAGIC)
+
+
+async def hold(started: asyncio.Event, cancelled: asyncio.Event) -> Any:
+    """Stand in for a call that never answers (a slow Redis, a hung handler): says when it
+    started, and when it is cancelled."""
+    started.set()
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+    raise AssertionError("not reached")

@@ -15,7 +15,7 @@ from router.app import create_app
 from router.connections import BoundedRunner, requests_inline_supported
 from router.server import start_site
 from router.settings import Settings
-from tests.helpers import wait_until
+from tests.helpers import hold, wait_until
 
 Start = Callable[..., Awaitable[tuple[BoundedRunner, int]]]
 
@@ -182,13 +182,7 @@ def test_requests_run_in_their_connections_task(settings: Settings, run: Any) ->
         raise RuntimeError("handler failed")
 
     async def hang(request: web.Request) -> web.Response:
-        waiting.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        raise AssertionError("not reached")
+        return await hold(waiting, cancelled)
 
     async def scenario() -> None:
         cancelled.clear()

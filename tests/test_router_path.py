@@ -20,7 +20,7 @@ from router.app import ROUTING, STORE, Cached, create_app
 from router.routing import Routing
 from router.settings import Settings
 from router.store import Store
-from tests.helpers import FakeSandbox, add_ready, make_pool, wait_until
+from tests.helpers import FakeSandbox, add_ready, hold, make_pool, wait_until
 
 CLAIM_SHA = hashlib.sha1(scripts.CLAIM.encode()).hexdigest()
 
@@ -240,12 +240,7 @@ async def test_close_cancels_the_reads_still_running_off_requests(
     entered, cancelled = asyncio.Event(), asyncio.Event()
 
     async def held_read(name: str) -> Any:
-        entered.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
+        return await hold(entered, cancelled)
 
     monkeypatch.setattr(e.router_store, "get_pool", held_read)
     caller = asyncio.create_task(e.routing.get_pool("not-cached"))
@@ -262,16 +257,7 @@ async def test_a_probe_answer_still_computing_at_shutdown_is_stopped() -> None:
     (it would open a new connection nobody closes)."""
     started, cancelled = asyncio.Event(), asyncio.Event()
 
-    async def compute() -> bool:
-        started.set()
-        try:
-            await asyncio.Event().wait()  # a slow Redis
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return True
-
-    cached = Cached(compute, 1.0)
+    cached = Cached(lambda: hold(started, cancelled), 1.0)  # a slow Redis
     caller = asyncio.create_task(cached.get())
     await started.wait()
     caller.cancel()  # the caller leaves; the shielded computation goes on

@@ -775,7 +775,8 @@ async def test_a_large_upload_to_a_sandbox_that_does_not_read_holds_the_caller_b
             yield block
 
     async with aiohttp.ClientSession() as http:
-        call = asyncio.create_task(http.post(e.base + "/up", data=chunks()))
+        length = {"Content-Length": str(size)}  # declared: the raw body path (`RawBody`)
+        call = asyncio.create_task(http.post(e.base + "/up", data=chunks(), headers=length))
         await wait_until(lambda: sent >= 4 << 20 and e.target[0] in e.clients.pools, timeout=10)
         pool = e.clients.pools[e.target[0]]
         await wait_until(lambda: len(pool.live) == 1, timeout=10)
